@@ -1,0 +1,80 @@
+"""mds: serve ML models from inside your own application.
+
+Subclass :class:`ModelHandler`, add it to a :class:`Runtime`, start the
+runtime, and call :func:`serve` (or :func:`serve_sync`) from your own routes.
+Everything not re-exported here is private.
+"""
+
+from __future__ import annotations
+
+from ._config import BatchingConfig as BatchingConfig
+from ._config import ModelConfig as ModelConfig
+from ._devices.device import Device as Device
+from ._errors import ConfigError as ConfigError
+from ._errors import DeadlineExceeded as DeadlineExceeded
+from ._errors import DecodeError as DecodeError
+from ._errors import DeviceError as DeviceError
+from ._errors import InferenceError as InferenceError
+from ._errors import InvalidInput as InvalidInput
+from ._errors import LifecycleError as LifecycleError
+from ._errors import MdsError as MdsError
+from ._errors import MissingDependency as MissingDependency
+from ._errors import ModelNotFound as ModelNotFound
+from ._errors import NotReady as NotReady
+from ._errors import Overloaded as Overloaded
+from ._errors import RequestError as RequestError
+from ._errors import Unavailable as Unavailable
+from ._handler import ModelContext as ModelContext
+from ._handler import ModelHandler as ModelHandler
+from ._handler import ModelState as ModelState
+from ._model import ModelRuntime as ModelRuntime
+from ._runtime import Runtime as Runtime
+from ._runtime import current_runtime as current_runtime
+from ._runtime import serve as serve
+from ._runtime import serve_sync as serve_sync
+from ._status import ModelHealth as ModelHealth
+from ._status import ModelStatistics as ModelStatistics
+from ._status import RuntimeHealth as RuntimeHealth
+from ._version import __version__ as __version__
+
+__all__ = [
+    "BatchingConfig",
+    "ConfigError",
+    "DeadlineExceeded",
+    "DecodeError",
+    "Device",
+    "DeviceError",
+    "InferenceError",
+    "InvalidInput",
+    "LifecycleError",
+    "MdsError",
+    "MissingDependency",
+    "ModelConfig",
+    "ModelContext",
+    "ModelHandler",
+    "ModelHealth",
+    "ModelNotFound",
+    "ModelRuntime",
+    "ModelState",
+    "ModelStatistics",
+    "NotReady",
+    "Overloaded",
+    "RequestError",
+    "Runtime",
+    "RuntimeHealth",
+    "Unavailable",
+    "__version__",
+    "current_runtime",
+    "serve",
+    "serve_sync",
+]
+
+# Reprs and tracebacks show the public path, not the private module.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("mds._"):
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):  # pragma: no cover - builtins-like objects
+            pass
+del _name, _obj

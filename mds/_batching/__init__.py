@@ -1,0 +1,1 @@
+"""The batching path between ``preprocess`` and ``infer``."""

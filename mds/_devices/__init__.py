@@ -1,0 +1,1 @@
+"""Devices: identity now; discovery and placement come with the device manager."""

@@ -1,0 +1,139 @@
+"""The handler base class, its context, and the lifecycle states."""
+
+# No `from __future__ import annotations`: msgspec reads these annotations at
+# run time, and mds/__init__.py gives the classes the public module "mds".
+
+import abc
+import enum
+from collections.abc import Awaitable, Sequence
+from typing import Any, Generic, cast
+
+import msgspec
+from typing_extensions import TypeVar
+
+from ._config import ModelConfig
+from ._devices.device import Device
+
+__all__ = ["ModelContext", "ModelHandler", "ModelState"]
+
+RequestT = TypeVar("RequestT", default=Any)
+ResponseT = TypeVar("ResponseT", default=Any)
+
+
+class ModelState(enum.Enum):
+    """Where a model is in its lifecycle.
+
+    ``CREATED → LOADING → WARMING → READY → DRAINING → STOPPED``, or
+    ``FAILED`` (with a reason) when ``init`` or warm-up raised. A ``FAILED``
+    or ``STOPPED`` model can be started again. Only a ``READY`` model takes
+    requests.
+
+    Added in 0.1.
+    """
+
+    CREATED = "created"
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ModelContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What a handler instance is told when it is initialised.
+
+    Attributes:
+        name: the model's name.
+        version: the model's version.
+        device: the device this instance must use; the handler never picks one.
+        instance: this instance's index among the model's instances.
+        config: the model's whole serving config.
+
+    Added in 0.1.
+    """
+
+    name: str
+    version: str
+    device: Device
+    instance: int
+    config: ModelConfig
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The handler's own settings: ``config.parameters``."""
+        return self.config.parameters
+
+
+class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
+    """Base class for a served model: subclass it and implement ``infer``.
+
+    The runtime calls the methods in lifecycle order: ``init`` once per
+    instance, ``warmup`` (its examples run through the real path), then for
+    each request ``preprocess`` → (batched) ``infer`` → ``postprocess``,
+    ``health`` when asked, and ``teardown`` on stop.
+
+    Any method may be a plain ``def`` or an ``async def``. Plain methods are
+    assumed to block (model calls, decoding) and run in a worker thread, never
+    on the event loop; write a method as ``async def`` when it is cheap and
+    does not block, and it runs on the loop with no thread hop.
+
+    ``preprocess``, ``postprocess`` and ``health`` may run concurrently for
+    different requests; ``init``, ``infer`` and ``teardown`` of one instance
+    never overlap.
+
+    Type parameters: ``RequestT`` is what callers send, ``ResponseT`` what
+    they get back.
+
+    Example:
+        >>> class Doubler(mds.ModelHandler[float, float]):
+        ...     def infer(self, batch: Sequence[float]) -> list[float]:
+        ...         return [2 * x for x in batch]
+
+    Added in 0.1.
+    """
+
+    def init(self, context: ModelContext) -> Awaitable[None] | None:
+        """Load weights, sessions and tokenizers onto ``context.device``.
+
+        Raise to fail the start; the model goes to ``FAILED`` with the cause.
+        """
+        return None
+
+    def warmup(self) -> Sequence[RequestT] | Awaitable[Sequence[RequestT] | None] | None:
+        """Give example requests for warm-up, or ``None`` for none.
+
+        Before the model reports ready, the runtime runs these examples
+        through ``preprocess``, ``infer`` (at each warm-up batch size, see
+        :attr:`ModelConfig.warmup_batch_sizes`) and ``postprocess`` on every
+        instance. Any error fails the start.
+        """
+        return None
+
+    def health(self) -> bool | Awaitable[bool]:
+        """Check this instance; return ``False`` or raise when it is unwell."""
+        return True
+
+    def preprocess(self, request: RequestT) -> Any:
+        """Turn one request into one model input: decode, validate, featurise.
+
+        Runs per request, outside the batch. An exception here fails this
+        request alone with :class:`mds.InvalidInput`.
+        """
+        return request
+
+    @abc.abstractmethod
+    def infer(self, batch: Sequence[Any]) -> Sequence[Any] | Awaitable[Sequence[Any]]:
+        """Compute a batch: one output per preprocessed item, in order.
+
+        Return an exception instance in an item's place to fail that item
+        alone. Returning more or fewer outputs than items fails the batch.
+        """
+
+    def postprocess(self, output: Any) -> ResponseT | Awaitable[ResponseT]:
+        """Shape one item's output into the response its caller gets."""
+        return cast(ResponseT, output)
+
+    def teardown(self) -> Awaitable[None] | None:
+        """Release what ``init`` acquired. Called once per started instance."""
+        return None

@@ -1,0 +1,66 @@
+"""Sessions: tests (core only), tests_extras, lint, types, docs, examples.
+
+Sessions install the built package, not the source tree, so tests see what
+users get. Run all with ``nox``, one with ``nox -s lint``.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "tests_extras", "lint", "types", "docs", "examples"]
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+# On the project's machines torch comes from a local CPU wheel; pin it so pip
+# never reaches for a multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, extras: str, *extra: str) -> None:
+    session.install(f".[{extras}]", *extra)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The suite with the core dependencies only: optional parts skip."""
+    install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("extra", ["torch", "onnx", "fastapi", "flask"])
+def tests_extras(session: nox.Session, extra: str) -> None:
+    """The suite with one optional dependency at a time."""
+    pins = [TORCH] if extra == "torch" else []
+    install(session, f"test,{extra}", *pins, "uvicorn")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "mds", "tests", "examples", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "mds", "tests", "examples", "benchmarks", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def types(session: nox.Session) -> None:
+    """mypy --strict on the package and on the user-side typing checks."""
+    install(session, "test", "mypy>=1.11")
+    session.run("mypy")
+    session.run("mypy", "--strict", "tests/typing")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the docs site (API reference from docstrings); warnings fail."""
+    install(session, "all", TORCH, "mkdocs>=1.6", "mkdocstrings[python]>=0.25")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(session.create_tmp() + "/site"))
+
+
+@nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """Run every example (the app examples over real HTTP) and the README's code."""
+    install(session, "all,test", TORCH, "uvicorn")
+    session.run("pytest", "tests/test_examples.py", *session.posargs)

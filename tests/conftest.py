@@ -1,0 +1,72 @@
+"""Shared fixtures: event-loop backends, the blocking-call guard, test handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from blockbuster import BlockBuster
+
+import mds
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Every async test runs on asyncio and on trio with an auto-jumping clock.
+
+    On trio, time is virtual: a test that waits for a delay or a deadline
+    finishes at once and always the same way. The clock jumps after 2 ms of
+    real idleness rather than at once: with a threshold of 0 the loop
+    busy-polls and starves worker threads of the GIL.
+    """
+    if request.param == "trio":
+        from trio.testing import MockClock
+
+        return ("trio", {"clock": MockClock(autojump_threshold=0.002)})
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_on_the_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any async test whose code blocks the (asyncio) event loop."""
+    if "anyio_backend" not in request.fixturenames:
+        yield
+        return
+    guard = BlockBuster()
+    # Allowed, with the reason:
+    # - pytest's assertion rewriting writes .pyc files when a module is imported.
+    guard.functions["os.stat"].can_block_in("_pytest/assertion/rewrite.py", {"_rewrite_test"})
+    # - importing a module for the first time reads its source.
+    for name in ("io.BufferedReader.read", "os.stat", "os.listdir"):
+        guard.functions[name].can_block_in("<frozen importlib._bootstrap_external>", {"get_data"})
+    guard.activate()
+    try:
+        yield
+    finally:
+        guard.deactivate()
+
+
+class Doubler(mds.ModelHandler[float, float]):
+    """A plain handler: doubles each number; records the batches it saw."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+
+    def warmup(self) -> list[float]:
+        return [1.0]
+
+    def infer(self, batch: Sequence[float]) -> list[float]:
+        self.batches.append(list(batch))
+        return [2 * x for x in batch]
+
+
+@pytest.fixture
+def doubler() -> type[Doubler]:
+    """The ``Doubler`` handler class."""
+    return Doubler

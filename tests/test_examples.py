@@ -1,0 +1,211 @@
+"""Every example runs as written; the app examples serve over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, timeout: float = 120) -> str:
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_quickstart() -> None:
+    out = run("examples/quickstart.py")
+    assert "one request: {'y': 9.0}" in out
+    assert "f(9.9) = {'y': 275.23}" in out
+    assert "a bad request fails alone: model 'poly': preprocess rejected the request" in out
+    assert "completed 101, failed 1" in out
+    assert "state after stop: stopped" in out
+
+
+def test_testing_a_handler() -> None:
+    out = run("examples/testing_a_handler.py")
+    assert "states: created -> loading -> warming -> ready -> draining -> stopped" in out
+    assert "batch sizes: [2, 1, 1]" in out
+    assert "[0.5] -> InvalidInput:" in out
+    assert "Standardiser: batch-invariant" in out
+    assert "LeakyStandardiser: batched results differ from one-by-one results for 4 of 4" in out
+
+
+def test_the_demo() -> None:
+    pytest.importorskip("torch")
+    out = run("-m", "mds", "demo", "--requests", "600", "--concurrency", "32", timeout=300)
+    for step in range(1, 8):
+        assert f"== {step}." in out
+    assert "model 'spiral': created -> loading" in out
+    assert "model 'spiral': warming -> ready" in out
+    assert re.search(r"latency p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms", out)
+    assert re.search(r"throughput [\d,]+ requests/s", out)
+    assert "-> InvalidInput: model 'spiral': preprocess rejected the request" in out
+    in_flight = re.search(r"(\d+) requests were in flight at stop; (\d+) answered", out)
+    assert in_flight is not None and in_flight[2] == "300"
+    assert "state stopped" in out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(example: str) -> Iterator[str]:
+    """Start an example app as its own process; yield its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / example)],
+        cwd=ROOT,
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the example did not become ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            output = process.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+        assert process.returncode == 0, output
+
+
+FEATURES = [[(i + j) / 16 for j in range(16)] for i in range(64)]
+
+
+def classify_all(url: str) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=url, timeout=10) as client, ThreadPoolExecutor(32) as pool:
+        responses = list(
+            pool.map(lambda f: client.post("/classify", json={"features": f}), FEATURES)
+        )
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def expected_labels() -> list[str]:
+    """The example model's answers, computed directly with torch."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from mlp_model import LABELS, MLPClassifier  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    import mds
+
+    handler = MLPClassifier()
+    handler.init(
+        mds.ModelContext(
+            name="mlp",
+            version="1",
+            device=mds.Device(kind="cpu"),
+            instance=0,
+            config=mds.ModelConfig(),
+        )
+    )
+    with torch.inference_mode():
+        scores = handler.net(torch.tensor(FEATURES))
+    return [LABELS[int(i)] for i in scores.argmax(dim=1)]
+
+
+@pytest.mark.parametrize("example", ["fastapi_app.py", "flask_app.py"])
+def test_app_examples_over_http(example: str) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("fastapi" if example.startswith("fastapi") else "flask")
+    if example.startswith("fastapi"):
+        pytest.importorskip("uvicorn")
+    with serving(example) as url:
+        answers = classify_all(url)
+        assert [a["label"] for a in answers] == expected_labels()
+        assert all(abs(sum(a["scores"].values()) - 1) < 1e-5 for a in answers)
+        bad = httpx.post(f"{url}/classify", json={"features": [1.0, 2.0]}, timeout=10)
+        assert bad.status_code == 400
+        assert bad.json()["detail"] == "expected a list of 16 numbers"
+        # The bad request failed alone: the app goes on serving.
+        assert [a["label"] for a in classify_all(url)] == expected_labels()
+
+
+def readme_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_the_readme_starts_with_the_two_commands() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("```sh")
+    assert lines[start + 3] == "```"
+    install_and_demo, install_and_test = lines[start + 1], lines[start + 2]
+    assert install_and_demo.endswith("&& python -m mds demo")
+    assert install_and_test.endswith("&& pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install_and_test in ci.splitlines()
+
+
+def test_the_readme_code_runs() -> None:
+    pytest.importorskip("torch")
+    fastapi = pytest.importorskip("fastapi.testclient")
+    pytest.importorskip("flask")
+    handler, fastapi_block, flask_block, testing_block = readme_blocks()
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(handler + fastapi_block, namespace)
+    with fastapi.TestClient(namespace["app"]) as client:
+        answer = client.post("/classify", json=[0.1, 0.2, 0.3, 0.4])
+        assert answer.status_code == 200
+        assert set(answer.json()) == {"label", "confidence"}
+
+    namespace = {"__name__": "readme"}
+    exec(handler + flask_block, namespace)
+    try:
+        answer = namespace["flask_app"].test_client().post("/classify", json=[0.1, 0.2, 0.3, 0.4])
+        assert answer.status_code == 200
+        assert set(answer.get_json()) == {"label", "confidence"}
+    finally:
+        namespace["runtime"].stop_sync()
+
+    exec(handler + testing_block, {"__name__": "readme"})
+
+
+def test_the_guides_include_every_example_verbatim() -> None:
+    guides = "\n".join(page.read_text() for page in (ROOT / "docs").glob("*.md"))
+    for example in sorted(EXAMPLES.glob("*.py")):
+        assert example.read_text() in guides, f"{example.name} is not in any guide"

@@ -1,0 +1,101 @@
+"""The public API is what ``mds`` exports, reported under public names."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import mds
+import mds.testing
+
+PUBLIC_MODULES = {"mds", "mds.testing"}
+
+
+def test_all_lists_exactly_the_exports() -> None:
+    exported = {name for name in vars(mds) if not name.startswith("_")}
+    exported -= {"testing", "annotations"}  # a public submodule; the __future__ import
+    assert sorted(mds.__all__) == mds.__all__
+    assert set(mds.__all__) - {"__version__"} == exported
+
+
+@pytest.mark.parametrize("module", [mds, mds.testing])
+def test_every_export_reports_a_public_module(module: object) -> None:
+    for name in module.__all__:  # type: ignore[attr-defined]
+        obj = getattr(module, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__module__ in PUBLIC_MODULES, f"{name} reports {obj.__module__}"
+
+
+def test_every_exported_exception_derives_from_mds_error() -> None:
+    for name in mds.__all__:
+        obj = getattr(mds, name)
+        if inspect.isclass(obj) and issubclass(obj, BaseException):
+            assert issubclass(obj, mds.MdsError), name
+
+
+def test_builtin_meanings_are_kept() -> None:
+    assert issubclass(mds.ConfigError, ValueError)
+    assert issubclass(mds.InvalidInput, ValueError)
+    assert issubclass(mds.DeadlineExceeded, TimeoutError)
+    assert issubclass(mds.MissingDependency, ImportError)
+    assert issubclass(mds.ModelNotFound, LookupError)
+    assert issubclass(mds.Overloaded, mds.Unavailable)
+    assert issubclass(mds.NotReady, mds.Unavailable)
+
+
+def test_import_mds_loads_no_optional_dependency() -> None:
+    code = (
+        "import sys, mds, mds.testing\n"
+        "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_import_mds_changes_nothing_in_the_host() -> None:
+    code = (
+        "import logging, sys, threading, signal\n"
+        "handlers = list(logging.getLogger().handlers)\n"
+        "sigint = signal.getsignal(signal.SIGINT)\n"
+        "threads = threading.active_count()\n"
+        "import mds, mds.testing\n"
+        "assert logging.getLogger().handlers == handlers\n"
+        "assert logging.getLogger('mds').handlers == []\n"
+        "assert signal.getsignal(signal.SIGINT) is sigint\n"
+        "assert threading.active_count() == threads\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_missing_extra_names_the_install_command() -> None:
+    from mds._deps import require
+
+    with pytest.raises(mds.MissingDependency) as info:
+        require("torch_that_does_not_exist", feature="the thing")
+    assert "the thing needs the optional dependency 'torch_that_does_not_exist'" in str(info.value)
+    assert "pip install torch_that_does_not_exist" in str(info.value)
+
+
+def test_a_missing_torch_names_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as if not installed\n"
+        "from mds._demo import run_demo\n"
+        "import mds\n"
+        "try:\n"
+        "    run_demo(requests=10, concurrency=1)\n"
+        "except mds.MissingDependency as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 'pip install "mds-serving[torch]"' in out.stdout
+
+
+def test_the_package_ships_its_type_information() -> None:
+    from importlib.resources import files
+
+    assert files("mds").joinpath("py.typed").is_file()

@@ -1,0 +1,50 @@
+"""Checked by mypy (see test_typing.py): user types survive mds's generics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import assert_type
+
+import mds
+import mds.testing
+
+
+class Label(str):
+    pass
+
+
+class Classifier(mds.ModelHandler[list[float], Label]):
+    def infer(self, batch: Sequence[list[float]]) -> list[Label]:
+        return [Label("cat") for _ in batch]
+
+
+class AsyncClassifier(mds.ModelHandler[bytes, dict[str, float]]):
+    async def init(self, context: mds.ModelContext) -> None:
+        assert_type(context.device, mds.Device)
+
+    async def infer(self, batch: Sequence[bytes]) -> list[dict[str, float]]:
+        return [{"score": float(len(item))} for item in batch]
+
+
+async def typed_calls() -> None:
+    model = mds.ModelRuntime(Classifier)
+    assert_type(model, mds.ModelRuntime[list[float], Label])
+    assert_type(await model.infer([1.0, 2.0]), Label)
+    assert_type(model.infer_sync([1.0]), Label)
+
+    runtime = mds.Runtime()
+    other = runtime.add_model("async", AsyncClassifier, mds.ModelConfig(instances=2))
+    assert_type(other, mds.ModelRuntime[bytes, dict[str, float]])
+    assert_type(await other.infer(b"x"), dict[str, float])
+    assert_type(model.state, mds.ModelState)
+    assert_type(await runtime.health(), mds.RuntimeHealth)
+    assert_type(runtime.statistics()["async"], mds.ModelStatistics)
+
+    report = mds.testing.run_lifecycle(Classifier(), [[1.0]])
+    assert_type(report, mds.testing.LifecycleReport[Label])
+    assert_type(report.outputs, list[Label | None])
+
+
+def wrong_request_type_is_caught() -> None:
+    model = mds.ModelRuntime(Classifier)
+    model.infer_sync("not a list")  # type: ignore[arg-type]

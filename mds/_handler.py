@@ -5,12 +5,13 @@
 
 import abc
 import enum
-from collections.abc import Awaitable, Sequence
-from typing import Any, Generic, cast
+from collections.abc import Awaitable, Hashable, Sequence
+from typing import Any, ClassVar, Generic, cast
 
 import msgspec
 from typing_extensions import TypeVar
 
+from ._batching.collate import Collator
 from ._config import ModelConfig
 from ._devices.device import Device
 
@@ -82,6 +83,12 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
     different requests; ``init``, ``infer`` and ``teardown`` of one instance
     never overlap.
 
+    Between ``preprocess`` and ``infer`` the batcher groups items: ``cost``
+    says how much of ``max_batch_size`` an item takes, ``bucket`` which
+    items may share a batch, and ``collate`` / ``split`` (or a ``collator``
+    such as :class:`mds.Stack` or :class:`mds.Pad`) turn items into
+    ``infer``'s input and its output back into one output per item.
+
     Type parameters: ``RequestT`` is what callers send, ``ResponseT`` what
     they get back.
 
@@ -92,6 +99,10 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
 
     Added in 0.1.
     """
+
+    #: Collates items for ``infer`` and splits its output; ``None`` gives
+    #: ``infer`` the list of items and takes its output as one per item.
+    collator: ClassVar[Collator | None] = None
 
     def init(self, context: ModelContext) -> Awaitable[None] | None:
         """Load weights, sessions and tokenizers onto ``context.device``.
@@ -122,13 +133,53 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
         """
         return request
 
+    def cost(self, item: Any) -> int:
+        """How much of ``max_batch_size`` this preprocessed item takes; 1 by default.
+
+        Give tokens, pixels or rows, so that a batch never holds more than
+        the model can take. Runs on the event loop for every request: keep it
+        cheap. An item that costs more than ``max_batch_size`` is rejected.
+        """
+        return 1
+
+    def bucket(self, item: Any) -> Hashable:
+        """Items share a batch only with items of the same bucket.
+
+        By default the collator's ``bucket`` (see :class:`mds.Pad`), else
+        one bucket for all. Runs on the event loop for every request.
+        """
+        collator = self.collator
+        bucket = getattr(collator, "bucket", None)
+        return bucket(item) if bucket is not None else None
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        """Make ``infer``'s input from preprocessed items.
+
+        By default the collator's ``collate``, else the list of items. Runs
+        with ``infer`` (in its thread when ``infer`` is a plain method).
+        """
+        collator = self.collator
+        return collator.collate(items) if collator is not None else list(items)
+
     @abc.abstractmethod
-    def infer(self, batch: Sequence[Any]) -> Sequence[Any] | Awaitable[Sequence[Any]]:
+    def infer(self, batch: Any) -> Sequence[Any] | Awaitable[Sequence[Any]]:
         """Compute a batch: one output per preprocessed item, in order.
 
-        Return an exception instance in an item's place to fail that item
-        alone. Returning more or fewer outputs than items fails the batch.
+        ``batch`` is what ``collate`` made: by default the list of
+        preprocessed items. Return an exception instance in an item's place
+        to fail that item alone. Returning more or fewer outputs than items
+        fails the batch; raising fails it too, and the batcher retries its
+        halves to find the items at fault.
         """
+
+    def split(self, outputs: Any, batch: Any) -> Sequence[Any]:
+        """Make one output per item from ``infer``'s ``outputs`` for ``batch``.
+
+        By default the collator's ``split``, else ``outputs`` as they are (a
+        list, or an array or tensor split into rows).
+        """
+        collator = self.collator
+        return collator.split(outputs, batch) if collator is not None else outputs
 
     def postprocess(self, output: Any) -> ResponseT | Awaitable[ResponseT]:
         """Shape one item's output into the response its caller gets."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from typing import Any, cast
 
-import anyio
-
-from ._calls import off_loop
+from ._batching import fast
+from ._batching.fast import Threads
+from ._calls import is_async, off_loop
 from ._errors import InferenceError, MdsError
 from ._handler import ModelContext, ModelHandler
 
@@ -31,28 +32,45 @@ def as_item_error(exc: BaseException, where: str) -> BaseException:
     return error
 
 
-class Instance:
-    """A handler object, its context, and the limiter its blocking calls share.
+def overrides(handler: ModelHandler[Any, Any], method: str) -> bool:
+    """Whether the handler's class overrides ``ModelHandler.<method>``."""
+    return getattr(type(handler), method) is not getattr(ModelHandler, method)
 
-    ``init``, ``infer`` and ``teardown`` share a limiter of one, so one
-    instance never runs two of them at once; ``warmup`` and ``health`` use
-    the model's shared limiter.
+
+class Instance:
+    """A handler object, its context, and the threads its blocking calls use.
+
+    ``init``, ``infer`` (with collate and split) and ``teardown`` run on the
+    instance's own thread; ``warmup`` and ``health`` on the model's shared
+    threads.
     """
 
     def __init__(
         self,
         handler: ModelHandler[Any, Any],
         context: ModelContext,
-        shared: anyio.CapacityLimiter,
+        shared: Threads,
     ) -> None:
         self.handler = handler
         self.context = context
-        own = anyio.CapacityLimiter(1)
+        self.index = context.instance
+        # One thread of its own: init, infer and teardown never overlap, and
+        # always run on the same thread (some libraries care).
+        self.threads = own = fast.threads(1, f"mds-{context.name}-{context.instance}")
         self._init = off_loop(handler.init, own)
-        self._infer = off_loop(handler.infer, own)
         self._teardown = off_loop(handler.teardown, own)
         self._warmup = off_loop(handler.warmup, shared)
         self._health = off_loop(handler.health, shared)
+        self._collates = overrides(handler, "collate") or handler.collator is not None
+        self._splits = overrides(handler, "split") or handler.collator is not None
+        self._compute: Callable[[list[Any]], Any]
+        if not (self._collates or self._splits):
+            self._compute = off_loop(handler.infer, own)
+        elif is_async(handler.infer):
+            self._compute = self._collate_infer_split_async
+        else:
+            # collate, infer and split together in one thread hop
+            self._compute = off_loop(self._collate_infer_split, own)
         self.where = (
             f"model {context.name!r} instance {context.instance} "
             f"({type(handler).__name__} on {context.device})"
@@ -71,22 +89,32 @@ class Instance:
     async def health(self) -> bool:
         return bool(await self._health())
 
-    async def infer(self, batch: Sequence[Any]) -> list[Any]:
-        """Run ``infer`` on ``batch``; per item, its output or its error.
+    def _collate_infer_split(self, values: list[Any]) -> Sequence[Any]:
+        handler = self.handler
+        batch = handler.collate(values) if self._collates else values
+        outputs = handler.infer(batch)
+        return handler.split(outputs, batch) if self._splits else cast(Sequence[Any], outputs)
 
-        Never raises for the handler's faults: a raising ``infer`` or a wrong
-        number of outputs becomes an error for every item of the batch.
+    async def _collate_infer_split_async(self, values: list[Any]) -> Sequence[Any]:
+        handler = self.handler
+        batch = handler.collate(values) if self._collates else values
+        outputs = await handler.infer(batch)  # type: ignore[misc]
+        return handler.split(outputs, batch) if self._splits else outputs
+
+    async def compute(self, values: list[Any]) -> list[Any]:
+        """Per item, its output or its error.
+
+        Raises what ``collate``, ``infer`` or ``split`` raised: the batcher
+        then looks for the items at fault. A wrong number of outputs is not
+        raised but answered, for every item, with an error.
         """
-        size = len(batch)
-        try:
-            outputs = await self._infer(batch)
-        except Exception as exc:
-            logger.exception("%s: infer failed on a batch of %d", self.where, size)
-            return [
-                as_item_error(exc, f"{self.where}: infer failed on a batch of {size}")
-                for _ in range(size)
-            ]
-        return self._per_item(outputs, size)
+        return self._per_item(await self._compute(values), len(values))
+
+    def failure(self, exc: Exception, size: int) -> list[Any]:
+        """The errors for a batch of ``size`` items whose computation raised ``exc``."""
+        logger.error("%s: infer failed on a batch of %d", self.where, size, exc_info=exc)
+        where = f"{self.where}: infer failed on a batch of {size}"
+        return [as_item_error(exc, where) for _ in range(size)]
 
     def _per_item(self, outputs: Any, size: int) -> list[Any]:
         if isinstance(outputs, list):
@@ -105,12 +133,10 @@ class Instance:
                 "it must return exactly one output per item",
                 size,
             )
-        return [
-            as_item_error(out, f"{self.where}: infer failed for this item")
-            if isinstance(out, BaseException)
-            else out
-            for out in items
-        ]
+        if any(map(isinstance, items, repeat(BaseException))):
+            where = f"{self.where}: infer failed for this item"
+            return [as_item_error(o, where) if isinstance(o, BaseException) else o for o in items]
+        return items
 
     def _batch_error(self, problem: str, size: int) -> list[Any]:
         logger.error("%s: %s", self.where, problem)

@@ -3,37 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self, cast
+from typing import Any, Generic, Literal, Self, cast, overload
 
 import anyio
 import anyio.abc
+import msgspec
 
-from ._batching.batcher import Batcher
-from ._calls import off_loop
-from ._config import ModelConfig
-from ._errors import (
-    ConfigError,
-    DeadlineExceeded,
-    InferenceError,
-    InvalidInput,
-    LifecycleError,
-    MdsError,
-    NotReady,
-    Overloaded,
-)
+from ._batching import fast
+from ._batching.batcher import Batcher, BatchStats
+from ._config import BatchingConfig, ModelConfig
+from ._errors import ConfigError, LifecycleError, MdsError, NotReady, Overloaded
 from ._handler import ModelContext, ModelHandler, ModelState, RequestT, ResponseT
 from ._instance import Instance
-from ._status import ModelHealth, ModelStatistics
+from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
+from ._steps import Steps
 from ._sync import LoopBound
 
 __all__ = ["ModelRuntime", "check_name"]
 
 logger = logging.getLogger(__name__)
+
+_get_ident = threading.get_ident
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RUNNING = (ModelState.LOADING, ModelState.WARMING, ModelState.READY, ModelState.DRAINING)
@@ -49,12 +46,12 @@ def check_name(name: str, what: str = "model") -> str:
 
 
 class _Counts:
-    """Mutable counters behind :class:`ModelStatistics`."""
+    """Mutable per-request counters behind :class:`ModelStatistics`."""
 
     def __init__(self) -> None:
-        self.requests = self.completed = self.failed = self.rejected = 0
-        self.cancelled = self.batches = self.batched_items = 0
-        self.infer_seconds = self.init_seconds = self.warmup_seconds = 0.0
+        self.requests = self.completed = self.failed = self.cancelled = 0
+        self.not_ready = self.overloaded = 0
+        self.init_seconds = self.warmup_seconds = 0.0
         self.errors: Counter[str] = Counter()
 
 
@@ -105,6 +102,8 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             default_name = type(handler).__name__
         elif callable(handler):
             default_name = getattr(handler, "__name__", type(handler).__name__)
+            if not _NAME.match(default_name):  # a lambda, say
+                default_name = "model"
         else:
             raise ConfigError(
                 f"handler must be a ModelHandler or a factory that makes one, "
@@ -115,15 +114,17 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         self.version: str = version
         self._where = f"model {self.name!r}"
         self._state = ModelState.CREATED
+        self._ready = False
+        self._default_timeout = self.config.timeout
         self._failure: str | None = None
         self._instances: list[Instance] = []
         self._batcher: Batcher[Instance] | None = None
-        self._preprocess_fn: Callable[[Any], Any] | None = None
-        self._postprocess_fn: Callable[[Any], Any] | None = None
+        self._steps: Steps | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
-        self._in_flight = 0
         self._idle: anyio.Event | None = None
         self._counts = _Counts()
+        self._batch_stats = BatchStats()
+        self._clock = anyio.current_time
         self._watchers: list[Callable[[ModelState, str | None], None]] = []
 
     def __repr__(self) -> str:
@@ -143,6 +144,7 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
 
     def _set_state(self, state: ModelState, reason: str | None = None) -> None:
         previous, self._state = self._state, state
+        self._ready = state is ModelState.READY
         self._failure = reason if state is ModelState.FAILED else None
         if state is ModelState.FAILED:
             logger.error("%s: %s -> failed: %s", self._where, previous.value, reason)
@@ -164,9 +166,14 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             await self._close_bridge()
             raise
         self._tasks = tasks
-        self._batcher = Batcher(self.config.batching, self._run_batch, where=self._where)
+        self._clock = fast.clock()
+        batcher: Batcher[Instance] = Batcher(
+            self.config.batching, where=self._where, stats=self._batch_stats
+        )
+        self._batcher = batcher
         for instance in self._instances:
-            tasks.start_soon(self._batcher.serve, instance)
+            tasks.start_soon(batcher.serve, instance)
+        tasks.start_soon(batcher.watch_deadlines)
         self._set_state(ModelState.READY)
         return self
 
@@ -206,6 +213,7 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             try:
                 with anyio.CancelScope(shield=True):
                     await self._teardown(self._instances)
+                self._release(self._instances)
                 self._instances = []
                 self._set_state(ModelState.STOPPED)
             finally:
@@ -214,12 +222,12 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
     async def _load(self) -> None:
         """Create, init and warm up every instance; FAILED with the cause if not."""
         started: list[Instance] = []
+        instances: list[Instance] = []
         step = "making the handler"
+        self._shared_threads = fast.threads(self.config.worker_threads, f"mds-{self.name}")
         try:
-            instances = self._make_instances()
-            first = instances[0].handler
-            self._preprocess_fn = _override(first, "preprocess", self._shared_limiter)
-            self._postprocess_fn = _override(first, "postprocess", self._shared_limiter)
+            self._make_instances(instances)
+            self._steps = Steps(instances[0].handler, self._where, self._shared_threads)
             step = "init"
             began = anyio.current_time()
             await self._on_each(instances, self._init_one, started)
@@ -232,6 +240,7 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._teardown(started)
+            self._release(instances)
             cause = _root_cause(exc)
             if isinstance(cause, anyio.get_cancelled_exc_class()):
                 self._set_state(ModelState.FAILED, f"start cancelled during {step}")
@@ -244,9 +253,8 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             raise LifecycleError(f"{self._where} failed to start: {reason}") from cause
         self._instances = instances
 
-    def _make_instances(self) -> list[Instance]:
-        self._shared_limiter = anyio.CapacityLimiter(self.config.worker_threads)
-        instances = []
+    def _make_instances(self, instances: list[Instance]) -> None:
+        """Add an instance per configured one to ``instances`` (kept on failure)."""
         for index in range(self.config.instances):
             source = self._source
             handler = source if isinstance(source, ModelHandler) else source()
@@ -261,8 +269,13 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
                 instance=index,
                 config=self.config,
             )
-            instances.append(Instance(handler, context, self._shared_limiter))
-        return instances
+            instances.append(Instance(handler, context, self._shared_threads))
+
+    def _release(self, instances: Sequence[Instance]) -> None:
+        """Let the threads of ``instances`` and of the model go."""
+        for instance in instances:
+            instance.threads.close()
+        self._shared_threads.close()
 
     async def _on_each(
         self,
@@ -327,8 +340,14 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
     def _not_running(self) -> MdsError:
         return self._refuse()
 
+    @property
+    def _in_flight(self) -> int:
+        """Requests admitted and not yet answered."""
+        c = self._counts
+        return c.requests - c.completed - c.failed - c.cancelled - c.overloaded
+
     def _refuse(self) -> NotReady:
-        self._counts.rejected += 1
+        self._counts.not_ready += 1
         self._counts.errors["NotReady"] += 1
         return self._not_ready()
 
@@ -348,7 +367,44 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
 
     # -- requests -----------------------------------------------------------
 
-    async def infer(self, request: RequestT, *, timeout: float | None = None) -> ResponseT:
+    @overload
+    async def infer(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[False] = False,
+    ) -> ResponseT: ...
+
+    @overload
+    async def infer(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[True],
+    ) -> Traced[ResponseT]: ...
+
+    @overload
+    async def infer(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool,
+    ) -> ResponseT | Traced[ResponseT]: ...
+
+    async def infer(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Any:
         """Serve one request: preprocess, batched infer, postprocess.
 
         Callable from any thread or event loop; from another loop the call is
@@ -357,123 +413,166 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         Args:
             request: the request, as the handler's ``preprocess`` takes it.
             timeout: this request's deadline in seconds from now; defaults to
-                ``config.timeout``. Queued requests whose deadline passes are
-                never computed.
+                ``config.timeout``. When it passes the caller gets
+                :class:`DeadlineExceeded` at once; a queued request whose
+                deadline passed is never computed.
+            priority: its priority level (0 is the highest); defaults to
+                ``batching.default_priority``.
+            trace: return a :class:`Traced` with the response and where the
+                call's time went.
 
         Returns:
-            The response from the handler's ``postprocess``.
+            The response from the handler's ``postprocess`` (in a
+            :class:`Traced` with ``trace=True``).
 
         Raises:
             NotReady: the model is not ``READY``; the message names its state.
-            Overloaded: the queue is full.
-            InvalidInput: ``preprocess`` rejected the request.
+            Overloaded: the request's priority level is full.
+            InvalidInput: ``preprocess`` rejected the request (or its cost or
+                priority cannot be batched).
             DeadlineExceeded: the deadline passed first.
             InferenceError: ``infer`` or ``postprocess`` failed for it.
         """
-        if self._at_home() or self._portal is None:
-            return await self._infer(request, timeout)
-        return await self._call_from_elsewhere(self._infer, request, timeout)
+        # The per-request path: kept flat, since each call and await costs
+        # about as much here as the queue itself (benchmarks/batcher.py).
+        if self._home != _get_ident() and self._portal is not None:
+            call = functools.partial(
+                self.infer, request, timeout=timeout, priority=priority, trace=trace
+            )
+            return await self._call_from_elsewhere(call)
+        batcher, steps, counts = self._batcher, self._steps, self._counts
+        if not self._ready or batcher is None or steps is None:
+            raise self._refuse()
+        if timeout is None:
+            timeout = self._default_timeout
+        counts.requests += 1
+        try:
+            if timeout is None:
+                deadline = None
+                began = self._clock() if trace else 0.0
+            else:
+                began = self._clock()
+                deadline = began + timeout
+            if steps.pre is None:
+                value = request
+                now = began if deadline is not None else None  # still "now"
+            else:
+                value = await steps.preprocess(request, deadline)
+                now = None
+            preprocessed = self._clock() if trace else 0.0
+            if steps.describes:
+                cost, key, length = steps.describe(value)
+                item = batcher.enqueue(value, deadline, priority, cost, key, length, now)
+            else:
+                item = batcher.enqueue(value, deadline, priority, 1, None, None, now)
+            try:
+                outcome = await item.waiter
+            except BaseException:
+                batcher.abandon(item)
+                raise
+            if isinstance(outcome, BaseException):
+                raise outcome
+            computed = self._clock() if trace else 0.0
+            response = outcome if steps.post is None else await steps.postprocess(outcome, deadline)
+            counts.completed += 1
+        except anyio.get_cancelled_exc_class():
+            counts.cancelled += 1
+            raise
+        except Exception as exc:
+            if isinstance(exc, Overloaded):
+                counts.overloaded += 1
+            else:
+                counts.failed += 1
+            counts.errors[type(exc).__name__] += 1
+            raise
+        finally:
+            if self._idle is not None and not self._in_flight:
+                self._idle.set()
+        if not trace:
+            return response
+        info = item.batch
+        assert info is not None
+        return Traced(
+            value=response,
+            trace=CallTrace(
+                model=self.name,
+                instance=info.instance,
+                queue_wait=info.started - item.enqueued,
+                batch_size=info.size,
+                batch_cost=info.cost,
+                padding_ratio=info.padding,
+                infer_seconds=info.infer_seconds,
+                preprocess_seconds=preprocessed - began,
+                postprocess_seconds=self._clock() - computed,
+                total_seconds=self._clock() - began,
+            ),
+        )
 
-    def infer_sync(self, request: RequestT, *, timeout: float | None = None) -> ResponseT:
+    @overload
+    def infer_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[False] = False,
+    ) -> ResponseT: ...
+
+    @overload
+    def infer_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[True],
+    ) -> Traced[ResponseT]: ...
+
+    @overload
+    def infer_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool,
+    ) -> ResponseT | Traced[ResponseT]: ...
+
+    def infer_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> ResponseT | Traced[ResponseT]:
         """Blocking form of :meth:`infer`, for threads without an event loop.
 
         Thread-safe. Works from a thread that runs its own loop (a notebook)
         as long as the model lives in another one (started with
         :meth:`start_sync`).
         """
-        return self._call_sync(self._infer, request, timeout)
-
-    async def _infer(self, request: RequestT, timeout: float | None) -> ResponseT:
-        counts = self._counts
-        if self._state is not ModelState.READY:
-            raise self._refuse()
-        if timeout is None:
-            timeout = self.config.timeout
-        counts.requests += 1
-        self._in_flight += 1
-        try:
-            if timeout is None:
-                response = await self._process(request, None)
-            else:
-                response = await self._process_within(request, timeout)
-        except anyio.get_cancelled_exc_class():
-            counts.cancelled += 1
-            raise
-        except Exception as exc:
-            if isinstance(exc, Overloaded):
-                counts.rejected += 1
-            else:
-                counts.failed += 1
-            counts.errors[type(exc).__name__] += 1
-            raise
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight and self._idle is not None:
-                self._idle.set()
-        counts.completed += 1
-        return cast(ResponseT, response)
-
-    async def _process_within(self, request: Any, timeout: float) -> Any:
-        deadline = anyio.current_time() + timeout
-        with anyio.move_on_at(deadline):
-            return await self._process(request, deadline)
-        raise DeadlineExceeded(
-            f"{self._where}: no answer within the request's timeout of {timeout:g} s"
+        call = functools.partial(
+            self.infer, request, timeout=timeout, priority=priority, trace=trace
         )
-
-    async def _process(self, request: Any, deadline: float | None) -> Any:
-        item = await self._preprocess(request)
-        assert self._batcher is not None
-        output = await self._batcher.submit(item, deadline)
-        return await self._postprocess(output)
-
-    async def _preprocess(self, request: Any) -> Any:
-        if self._preprocess_fn is None:
-            return request
-        try:
-            return await self._preprocess_fn(request)
-        except MdsError:
-            raise
-        except Exception as exc:
-            logger.debug("%s: preprocess rejected a request", self._where, exc_info=True)
-            raise InvalidInput(
-                f"{self._where}: preprocess rejected the request: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    async def _postprocess(self, output: Any) -> Any:
-        if self._postprocess_fn is None:
-            return output
-        try:
-            return await self._postprocess_fn(output)
-        except MdsError:
-            raise
-        except Exception as exc:
-            logger.exception("%s: postprocess failed", self._where)
-            raise InferenceError(
-                f"{self._where}: postprocess failed: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    async def _run_batch(self, instance: Instance, batch: list[Any]) -> list[Any]:
-        began = anyio.current_time()
-        outcomes = await instance.infer(batch)
-        counts = self._counts
-        counts.infer_seconds += anyio.current_time() - began
-        counts.batches += 1
-        counts.batched_items += len(batch)
-        return outcomes
+        return cast("ResponseT | Traced[ResponseT]", self._call_sync(call))
 
     async def _compute(
         self,
         instance: Instance,
         requests: Sequence[Any],
         timings: dict[str, float] | None = None,
+        sizes: list[int] | None = None,
     ) -> list[Any]:
         """The real path for a batch made by hand: per request, response or error.
 
-        Used by warm-up and by :mod:`mds.testing`; requests that fail
-        ``preprocess`` are left out of the batch. ``timings`` collects the
-        seconds spent in each step.
+        Used by warm-up and by :mod:`mds.testing`: no queue, the same steps,
+        collation and output checks. Requests that fail ``preprocess`` are
+        left out of the batch. ``timings`` collects the seconds per step and
+        ``sizes`` the size of the batch ``infer`` was given.
         """
+        steps = self._steps
+        assert steps is not None
         clock = _StepClock(timings)
         outcomes: list[Any] = [None] * len(requests)
         batch: list[Any] = []
@@ -481,22 +580,50 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         with clock("preprocess"):
             for index, request in enumerate(requests):
                 try:
-                    batch.append(await self._preprocess(request))
-                    positions.append(index)
+                    value = await steps.preprocess(request, None)
+                    steps.describe(value)
                 except Exception as exc:
                     outcomes[index] = exc
+                else:
+                    batch.append(value)
+                    positions.append(index)
+        if sizes is not None:
+            sizes.append(len(batch))
         with clock("infer"):
-            results = await self._run_batch(instance, batch) if batch else []
+            try:
+                results = await instance.compute(batch) if batch else []
+            except Exception as exc:
+                results = instance.failure(exc, len(batch))
         with clock("postprocess"):
             for index, result in zip(positions, results, strict=True):
                 if isinstance(result, BaseException):
                     outcomes[index] = result
                     continue
                 try:
-                    outcomes[index] = await self._postprocess(result)
+                    outcomes[index] = await steps.postprocess(result, None)
                 except Exception as exc:
                     outcomes[index] = exc
         return outcomes
+
+    def set_batching(self, batching: BatchingConfig) -> None:
+        """Change how requests are batched, from the next batch on.
+
+        Everything may change except ``priority_levels`` while the model
+        runs. ``config`` is updated to match.
+
+        Raises:
+            ConfigError: the new settings conflict with the model's config
+                (such as its warm-up sizes), or change the priority levels of
+                a running model.
+        """
+        config = msgspec.structs.replace(self.config, batching=batching)
+        if self._batcher is not None:
+            try:
+                self._batcher.configure(batching)
+            except ValueError as exc:
+                raise ConfigError(f"{self._where}: {exc}") from None
+        self.config = config
+        logger.info("%s: batching is now %s", self._where, batching)
 
     # -- what callers can read ----------------------------------------------
 
@@ -548,25 +675,44 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
 
     def statistics(self) -> ModelStatistics:
         """A snapshot of this model's counters."""
-        counts = self._counts
+        counts, batches = self._counts, self._batch_stats
+        batcher = self._batcher
+        queue = batcher.queue if batcher is not None else None
+        waits = sorted(batches.recent_waits)
         return ModelStatistics(
             name=self.name,
             version=self.version,
             state=self._state,
             in_flight=self._in_flight,
-            queued=self._batcher.queued if self._batcher is not None else 0,
+            queued=queue.count if queue is not None else 0,
+            queued_by_priority=tuple(queue.counts) if queue is not None else (),
             requests=counts.requests,
             completed=counts.completed,
             failed=counts.failed,
-            rejected=counts.rejected,
+            rejected=counts.not_ready + counts.overloaded,
             cancelled=counts.cancelled,
+            deadline_misses=batches.deadline_misses,
             errors=dict(counts.errors),
-            batches=counts.batches,
-            batched_items=counts.batched_items,
-            infer_seconds=counts.infer_seconds,
+            batches=batches.batches,
+            batched_items=batches.batched_items,
+            batched_cost=batches.batched_cost,
+            batch_sizes=dict(sorted(batches.sizes.items())),
+            infer_seconds=batches.infer_seconds,
+            queue_wait_seconds=batches.queue_wait_seconds,
+            queue_wait_p50=_percentile(waits, 0.5),
+            queue_wait_p99=_percentile(waits, 0.99),
+            padding_ratio=batches.padding_sum / batches.batches if batches.batches else 0.0,
+            isolation_splits=batches.isolation_splits,
             init_seconds=counts.init_seconds,
             warmup_seconds=counts.warmup_seconds,
         )
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nearest rank); 0 if there are none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class _StepClock:
@@ -595,12 +741,3 @@ def _root_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _override(
-    handler: ModelHandler[Any, Any], method: str, limiter: anyio.CapacityLimiter
-) -> Callable[[Any], Any] | None:
-    """The handler's own ``method`` as an async callable; None if not overridden."""
-    if getattr(type(handler), method) is getattr(ModelHandler, method):
-        return None
-    return off_loop(getattr(handler, method), limiter)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self, overload
 
 import anyio
 import anyio.abc
@@ -15,7 +16,7 @@ from ._config import ModelConfig
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._model import ModelRuntime, check_name
-from ._status import ModelHealth, ModelStatistics, RuntimeHealth
+from ._status import ModelHealth, ModelStatistics, RuntimeHealth, Traced
 from ._sync import LoopBound
 
 __all__ = ["Runtime", "current_runtime", "serve", "serve_sync"]
@@ -262,7 +263,48 @@ class Runtime(LoopBound):
 
     # -- requests -----------------------------------------------------------
 
-    async def serve(self, model: str, request: Any, *, timeout: float | None = None) -> Any:
+    @overload
+    async def serve(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[False] = False,
+    ) -> Any: ...
+
+    @overload
+    async def serve(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[True],
+    ) -> Traced[Any]: ...
+
+    @overload
+    async def serve(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool,
+    ) -> Any: ...
+
+    async def serve(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Any:
         """Serve one request with the model called ``model``.
 
         Callable from any thread or event loop (forwarded to the runtime's own
@@ -272,9 +314,11 @@ class Runtime(LoopBound):
             model: the model's name.
             request: the request, as the model's ``preprocess`` takes it.
             timeout: deadline in seconds from now; defaults to the model's.
+            priority: priority level (0 is the highest); defaults to the model's.
+            trace: return a :class:`Traced` with where the call's time went.
 
         Returns:
-            The model's response.
+            The model's response (in a :class:`Traced` with ``trace=True``).
 
         Raises:
             ModelNotFound: no such model.
@@ -282,15 +326,63 @@ class Runtime(LoopBound):
                 ``Overloaded``, ``InvalidInput``, ``DeadlineExceeded``,
                 ``InferenceError``).
         """
-        return await self.model(model).infer(request, timeout=timeout)
+        return await self.model(model).infer(
+            request,
+            timeout=timeout,
+            priority=priority,
+            trace=trace,
+        )
 
-    def serve_sync(self, model: str, request: Any, *, timeout: float | None = None) -> Any:
+    @overload
+    def serve_sync(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[False] = False,
+    ) -> Any: ...
+
+    @overload
+    def serve_sync(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[True],
+    ) -> Traced[Any]: ...
+
+    @overload
+    def serve_sync(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool,
+    ) -> Any: ...
+
+    def serve_sync(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Any:
         """Blocking form of :meth:`serve`, for threads with no event loop (Flask).
 
         Thread-safe; every call reuses the runtime's one loop.
         """
-        target = self.model(model)
-        return self._call_sync(target._infer, request, timeout)
+        call = functools.partial(
+            self.model(model).infer, request, timeout=timeout, priority=priority, trace=trace
+        )
+        return self._call_sync(call)
 
     # -- what callers can read ----------------------------------------------
 
@@ -343,7 +435,47 @@ def current_runtime() -> Runtime:
     )
 
 
-async def serve(model: str, request: Any, *, timeout: float | None = None) -> Any:
+@overload
+async def serve(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: Literal[False] = False,
+) -> Any: ...
+
+
+@overload
+async def serve(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: Literal[True],
+) -> Traced[Any]: ...
+
+
+@overload
+async def serve(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: bool,
+) -> Any: ...
+
+
+async def serve(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: bool = False,
+) -> Any:
     """Serve one request with a model of the running runtime; for async routes.
 
     Uses :func:`current_runtime`. Works in asyncio and trio apps, whichever
@@ -353,9 +485,11 @@ async def serve(model: str, request: Any, *, timeout: float | None = None) -> An
         model: the model's name.
         request: the request, as the model's ``preprocess`` takes it.
         timeout: deadline in seconds from now; defaults to the model's.
+        priority: priority level (0 is the highest); defaults to the model's.
+        trace: return a :class:`Traced` with where the call's time went.
 
     Returns:
-        The model's response.
+        The model's response (in a :class:`Traced` with ``trace=True``).
 
     Raises:
         NotReady: no runtime is running, or the model is not ready.
@@ -370,10 +504,53 @@ async def serve(model: str, request: Any, *, timeout: float | None = None) -> An
 
     Added in 0.1.
     """
-    return await current_runtime().serve(model, request, timeout=timeout)
+    runtime = current_runtime()
+    if trace:
+        return await runtime.serve(model, request, timeout=timeout, priority=priority, trace=True)
+    return await runtime.serve(model, request, timeout=timeout, priority=priority)
 
 
-def serve_sync(model: str, request: Any, *, timeout: float | None = None) -> Any:
+@overload
+def serve_sync(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: Literal[False] = False,
+) -> Any: ...
+
+
+@overload
+def serve_sync(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: Literal[True],
+) -> Traced[Any]: ...
+
+
+@overload
+def serve_sync(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: bool,
+) -> Any: ...
+
+
+def serve_sync(
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+    trace: bool = False,
+) -> Any:
     """Blocking form of :func:`serve`, for Flask views, WSGI apps and threads.
 
     Thread-safe. Every call goes to the runtime's one event loop; none starts
@@ -387,4 +564,6 @@ def serve_sync(model: str, request: Any, *, timeout: float | None = None) -> Any
 
     Added in 0.1.
     """
-    return current_runtime().serve_sync(model, request, timeout=timeout)
+    return current_runtime().serve_sync(
+        model, request, timeout=timeout, priority=priority, trace=trace
+    )

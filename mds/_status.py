@@ -3,11 +3,15 @@
 # No `from __future__ import annotations`: msgspec reads these annotations at
 # run time, and mds/__init__.py gives the classes the public module "mds".
 
+from typing import Generic, TypeVar
+
 import msgspec
 
 from ._handler import ModelState
 
-__all__ = ["ModelHealth", "ModelStatistics", "RuntimeHealth"]
+__all__ = ["CallTrace", "ModelHealth", "ModelStatistics", "RuntimeHealth", "Traced"]
+
+T = TypeVar("T")
 
 
 class ModelHealth(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,15 +61,25 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         state: its lifecycle state now.
         in_flight: requests admitted and not yet answered.
         queued: requests waiting in the queue for a batch.
+        queued_by_priority: of those, how many at each priority level.
         requests: requests admitted (the model was ready).
         completed: requests answered with a result.
         failed: admitted requests answered with an error.
         rejected: requests refused at once: not ready, or the queue was full.
         cancelled: requests whose caller went away before the answer.
+        deadline_misses: requests whose deadline passed before they were
+            answered (also counted in ``failed``).
         errors: failed and rejected requests, by error class name.
-        batches: ``infer`` calls made (warm-up included).
-        batched_items: items in those calls.
-        infer_seconds: time spent in ``infer``.
+        batches: ``infer`` calls for requests (warm-up not included).
+        batched_items: requests in those calls.
+        batched_cost: their cost (see :meth:`ModelHandler.cost`).
+        batch_sizes: how many batches had each number of requests.
+        infer_seconds: time spent computing batches (collate, infer, split).
+        queue_wait_seconds: time requests spent queued, in total.
+        queue_wait_p50: median queue wait of the last 1024 batched requests.
+        queue_wait_p99: 99th percentile of the same.
+        padding_ratio: the mean share of padding in padded batches.
+        isolation_splits: batches split in two to find the items at fault.
         init_seconds: time the last start spent in ``init``.
         warmup_seconds: time the last start spent in warm-up.
 
@@ -77,19 +91,81 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     state: ModelState
     in_flight: int
     queued: int
+    queued_by_priority: tuple[int, ...]
     requests: int
     completed: int
     failed: int
     rejected: int
     cancelled: int
+    deadline_misses: int
     errors: dict[str, int]
     batches: int
     batched_items: int
+    batched_cost: int
+    batch_sizes: dict[int, int]
     infer_seconds: float
+    queue_wait_seconds: float
+    queue_wait_p50: float
+    queue_wait_p99: float
+    padding_ratio: float
+    isolation_splits: int
     init_seconds: float
     warmup_seconds: float
 
     @property
     def mean_batch_size(self) -> float:
-        """Average items per ``infer`` call; 0 before the first."""
+        """Average requests per ``infer`` call; 0 before the first."""
         return self.batched_items / self.batches if self.batches else 0.0
+
+    @property
+    def mean_queue_wait(self) -> float:
+        """Average seconds a request waited for its batch; 0 before the first."""
+        return self.queue_wait_seconds / self.batched_items if self.batched_items else 0.0
+
+
+class CallTrace(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one request's time went. Durations are seconds.
+
+    Attributes:
+        model: the model's name.
+        instance: the instance that computed it.
+        queue_wait: from being queued to its batch starting.
+        batch_size: requests in its batch.
+        batch_cost: their total cost.
+        padding_ratio: the share of padding in its batch (0 if not padded).
+        infer_seconds: how long its batch took to compute (collate, infer, split).
+        preprocess_seconds: its ``preprocess``.
+        postprocess_seconds: its ``postprocess``.
+        total_seconds: the whole call.
+
+    Added in 0.1.
+    """
+
+    model: str
+    instance: int
+    queue_wait: float
+    batch_size: int
+    batch_cost: int
+    padding_ratio: float
+    infer_seconds: float
+    preprocess_seconds: float
+    postprocess_seconds: float
+    total_seconds: float
+
+
+class Traced(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+    """A response with the trace of how it was computed (``trace=True``).
+
+    Attributes:
+        value: the response.
+        trace: where the call's time went.
+
+    Example:
+        >>> result = await model.infer(x, trace=True)
+        >>> result.value, result.trace.queue_wait, result.trace.batch_size
+
+    Added in 0.1.
+    """
+
+    value: T
+    trace: CallTrace

@@ -181,9 +181,7 @@ async def _run_lifecycle(
         health = await model.health()
         instance = model._instances[0]
         for chunk in _chunks(requests, size):
-            computed = model._counts.batched_items
-            outcomes += await model._compute(instance, chunk, timings)
-            batch_sizes.append(model._counts.batched_items - computed)
+            outcomes += await model._compute(instance, chunk, timings, batch_sizes)
         began = anyio.current_time()
     stats = model.statistics()
     timings = {

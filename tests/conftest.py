@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import anyio
 import pytest
 from blockbuster import BlockBuster
 
@@ -70,3 +71,42 @@ class Doubler(mds.ModelHandler[float, float]):
 def doubler() -> type[Doubler]:
     """The ``Doubler`` handler class."""
     return Doubler
+
+
+class Recorder(mds.ModelHandler[Any, Any]):
+    """Echoes its items; records each batch; holds batches while ``gate`` is shut.
+
+    ``fail`` makes ``infer`` raise for any batch holding one of those values.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.gate: anyio.Event | None = None
+        self.started = anyio.Event()
+        self.fail: set[Any] = set()
+
+    def hold(self) -> None:
+        self.gate = anyio.Event()
+
+    def release(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+
+    async def infer(self, batch: Sequence[Any]) -> list[Any]:
+        self.batches.append(list(batch))
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail & set(batch):
+            raise RuntimeError(f"cannot compute {sorted(self.fail & set(batch))}")
+        return list(batch)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    """A ``Recorder`` handler object."""
+    return Recorder()

@@ -185,7 +185,7 @@ def test_the_readme_code_runs() -> None:
     pytest.importorskip("torch")
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("flask")
-    handler, fastapi_block, flask_block, testing_block = readme_blocks()
+    handler, fastapi_block, flask_block, batching_block, testing_block = readme_blocks()
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + fastapi_block, namespace)
     with fastapi.TestClient(namespace["app"]) as client:
@@ -202,6 +202,9 @@ def test_the_readme_code_runs() -> None:
     finally:
         namespace["runtime"].stop_sync()
 
+    namespace = {"__name__": "readme"}
+    exec(handler + batching_block, namespace)
+    assert namespace["config"].batching.max_batch_size == 64
     exec(handler + testing_block, {"__name__": "readme"})
 
 
@@ -209,3 +212,11 @@ def test_the_guides_include_every_example_verbatim() -> None:
     guides = "\n".join(page.read_text() for page in (ROOT / "docs").glob("*.md"))
     for example in sorted(EXAMPLES.glob("*.py")):
         assert example.read_text() in guides, f"{example.name} is not in any guide"
+
+
+def test_batching() -> None:
+    out = run("examples/batching.py")
+    assert "scored 400 background sentences" in out
+    assert re.search(r"interactive request: score [-\d.]+, queue wait [\d.]+ ms", out)
+    assert "too long: model 'scorer': the request's cost is 100" in out
+    assert re.search(r"\d+ batches, mean [\d.]+ requests and [\d.]+ tokens each", out)

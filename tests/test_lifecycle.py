@@ -358,7 +358,7 @@ async def test_statistics_count_start_times_and_batches(doubler: Any) -> None:
         stats = model.statistics()
     assert stats.state is ModelState.READY
     assert (stats.requests, stats.completed, stats.failed, stats.rejected) == (1, 1, 0, 0)
-    # warm-up: batch sizes 1 and 4, then the request
-    assert (stats.batches, stats.batched_items) == (3, 6)
-    assert stats.mean_batch_size == 2.0
+    # warm-up (batch sizes 1 and 4) is not counted as serving
+    assert (stats.batches, stats.batched_items, stats.batch_sizes) == (1, 1, {1: 1})
+    assert stats.mean_batch_size == 1.0
     assert stats.init_seconds >= 0 and stats.warmup_seconds >= 0

@@ -159,7 +159,7 @@ async def test_a_deadline_answers_in_time_and_an_expired_queued_item_is_never_co
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(model.infer, 1)  # occupies the only instance
             await handler.started.wait()
-            with pytest.raises(mds.DeadlineExceeded, match=r"timeout of 0\.05 s"):
+            with pytest.raises(mds.DeadlineExceeded, match="passed while it waited in the queue"):
                 await model.infer(2, timeout=0.05)
             handler.gate.set()
         assert await model.infer(3, timeout=5) == 3
@@ -170,7 +170,7 @@ async def test_a_deadline_answers_in_time_and_an_expired_queued_item_is_never_co
 
 async def test_the_models_default_timeout_applies() -> None:
     async with mds.ModelRuntime(Held(), mds.ModelConfig(timeout=0.05)) as model:
-        with pytest.raises(mds.DeadlineExceeded, match=r"timeout of 0\.05 s"):
+        with pytest.raises(mds.DeadlineExceeded, match="passed while its batch was computed"):
             await model.infer(1)
 
 

@@ -1,180 +1,465 @@
-"""The queue between ``preprocess`` and ``infer``, and the workers that drain it.
+"""The dynamic batcher: between ``preprocess`` and ``infer``.
 
-Callers submit one item each and wait for its own answer; one worker per
-model instance takes batches from the shared queue. Every submitted item is
-settled exactly once: with its output, its error, or (if its caller went
-away first) by being dropped from the queue.
+Callers submit one item each and wait for their own answer. One worker per
+model instance forms batches from the shared queue:
+
+- an idle worker takes what is queued at once, so a lone request never waits;
+- while the model is busy, a batch may wait up to ``max_queue_delay`` to grow
+  to a preferred size or the maximum, never past the tightest deadline in it;
+- sizes count cost, higher priority levels go first, and items batch only with
+  items of the same bucket;
+- a batch whose computation raises is split in halves and retried, so only
+  the items at fault get the error.
+
+Every item is settled exactly once: with its output, its error, a deadline
+error (by the deadline watcher, wherever the item is), or by its caller
+leaving. Nothing here raises for a user-code fault; the workers go on.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+import math
+from collections import Counter, deque
+from collections.abc import Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
 from .._config import BatchingConfig
-from .._errors import DeadlineExceeded, Overloaded, Unavailable
+from .._errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from . import fast
+from .queue import DONE, QUEUED, RUNNING, BatchInfo, Item, RequestQueue
 
-__all__ = ["Batcher"]
+__all__ = ["BatchStats", "Batcher", "Worker"]
 
 logger = logging.getLogger(__name__)
 
-W = TypeVar("W")  # what a worker is (a model instance)
+#: Seconds a growing batch leaves itself before its tightest deadline, beyond
+#: the time a batch typically takes.
+_MARGIN = 0.001
+_INF = math.inf
 
-_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+class Worker(Protocol):
+    """What computes batches: a model instance."""
+
+    index: int
+
+    async def compute(self, values: list[Any]) -> list[Any]:
+        """Per item, its output or an exception instance; raise if the batch failed."""
+        ...
+
+    def failure(self, exc: Exception, size: int) -> list[Any]:
+        """The per-item errors for a batch of ``size`` that raised ``exc``."""
+        ...
 
 
-class _Item:
-    __slots__ = ("deadline", "done", "outcome", "state", "value")
+W = TypeVar("W", bound=Worker)
 
-    def __init__(self, value: Any, deadline: float | None) -> None:
-        self.value = value
-        self.deadline = deadline
-        self.done = anyio.Event()
-        self.outcome: Any = None
-        self.state = _QUEUED
 
-    def settle(self, outcome: Any) -> None:
-        if self.state != _DONE:
-            self.state = _DONE
-            self.outcome = outcome
-            self.done.set()
+class BatchStats:
+    """Counters the batcher keeps; the model reads them into its statistics."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.batched_items = 0
+        self.batched_cost = 0
+        self.sizes: Counter[int] = Counter()
+        self.infer_seconds = 0.0
+        self.queue_wait_seconds = 0.0
+        self.recent_waits: deque[float] = deque(maxlen=1024)
+        self.deadline_misses = 0
+        self.isolation_splits = 0
+        self.padding_sum = 0.0
 
 
 class Batcher(Generic[W]):
-    """A bounded queue of items and the loop that turns them into batches.
+    """A bounded, prioritised queue and the loop that turns it into batches.
 
     Args:
-        config: batch size and queue limits.
-        run_batch: computes a batch on a worker; returns, per item, its
-            output or an exception instance. It must not raise for an item's
-            fault.
+        config: batching policy; replace it at run time with :meth:`configure`.
         where: names the model in messages.
+        stats: where to count (kept by the model across restarts).
     """
 
-    def __init__(
-        self,
-        config: BatchingConfig,
-        run_batch: Callable[[W, list[Any]], Awaitable[list[Any]]],
-        *,
-        where: str,
-    ) -> None:
-        self.config = config
-        self._run_batch = run_batch
+    def __init__(self, config: BatchingConfig, *, where: str, stats: BatchStats) -> None:
         self._where = where
-        self._queue: deque[_Item] = deque()
-        self._queued = 0  # items in _queue still waiting (cancelled ones are not)
+        self.stats = stats
+        self._clock = fast.clock()
+        self._new_waiter = fast.waiter_factory()
+        self._seq = 0
         self._closed = False
-        self._wakeup = anyio.Event()
-        self._idle = 0
+        self._busy = 0  # workers computing a batch
+        self._running = 0  # items in the batches being computed
+        self._idle: list[fast.Waiter] = []  # workers waiting for any item
+        self._delaying: list[fast.Waiter] = []  # workers waiting for a batch to grow
+        self._deadlines: list[tuple[float, int, Item]] = []  # out-of-order ones
+        self._running_batches: dict[int, list[Item]] = {}
+        self._watch_until = math.inf
+        self._rewatch = anyio.Event()
+        self.queue = RequestQueue(config.priority_levels)
+        self.configure(config)
 
-    @property
-    def queued(self) -> int:
-        """How many items wait in the queue."""
-        return self._queued
+    def configure(self, config: BatchingConfig) -> None:
+        """Use ``config`` from the next batch on.
 
-    async def submit(self, value: Any, deadline: float | None = None) -> Any:
-        """Queue ``value`` and wait for its output.
+        The number of priority levels is fixed for the batcher's lifetime.
+        """
+        if config.priority_levels != len(self.queue.counts):
+            raise ValueError(
+                f"priority_levels cannot change while the model runs "
+                f"({len(self.queue.counts)} -> {config.priority_levels})"
+            )
+        self.config = config
+        limits = config._queue_limits()
+        self._limits = (0,) * len(limits) if self._closed else limits
+        self._default_priority = config.default_priority
+        self._max_cost = config.max_batch_size
+        self._preferred = sorted(config.preferred_batch_sizes)
+
+    # -- callers ------------------------------------------------------------
+
+    def enqueue(
+        self,
+        value: Any,
+        deadline: float | None = None,
+        priority: int | None = None,
+        cost: int = 1,
+        key: Hashable = None,
+        length: int | None = None,
+        now: float | None = None,
+    ) -> Item:
+        """Queue ``value``; the caller then awaits ``item.waiter`` (see :meth:`abandon`).
+
+        ``now`` saves a clock read when the caller just made one.
 
         Raises:
-            Overloaded: the queue is full.
-            Unavailable: the batcher was closed before the item ran.
-            DeadlineExceeded: ``deadline`` passed while the item waited.
-            Exception: the item's own error from ``run_batch``.
+            Unavailable: the batcher is closed.
+            Overloaded: the item's priority level is full.
+            InvalidInput: a priority that is not a level, or a cost larger
+                than ``max_batch_size``.
+            DeadlineExceeded: ``deadline`` has already passed.
         """
-        if self._closed:
-            raise Unavailable(f"{self._where}: the model stopped before this request was queued")
-        if self._queued >= self.config.max_queue_size:
-            raise Overloaded(
-                f"{self._where}: the queue is full "
-                f"({self.config.max_queue_size} requests waiting); try again later"
+        queue = self.queue
+        limits = self._limits  # all zero once closed
+        if priority is None:
+            level = self._default_priority
+        elif 0 <= priority < len(limits):
+            level = priority
+        else:
+            raise InvalidInput(
+                f"{self._where}: priority {priority} is not a level of this model "
+                f"(0, the highest, to {len(limits) - 1})"
             )
-        item = _Item(value, deadline)
-        self._queue.append(item)
-        self._queued += 1
+        if queue.counts[level] >= limits[level]:
+            if self._closed:
+                raise Unavailable(
+                    f"{self._where}: the model stopped before this request was queued"
+                )
+            raise Overloaded(
+                f"{self._where}: the queue is full ({limits[level]} requests waiting"
+                + (f" at priority {level}" if len(limits) > 1 else "")
+                + "); try again later"
+            )
+        if cost != 1 and not (type(cost) is int and 1 <= cost <= self._max_cost):
+            raise InvalidInput(
+                f"{self._where}: the request's cost is {cost!r}; it must be a whole number "
+                f"from 1 to max_batch_size ({self._max_cost})"
+            )
+        if now is None:
+            now = self._clock()
+        if deadline is not None and deadline <= now:
+            self.stats.deadline_misses += 1
+            raise DeadlineExceeded(
+                f"{self._where}: the request's deadline passed before it was queued"
+            )
+        seq = self._seq = self._seq + 1
+        item = Item(value, self._new_waiter(), now, seq, deadline, level, cost, key, length)
+        if key is None and level == 0:  # the common lane (RequestQueue.put, inline)
+            lane = queue.first
+            lane_tail = lane[-1] if lane else None
+            lane.append(item)
+            queue.counts[0] += 1
+            queue.count += 1
+        else:
+            lane_tail = queue.put(item)
+        if deadline is not None:
+            if deadline < self._watch_until:
+                self._rewatch.set()
+            if lane_tail is not None and (lane_tail.deadline or _INF) > deadline:
+                # Earlier than an item ahead of it in its lane: the watcher,
+                # which looks at lane fronts only, must track it apart.
+                heapq.heappush(self._deadlines, (deadline, seq, item))
+                if len(self._deadlines) > 2 * (queue.count + self._running) + 512:
+                    self._compact_deadlines()
         if self._idle:
-            self._wake()
-        try:
-            await item.done.wait()
-        except BaseException:
-            if item.state == _QUEUED:
-                # The caller went away (cancelled, timed out): never compute it.
-                item.state = _DONE
-                self._queued -= 1
-            raise
-        if isinstance(item.outcome, BaseException):
-            raise item.outcome
-        return item.outcome
+            self._idle.pop().set_result(None)
+        if self._delaying:
+            self._wake_delaying()
+        return item
+
+    def abandon(self, item: Item) -> None:
+        """The caller went away (cancelled): a queued item is never computed."""
+        if item.state == QUEUED:
+            self.queue.forget(item)
+        item.state = DONE
 
     def close(self) -> None:
         """Take no more work: workers return once the queue is empty."""
         self._closed = True
-        self._wake()
+        self._limits = (0,) * len(self._limits)
+        for waiter in self._idle + self._delaying:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle.clear()
+        self._delaying.clear()
 
     def fail_queued(self, message: str) -> None:
         """Answer every queued item with :class:`Unavailable`."""
-        while self._queue:
-            item = self._queue.popleft()
-            if item.state == _QUEUED:
-                self._queued -= 1
-                item.settle(Unavailable(f"{self._where}: {message}"))
+        for item in self.queue.drain():
+            item.settle(Unavailable(f"{self._where}: {message}"))
+
+    # -- deadlines ------------------------------------------------------------
+
+    def _compact_deadlines(self) -> None:
+        """Drop settled items from the heap of out-of-order deadlines."""
+        self._deadlines = [entry for entry in self._deadlines if entry[2].state != DONE]
+        heapq.heapify(self._deadlines)
+
+    async def watch_deadlines(self) -> None:
+        """Answer each item whose deadline passes, wherever it is; runs until cancelled.
+
+        Nothing per item is kept for this: within a lane, deadlines arrive in
+        order (now + the model's timeout), so only lane fronts, the items of
+        running batches, and the few out-of-order items on a heap are looked at.
+        """
+        while True:
+            now = self._clock()
+            wake = self._expire_queued(now)
+            heap = self._deadlines
+            while heap and (heap[0][2].state == DONE or heap[0][0] <= now):
+                self._expire(heapq.heappop(heap)[2])
+            if heap:
+                wake = min(wake, heap[0][0])
+            for batch in self._running_batches.values():
+                for item in batch:
+                    deadline = item.deadline
+                    if deadline is None or item.state != RUNNING:
+                        continue
+                    if deadline <= now:
+                        self._expire(item)
+                    else:
+                        wake = min(wake, deadline)
+            self._watch_until = wake
+            self._rewatch = anyio.Event()
+            with anyio.move_on_at(wake):
+                await self._rewatch.wait()
+
+    def _expire_queued(self, now: float) -> float:
+        """Expire queued items whose deadline passed; the next deadline of a lane front."""
+        wake = math.inf
+        for lane in self.queue.lanes():
+            while lane:
+                item = lane[0]
+                if item.state != QUEUED:
+                    lane.popleft()
+                    continue
+                deadline = item.deadline
+                if deadline is None:
+                    break
+                if deadline > now:
+                    wake = min(wake, deadline)
+                    break
+                lane.popleft()
+                self._expire(item)
+        return wake
+
+    def _expire(self, item: Item) -> None:
+        if item.state == QUEUED:
+            self.queue.forget(item)
+            message = (
+                "the request's deadline passed while it waited in the queue; it was not computed"
+            )
+        elif item.state == RUNNING:
+            message = "the request's deadline passed while its batch was computed"
+        else:
+            return
+        self.stats.deadline_misses += 1
+        item.settle(DeadlineExceeded(f"{self._where}: {message}"))
+
+    # -- workers --------------------------------------------------------------
 
     async def serve(self, worker: W) -> None:
         """Feed batches to ``worker`` until closed and empty."""
-        limit = self.config.max_batch_size
+        backlog = False
         while True:
-            batch = await self._take(limit)
-            if not batch:
+            batch = await self._next_batch(backlog)
+            if batch is None:
                 return
+            self._busy += 1
+            self._running += len(batch)
+            self._running_batches[id(batch)] = batch
             try:
-                outcomes = await self._run_batch(worker, [item.value for item in batch])
-                for item, outcome in zip(batch, outcomes, strict=True):
-                    item.settle(outcome)
+                await self._run(worker, batch)
             finally:
-                # Reached with items unsettled only on cancellation or a bug
-                # in run_batch: still, nobody is left waiting.
-                for item in batch:
-                    item.settle(Unavailable(f"{self._where}: stopped while computing this request"))
+                self._busy -= 1
+                self._running -= len(batch)
+                del self._running_batches[id(batch)]
+            backlog = self.queue.count > 0
 
-    async def _take(self, limit: int) -> list[_Item]:
-        """Wait for work; the next batch, or ``[]`` when closed and empty."""
+    async def _next_batch(self, backlog: bool) -> list[Item] | None:
+        """Wait for work and form the next batch; ``None`` when closed and empty."""
+        queue = self.queue
         while True:
-            while not self._queued:
+            if not queue.count:
                 if self._closed:
-                    return []
-                self._idle += 1
+                    return None
+                backlog = False
+                waiter = self._new_waiter()
+                self._idle.append(waiter)
                 try:
-                    await self._wakeup.wait()
+                    await waiter
                 finally:
-                    self._idle -= 1
-            batch = self._pop(limit)
-            if batch:
-                return batch
-
-    def _pop(self, limit: int) -> list[_Item]:
-        now = anyio.current_time()
-        batch: list[_Item] = []
-        queue = self._queue
-        while queue and len(batch) < limit:
-            item = queue.popleft()
-            if item.state != _QUEUED:
+                    if waiter in self._idle:
+                        self._idle.remove(waiter)
                 continue
-            self._queued -= 1
-            if item.deadline is not None and item.deadline <= now:
+            lane = queue.next_lane()
+            if lane is None:  # pragma: no cover - counts and lanes disagree
+                continue
+            config = self.config
+            now = self._clock()
+            expired: list[Item] = []
+            batch, cost = queue.take(lane, config.max_batch_size, now, expired)
+            for item in expired:
+                self.stats.deadline_misses += 1
                 item.settle(
                     DeadlineExceeded(
-                        f"{self._where}: the request's deadline passed while it "
-                        "waited in the queue; it was not computed"
+                        f"{self._where}: the request's deadline passed while it waited "
+                        "in the queue; it was not computed"
                     )
                 )
+            if not batch:
                 continue
-            item.state = _RUNNING
-            batch.append(item)
+            if cost < config.max_batch_size and not self._closed:
+                until = self._grow_until(batch, cost, backlog, now)
+                if until is not None:
+                    queue.put_back(lane, batch)
+                    await self._wait_to_grow(until)
+                    backlog = True
+                    continue
+                batch = self._preferred_part(lane, batch, cost)
+            return batch
+
+    def _grow_until(self, batch: list[Item], cost: int, backlog: bool, now: float) -> float | None:
+        """When to stop waiting for this batch to grow; ``None`` to go now.
+
+        Like Triton's: a batch that can make a preferred size goes at once;
+        otherwise it may wait up to ``max_queue_delay`` from its oldest item.
+        Unlike Triton's, only while the model is busy (another instance is
+        computing, or requests queued up while this one was): a lone request
+        at an idle model never waits.
+        """
+        config = self.config
+        if not config.max_queue_delay or not (self._busy or backlog):
+            return None
+        if self._preferred and cost >= self._preferred[0]:
+            return None
+        until = batch[0].enqueued + config.max_queue_delay
+        deadlines = [item.deadline for item in batch if item.deadline is not None]
+        if deadlines:
+            # Leave the batch time to run before its tightest deadline.
+            until = min(until, min(deadlines) - self._typical_infer_seconds() - _MARGIN)
+        return until if until > now else None
+
+    def _typical_infer_seconds(self) -> float:
+        stats = self.stats
+        return stats.infer_seconds / stats.batches if stats.batches else 0.0
+
+    def _preferred_part(self, lane: deque[Item], batch: list[Item], cost: int) -> list[Item]:
+        """The longest front of ``batch`` that makes a preferred size, if one fits."""
+        fitting = [size for size in self._preferred if size <= cost]
+        if not fitting:
+            return batch
+        target, total = fitting[-1], 0
+        for index, item in enumerate(batch):
+            total += item.cost
+            if total > target:
+                self.queue.put_back(lane, batch[index:])
+                return batch[:index]
         return batch
 
-    def _wake(self) -> None:
-        self._wakeup.set()
-        self._wakeup = anyio.Event()
+    async def _wait_to_grow(self, until: float) -> None:
+        waiter = self._new_waiter()
+        self._delaying.append(waiter)
+        try:
+            with anyio.move_on_at(until):
+                await waiter
+        finally:
+            if waiter in self._delaying:
+                self._delaying.remove(waiter)
+
+    def _wake_delaying(self) -> None:
+        for waiter in self._delaying:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._delaying.clear()
+
+    async def _run(self, worker: W, batch: list[Item]) -> None:
+        """Compute ``batch`` on ``worker`` and settle every item in it."""
+        stats = self.stats
+        started = self._clock()
+        if batch[0].length is None:
+            padding = 0.0
+        else:
+            lengths = [item.length or 0 for item in batch]
+            padding = 1.0 - sum(lengths) / (len(lengths) * max(lengths))
+        info = BatchInfo(len(batch), sum(item.cost for item in batch), padding, started)
+        info.instance = worker.index
+        waits = [started - item.enqueued for item in batch]
+        stats.queue_wait_seconds += sum(waits)
+        stats.recent_waits.extend(waits)
+        try:
+            outcomes = await self._isolate(worker, [item.value for item in batch])
+        except BaseException:
+            # Cancelled (a stop that could not wait): nobody is left waiting.
+            for item in batch:
+                item.settle(Unavailable(f"{self._where}: stopped while computing this request"))
+            raise
+        finally:
+            info.infer_seconds = self._clock() - started
+            stats.batches += 1
+            stats.batched_items += info.size
+            stats.batched_cost += info.cost
+            stats.sizes[info.size] += 1
+            stats.infer_seconds += info.infer_seconds
+            stats.padding_sum += padding
+        for item, outcome in zip(batch, outcomes, strict=True):
+            item.batch = info
+            if item.state == RUNNING:  # not already answered (deadline, caller gone)
+                item.state = DONE
+                try:
+                    item.waiter.set_result(outcome)
+                except Exception:
+                    pass
+
+    async def _isolate(self, worker: W, values: list[Any]) -> list[Any]:
+        """Compute ``values``; if the batch raises, find the items at fault by halves."""
+        try:
+            return await worker.compute(values)
+        except Exception as exc:
+            if len(values) == 1 or not self.config.isolate_failures:
+                return worker.failure(exc, len(values))
+            self.stats.isolation_splits += 1
+            logger.warning(
+                "%s: a batch of %d failed (%s: %s); retrying its halves to find the items at fault",
+                self._where,
+                len(values),
+                type(exc).__name__,
+                exc,
+            )
+            middle = len(values) // 2
+            return await self._isolate(worker, values[:middle]) + await self._isolate(
+                worker, values[middle:]
+            )

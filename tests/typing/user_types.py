@@ -31,6 +31,10 @@ async def typed_calls() -> None:
     assert_type(model, mds.ModelRuntime[list[float], Label])
     assert_type(await model.infer([1.0, 2.0]), Label)
     assert_type(model.infer_sync([1.0]), Label)
+    traced = await model.infer([1.0], trace=True)
+    assert_type(traced, mds.Traced[Label])
+    assert_type(traced.value, Label)
+    assert_type(traced.trace.queue_wait, float)
 
     runtime = mds.Runtime()
     other = runtime.add_model("async", AsyncClassifier, mds.ModelConfig(instances=2))
@@ -47,4 +51,4 @@ async def typed_calls() -> None:
 
 def wrong_request_type_is_caught() -> None:
     model = mds.ModelRuntime(Classifier)
-    model.infer_sync("not a list")  # type: ignore[arg-type]
+    model.infer_sync("not a list")  # type: ignore[call-overload]

@@ -1,0 +1,188 @@
+"""Queued items, grouped by priority level and (optionally) length bucket.
+
+Items leave the queue in three ways: a batch takes them (``RUNNING``), their
+caller goes away, or their deadline passes (both ``DONE`` while still in a
+deque). Deques are cleaned lazily: a ``DONE`` item is dropped when it
+reaches the front.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+from .fast import Waiter
+
+__all__ = ["DONE", "QUEUED", "RUNNING", "BatchInfo", "Item", "RequestQueue"]
+
+QUEUED, RUNNING, DONE = 0, 1, 2
+
+
+class BatchInfo:
+    """What one ``infer`` call was; shared by the items it computed."""
+
+    __slots__ = ("cost", "infer_seconds", "instance", "padding", "size", "started")
+
+    def __init__(self, size: int, cost: int, padding: float, started: float) -> None:
+        self.size = size
+        self.cost = cost
+        self.padding = padding
+        self.started = started
+        self.infer_seconds = 0.0
+        self.instance = -1
+
+
+class Item:
+    """One request between ``preprocess`` and its output.
+
+    Its answer is its waiter's result: the output, or an exception instance.
+    """
+
+    __slots__ = (
+        "batch",
+        "cost",
+        "deadline",
+        "enqueued",
+        "key",
+        "length",
+        "priority",
+        "seq",
+        "state",
+        "value",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        value: Any,
+        waiter: Waiter,
+        enqueued: float,
+        seq: int,
+        deadline: float | None = None,
+        priority: int = 0,
+        cost: int = 1,
+        key: Hashable = None,
+        length: int | None = None,
+    ) -> None:
+        self.value = value
+        self.waiter = waiter
+        self.enqueued = enqueued
+        self.seq = seq
+        self.deadline = deadline
+        self.priority = priority
+        self.cost = cost
+        self.key = key
+        self.length = length
+        self.state = QUEUED
+        self.batch: BatchInfo | None = None
+
+    def settle(self, outcome: Any) -> bool:
+        """Give the item its answer (the waiter's result); ``False`` if it had one."""
+        if self.state == DONE:
+            return False
+        self.state = DONE
+        if not self.waiter.done():
+            self.waiter.set_result(outcome)
+        return True
+
+
+class RequestQueue:
+    """Per priority level, per bucket key: FIFO deques of items."""
+
+    def __init__(self, levels: int) -> None:
+        self._levels: list[dict[Hashable, deque[Item]]] = [{} for _ in range(levels)]
+        self.first: deque[Item] = deque()
+        self._levels[0][None] = self.first
+        self.counts = [0] * levels  # waiting (QUEUED) items per level
+        self.count = 0
+
+    def put(self, item: Item) -> Item | None:
+        """Queue ``item``; the item that was last in its lane, if any."""
+        level, key = item.priority, item.key
+        if key is None and level == 0:
+            lane = self.first  # the common lane, without a dict lookup
+        else:
+            lanes = self._levels[level]
+            found = lanes.get(key)
+            lane = lanes[key] = deque() if found is None else found
+        tail = lane[-1] if lane else None
+        lane.append(item)
+        self.counts[level] += 1
+        self.count += 1
+        return tail
+
+    def lanes(self) -> list[deque[Item]]:
+        """Every lane, of every level."""
+        return [lane for lanes in self._levels for lane in lanes.values()]
+
+    def forget(self, item: Item) -> None:
+        """Account for a queued item that left without a batch (still in its deque)."""
+        self.counts[item.priority] -= 1
+        self.count -= 1
+
+    def next_lane(self) -> deque[Item] | None:
+        """The lane a batch comes from: the highest level, then the oldest head."""
+        for level, lanes in enumerate(self._levels):
+            if not self.counts[level]:
+                continue
+            best: deque[Item] | None = None
+            for lane in lanes.values():
+                while lane and lane[0].state != QUEUED:
+                    lane.popleft()
+                if lane and (best is None or lane[0].seq < best[0].seq):
+                    best = lane
+            if best is not None:
+                return best
+        return None
+
+    def take(
+        self, lane: deque[Item], max_cost: int, now: float, expired: list[Item]
+    ) -> tuple[list[Item], int]:
+        """Pop queued items from the front of ``lane`` while their cost fits.
+
+        Items whose deadline has passed are moved to ``expired`` instead:
+        they are never computed. Returns the items and their total cost.
+        """
+        batch: list[Item] = []
+        cost = removed = level = 0
+        while lane:
+            item = lane[0]
+            if item.state != QUEUED:
+                lane.popleft()
+                continue
+            level = item.priority  # the same for the whole lane
+            deadline = item.deadline
+            if deadline is not None and deadline <= now:
+                expired.append(item)
+            elif cost + item.cost > max_cost:
+                break
+            else:
+                cost += item.cost
+                batch.append(item)
+                item.state = RUNNING
+            lane.popleft()
+            removed += 1
+        if removed:
+            self.counts[level] -= removed
+            self.count -= removed
+        return batch, cost
+
+    def put_back(self, lane: deque[Item], items: list[Item]) -> None:
+        """Return items taken from the front of ``lane``, in their order."""
+        for item in reversed(items):
+            item.state = QUEUED
+            lane.appendleft(item)
+            self.counts[item.priority] += 1
+            self.count += 1
+
+    def drain(self) -> list[Item]:
+        """Remove and return every queued item."""
+        left: list[Item] = []
+        for lanes in self._levels:
+            for lane in lanes.values():
+                left.extend(item for item in lane if item.state == QUEUED)
+                lane.clear()  # cleared in place: _first stays the level-0 lane
+        self.counts = [0] * len(self._levels)
+        self.count = 0
+        return left

@@ -1,0 +1,98 @@
+"""The per-request steps around the batcher: preprocess, item hooks, postprocess.
+
+They come from the first instance's handler and run in the caller's task.
+Steps the handler does not override are skipped outright (no call, no thread
+hop), which keeps a handler that only implements ``infer`` at the cost of
+the batcher alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+import anyio
+
+from ._batching.fast import Threads
+from ._calls import off_loop
+from ._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError
+from ._handler import ModelHandler
+from ._instance import overrides
+
+__all__ = ["Steps"]
+
+logger = logging.getLogger(__name__)
+
+
+class Steps:
+    """One model's per-request steps, with the errors they turn into."""
+
+    def __init__(self, handler: ModelHandler[Any, Any], where: str, threads: Threads) -> None:
+        self._where = where
+        #: The handler's own steps, or ``None`` where it keeps the default
+        #: (identity): the caller skips those without a call.
+        self.pre: Callable[[Any], Awaitable[Any]] | None = (
+            off_loop(handler.preprocess, threads) if overrides(handler, "preprocess") else None
+        )
+        self.post: Callable[[Any], Awaitable[Any]] | None = (
+            off_loop(handler.postprocess, threads) if overrides(handler, "postprocess") else None
+        )
+        collator = handler.collator
+        self._cost = handler.cost if overrides(handler, "cost") else None
+        self._bucket = (
+            handler.bucket if overrides(handler, "bucket") or hasattr(collator, "bucket") else None
+        )
+        self._length: Callable[[Any], int] | None = getattr(collator, "length", None)
+        #: Whether ``describe`` has anything to compute.
+        self.describes = any(f is not None for f in (self._cost, self._bucket, self._length))
+
+    async def preprocess(self, request: Any, deadline: float | None) -> Any:
+        """The model input for ``request``; :class:`InvalidInput` if it is rejected."""
+        if self.pre is None:
+            return request
+        try:
+            if deadline is None:
+                return await self.pre(request)
+            with anyio.move_on_at(deadline):
+                return await self.pre(request)
+            raise DeadlineExceeded(f"{self._where}: the request's deadline passed in preprocess")
+        except MdsError:
+            raise
+        except Exception as exc:
+            logger.debug("%s: preprocess rejected a request", self._where, exc_info=True)
+            raise InvalidInput(
+                f"{self._where}: preprocess rejected the request: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def describe(self, item: Any) -> tuple[int, Hashable, int | None]:
+        """The item's cost, bucket and length, for the batcher (which checks the cost)."""
+        try:
+            return (
+                self._cost(item) if self._cost is not None else 1,
+                self._bucket(item) if self._bucket is not None else None,
+                self._length(item) if self._length is not None else None,
+            )
+        except Exception as exc:
+            raise InvalidInput(
+                f"{self._where}: could not size the request for batching: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def postprocess(self, output: Any, deadline: float | None) -> Any:
+        """The response for ``output``; :class:`InferenceError` if postprocess fails."""
+        if self.post is None:
+            return output
+        try:
+            if deadline is None:
+                return await self.post(output)
+            with anyio.move_on_at(deadline):
+                return await self.post(output)
+            raise DeadlineExceeded(f"{self._where}: the request's deadline passed in postprocess")
+        except MdsError:
+            raise
+        except Exception as exc:
+            logger.exception("%s: postprocess failed", self._where)
+            raise InferenceError(
+                f"{self._where}: postprocess failed: {type(exc).__name__}: {exc}"
+            ) from exc

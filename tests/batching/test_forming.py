@@ -1,0 +1,295 @@
+"""How the batcher forms batches: delay, preferred sizes, cost, priorities, buckets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+import mds
+
+
+def model_of(handler: Any, **batching: Any) -> mds.ModelRuntime[Any, Any]:
+    config: dict[str, Any] = {}
+    for key in ("instances", "timeout"):
+        if key in batching:
+            config[key] = batching.pop(key)
+    return mds.ModelRuntime(
+        handler, mds.ModelConfig(batching=mds.BatchingConfig(**batching), **config)
+    )
+
+
+async def test_an_idle_model_takes_a_lone_request_at_once(recorder: Any) -> None:
+    async with model_of(recorder, max_batch_size=8, max_queue_delay=5.0) as model:
+        began = anyio.current_time()
+        assert await model.infer(1) == 1
+        assert anyio.current_time() - began < 1.0  # the 5 s delay was not waited
+    assert recorder.sizes == [1]
+
+
+async def test_under_load_batches_grow_up_to_the_limit(recorder: Any) -> None:
+    async with model_of(recorder, max_batch_size=4) as model, anyio.create_task_group() as tasks:
+        recorder.hold()
+        tasks.start_soon(model.infer, 0)
+        await recorder.started.wait()
+        for i in range(1, 10):
+            tasks.start_soon(model.infer, i)
+        await anyio.wait_all_tasks_blocked()
+        recorder.release()
+    assert recorder.sizes == [1, 4, 4, 1]
+    assert sorted(x for batch in recorder.batches for x in batch) == list(range(10))
+
+
+async def test_while_busy_a_batch_waits_up_to_the_delay_to_grow(recorder: Any) -> None:
+    model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0)
+    async with model, anyio.create_task_group() as tasks:
+        recorder.hold()
+        tasks.start_soon(model.infer, 0)
+        await recorder.started.wait()
+        tasks.start_soon(model.infer, 1)  # queued while busy: a backlog
+        await anyio.wait_all_tasks_blocked()
+        recorder.release()  # batch [0] ends; [1] waits for company, up to 1 s
+        began = anyio.current_time()
+        await anyio.wait_all_tasks_blocked()
+        assert recorder.sizes == [1]
+        for i in range(2, 5):
+            tasks.start_soon(model.infer, i)  # the batch fills up: it goes at once
+    assert recorder.sizes == [1, 4]
+    assert anyio.current_time() - began < 1.0
+
+
+async def test_a_waiting_batch_goes_when_the_delay_ends(recorder: Any) -> None:
+    async with model_of(recorder, max_batch_size=4, max_queue_delay=0.05) as model:
+        async with anyio.create_task_group() as tasks:
+            recorder.hold()
+            tasks.start_soon(model.infer, 0)
+            await recorder.started.wait()
+            tasks.start_soon(model.infer, 1)
+            await anyio.wait_all_tasks_blocked()
+            recorder.release()
+            began = anyio.current_time()
+        waited = anyio.current_time() - began
+    assert recorder.sizes == [1, 1]
+    assert waited >= 0.04
+
+
+async def test_a_growing_batch_never_waits_past_its_tightest_deadline(recorder: Any) -> None:
+    async with model_of(recorder, max_batch_size=4, max_queue_delay=10.0) as model:
+        async with anyio.create_task_group() as tasks:
+            recorder.hold()
+            tasks.start_soon(model.infer, 0)
+            await recorder.started.wait()
+            result: list[int] = []
+
+            async def tight() -> None:
+                result.append(await model.infer(1, timeout=0.2))
+
+            tasks.start_soon(tight)
+            await anyio.wait_all_tasks_blocked()
+            recorder.release()
+            began = anyio.current_time()
+        assert result == [1]  # computed in time, not DeadlineExceeded
+        assert anyio.current_time() - began < 0.2
+
+
+async def test_the_largest_preferred_size_that_fits_goes_first(recorder: Any) -> None:
+    model = model_of(recorder, max_batch_size=16, preferred_batch_sizes=(4, 8))
+    async with model, anyio.create_task_group() as tasks:
+        recorder.hold()
+        tasks.start_soon(model.infer, 0)
+        await recorder.started.wait()
+        for i in range(1, 12):
+            tasks.start_soon(model.infer, i)
+        await anyio.wait_all_tasks_blocked()
+        recorder.release()
+    assert recorder.sizes == [1, 8, 3]
+
+
+class Tokens(mds.ModelHandler[list[int], int]):
+    """Items cost their length; records the cost of each batch."""
+
+    def __init__(self) -> None:
+        self.costs: list[int] = []
+        self.gate = anyio.Event()
+
+    def cost(self, item: list[int]) -> int:
+        if item == [13]:
+            raise ValueError("unlucky")
+        return len(item)
+
+    async def infer(self, batch: Sequence[list[int]]) -> list[int]:
+        self.costs.append(sum(len(item) for item in batch))
+        await self.gate.wait()
+        return [sum(item) for item in batch]
+
+
+async def test_batch_size_counts_cost_not_requests() -> None:
+    handler = Tokens()
+    async with model_of(handler, max_batch_size=10) as model:
+        async with anyio.create_task_group() as tasks:
+            for n in [3, 4, 5, 2, 6, 1, 9]:
+                tasks.start_soon(model.infer, list(range(n)))
+            await anyio.wait_all_tasks_blocked()
+            handler.gate.set()
+        assert all(cost <= 10 for cost in handler.costs)
+        assert sum(handler.costs) == 30
+        with pytest.raises(mds.InvalidInput, match="cost is 11; it must be a whole number"):
+            await model.infer(list(range(11)))
+        with pytest.raises(mds.InvalidInput, match=r"could not size the request.*unlucky"):
+            await model.infer([13])
+        assert await model.infer([2, 3]) == 5  # and the batcher serves on
+        stats = model.statistics()
+    assert stats.batched_cost == 32 and stats.errors == {"InvalidInput": 2}
+
+
+async def test_higher_priorities_go_first_and_each_level_has_its_own_limit(
+    recorder: Any,
+) -> None:
+    model = model_of(recorder, max_batch_size=2, priority_levels=2, priority_queue_sizes=(4, 2))
+    async with model, anyio.create_task_group() as tasks:
+        recorder.hold()
+        tasks.start_soon(model.infer, "first")
+        await recorder.started.wait()
+        for name in ["low-a", "low-b"]:
+            tasks.start_soon(lambda n=name: model.infer(n, priority=1))
+        await anyio.wait_all_tasks_blocked()
+        for name in ["high-a", "high-b"]:
+            tasks.start_soon(lambda n=name: model.infer(n, priority=0))
+        await anyio.wait_all_tasks_blocked()
+        assert model.statistics().queued_by_priority == (2, 2)
+        with pytest.raises(mds.Overloaded, match=r"2 requests waiting at priority 1"):
+            await model.infer("low-c", priority=1)
+        with pytest.raises(mds.InvalidInput, match="priority 2 is not a level"):
+            await model.infer("x", priority=2)
+        recorder.release()
+    assert [sorted(batch) for batch in recorder.batches] == [
+        ["first"],
+        ["high-a", "high-b"],
+        ["low-a", "low-b"],
+    ]
+
+
+async def test_settings_change_while_the_model_runs(recorder: Any) -> None:
+    async with model_of(recorder, max_batch_size=2) as model:
+        async with anyio.create_task_group() as tasks:
+            recorder.hold()
+            tasks.start_soon(model.infer, 0)
+            await recorder.started.wait()
+            for i in range(1, 7):
+                tasks.start_soon(model.infer, i)
+            await anyio.wait_all_tasks_blocked()
+            model.set_batching(mds.BatchingConfig(max_batch_size=8))
+            recorder.release()
+        assert recorder.sizes == [1, 6]
+        assert model.config.batching.max_batch_size == 8
+        with pytest.raises(mds.ConfigError, match="priority_levels cannot change"):
+            model.set_batching(mds.BatchingConfig(max_batch_size=8, priority_levels=3))
+        assert model.config.batching.priority_levels == 1
+    warm = mds.ModelRuntime(
+        recorder,
+        mds.ModelConfig(warmup_batch_sizes=(1, 4), batching=mds.BatchingConfig(max_batch_size=4)),
+    )
+    with pytest.raises(mds.ConfigError, match="warmup_batch_sizes: 4 is larger"):
+        warm.set_batching(mds.BatchingConfig(max_batch_size=2))
+
+
+class Lengths(mds.ModelHandler[list[int], int]):
+    """Pads token lists, bucketed by length; records each batch's lengths."""
+
+    collator = mds.Pad(buckets=(4, 8))
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+        self.gate = anyio.Event()
+
+    async def infer(self, batch: mds.Padded) -> np.ndarray:
+        self.seen.append(list(batch.lengths))
+        await self.gate.wait()
+        return np.asarray(batch.values).sum(axis=1)
+
+
+async def test_buckets_keep_short_and_long_inputs_apart() -> None:
+    handler = Lengths()
+    lengths = [1, 9, 3, 6, 2, 12, 4, 8, 5]
+    results: dict[int, int] = {}
+    async with model_of(handler, max_batch_size=16) as model:
+
+        async def call(n: int) -> None:
+            results[n] = await model.infer(list(range(n)))
+
+        async with anyio.create_task_group() as tasks:
+            for n in lengths:
+                tasks.start_soon(call, n)
+            await anyio.wait_all_tasks_blocked()
+            handler.gate.set()
+        stats = model.statistics()
+    assert results == {n: sum(range(n)) for n in lengths}
+    buckets = [{0 if n <= 4 else 1 if n <= 8 else 2 for n in seen} for seen in handler.seen]
+    assert all(len(b) == 1 for b in buckets), handler.seen
+    assert 0 < stats.padding_ratio < 1
+
+
+async def test_statistics_and_a_trace_describe_the_batches(recorder: Any) -> None:
+    async with model_of(recorder, max_batch_size=4, timeout=0.5) as model:
+        async with anyio.create_task_group() as tasks:
+            recorder.hold()
+            tasks.start_soon(model.infer, 0)
+            await recorder.started.wait()
+            traced: list[mds.Traced[Any]] = []
+
+            async def call(i: int) -> None:
+                traced.append(await model.infer(i, trace=True))
+
+            for i in range(1, 4):
+                tasks.start_soon(call, i)
+            await anyio.wait_all_tasks_blocked()
+            with anyio.move_on_after(0.1):
+                await anyio.sleep(1)
+            recorder.release()
+        stats = model.statistics()
+    assert stats.batch_sizes == {1: 1, 3: 1}
+    assert stats.queue_wait_p99 >= 0.1 and stats.mean_queue_wait > 0
+    assert stats.queued == 0 and stats.deadline_misses == 0
+    for result in traced:
+        assert result.value in (1, 2, 3)
+        trace = result.trace
+        assert (trace.model, trace.instance, trace.batch_size, trace.batch_cost) == (
+            "Recorder",
+            0,
+            3,
+            3,
+        )
+        assert trace.queue_wait >= 0.1
+        assert trace.total_seconds >= trace.queue_wait + trace.infer_seconds
+        assert trace.padding_ratio == 0.0
+
+
+async def test_several_instances_run_several_batches_at_once() -> None:
+    gate = anyio.Event()
+    running: list[int] = []
+    most = 0
+
+    class Slow(mds.ModelHandler[int, int]):
+        def init(self, context: mds.ModelContext) -> None:
+            self.index = context.instance
+
+        async def infer(self, batch: Sequence[int]) -> list[int]:
+            nonlocal most
+            running.append(self.index)
+            most = max(most, len(running))
+            await gate.wait()
+            running.remove(self.index)
+            return list(batch)
+
+    config = mds.ModelConfig(instances=3, batching=mds.BatchingConfig(max_batch_size=2))
+    async with mds.ModelRuntime(Slow, config) as model, anyio.create_task_group() as tasks:
+        for i in range(12):
+            tasks.start_soon(model.infer, i)
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(running) == [0, 1, 2]
+        assert model.statistics().queued == 6  # 3 batches of 2 running, the rest waits
+        gate.set()
+    assert most == 3

@@ -260,11 +260,13 @@ class Batcher(Generic[W]):
     def _expire_queued(self, now: float) -> float:
         """Expire queued items whose deadline passed; the next deadline of a lane front."""
         wake = math.inf
-        for lane in self.queue.lanes():
+        queue = self.queue
+        for lane in queue.lanes():
             while lane:
                 item = lane[0]
                 if item.state != QUEUED:
                     lane.popleft()
+                    queue.stale -= 1
                     continue
                 deadline = item.deadline
                 if deadline is None:
@@ -272,8 +274,7 @@ class Batcher(Generic[W]):
                 if deadline > now:
                     wake = min(wake, deadline)
                     break
-                lane.popleft()
-                self._expire(item)
+                self._expire(item)  # now DONE: popped on the next turn
         return wake
 
     def _expire(self, item: Item) -> None:
@@ -326,20 +327,16 @@ class Batcher(Generic[W]):
                         self._idle.remove(waiter)
                 continue
             lane = queue.next_lane()
-            if lane is None:  # pragma: no cover - counts and lanes disagree
+            if lane is None:  # pragma: no cover - a miscount; never loop on it
+                logger.error("%s: queue counts disagreed with its lanes; recounted", self._where)
+                queue.recount()
                 continue
             config = self.config
             now = self._clock()
-            expired: list[Item] = []
-            batch, cost = queue.take(lane, config.max_batch_size, now, expired)
-            for item in expired:
-                self.stats.deadline_misses += 1
-                item.settle(
-                    DeadlineExceeded(
-                        f"{self._where}: the request's deadline passed while it waited "
-                        "in the queue; it was not computed"
-                    )
-                )
+            dropped: list[Item] = []
+            batch, cost = queue.take(lane, config.max_batch_size, now, dropped)
+            for item in dropped:
+                self._drop(item, now, config.max_batch_size)
             if not batch:
                 continue
             if cost < config.max_batch_size and not self._closed:
@@ -351,6 +348,24 @@ class Batcher(Generic[W]):
                     continue
                 batch = self._preferred_part(lane, batch, cost)
             return batch
+
+    def _drop(self, item: Item, now: float, max_cost: int) -> None:
+        """Answer an item that can never run: expired, or too costly for the limit."""
+        if item.deadline is not None and item.deadline <= now:
+            self.stats.deadline_misses += 1
+            item.settle(
+                DeadlineExceeded(
+                    f"{self._where}: the request's deadline passed while it waited "
+                    "in the queue; it was not computed"
+                )
+            )
+        else:
+            item.settle(
+                InvalidInput(
+                    f"{self._where}: the request's cost {item.cost} is more than "
+                    f"max_batch_size ({max_cost}), lowered after it was queued"
+                )
+            )
 
     def _grow_until(self, batch: list[Item], cost: int, backlog: bool, now: float) -> float | None:
         """When to stop waiting for this batch to grow; ``None`` to go now.

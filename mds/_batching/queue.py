@@ -96,6 +96,7 @@ class RequestQueue:
         self._levels[0][None] = self.first
         self.counts = [0] * levels  # waiting (QUEUED) items per level
         self.count = 0
+        self.stale = 0  # items still in a lane that left it (cancelled, expired)
 
     def put(self, item: Item) -> Item | None:
         """Queue ``item``; the item that was last in its lane, if any."""
@@ -117,9 +118,28 @@ class RequestQueue:
         return [lane for lanes in self._levels for lane in lanes.values()]
 
     def forget(self, item: Item) -> None:
-        """Account for a queued item that left without a batch (still in its deque)."""
+        """Account for a queued item that left without a batch (still in its deque).
+
+        Such items are dropped when they reach the front of their lane; if
+        many pile up behind a stalled model, the lanes are rebuilt without them.
+        """
         self.counts[item.priority] -= 1
         self.count -= 1
+        self.stale += 1
+        if self.stale > self.count + 256:
+            for lane in self.lanes():
+                live = [entry for entry in lane if entry.state == QUEUED]
+                lane.clear()
+                lane.extend(live)
+            self.stale = 0
+
+    def recount(self) -> None:
+        """Count the queued items again, from the lanes."""
+        self.counts = [
+            sum(entry.state == QUEUED for lane in lanes.values() for entry in lane)
+            for lanes in self._levels
+        ]
+        self.count = sum(self.counts)
 
     def next_lane(self) -> deque[Item] | None:
         """The lane a batch comes from: the highest level, then the oldest head."""
@@ -130,6 +150,7 @@ class RequestQueue:
             for lane in lanes.values():
                 while lane and lane[0].state != QUEUED:
                     lane.popleft()
+                    self.stale -= 1
                 if lane and (best is None or lane[0].seq < best[0].seq):
                     best = lane
             if best is not None:
@@ -137,12 +158,13 @@ class RequestQueue:
         return None
 
     def take(
-        self, lane: deque[Item], max_cost: int, now: float, expired: list[Item]
+        self, lane: deque[Item], max_cost: int, now: float, dropped: list[Item]
     ) -> tuple[list[Item], int]:
         """Pop queued items from the front of ``lane`` while their cost fits.
 
-        Items whose deadline has passed are moved to ``expired`` instead:
-        they are never computed. Returns the items and their total cost.
+        Items that can never run go to ``dropped`` instead: those whose
+        deadline has passed, and one that alone costs more than ``max_cost``
+        (lowered since it was queued). Returns the items and their total cost.
         """
         batch: list[Item] = []
         cost = removed = level = 0
@@ -150,13 +172,16 @@ class RequestQueue:
             item = lane[0]
             if item.state != QUEUED:
                 lane.popleft()
+                self.stale -= 1
                 continue
             level = item.priority  # the same for the whole lane
             deadline = item.deadline
             if deadline is not None and deadline <= now:
-                expired.append(item)
+                dropped.append(item)
             elif cost + item.cost > max_cost:
-                break
+                if batch:
+                    break
+                dropped.append(item)
             else:
                 cost += item.cost
                 batch.append(item)
@@ -184,5 +209,5 @@ class RequestQueue:
                 left.extend(item for item in lane if item.state == QUEUED)
                 lane.clear()  # cleared in place: _first stays the level-0 lane
         self.counts = [0] * len(self._levels)
-        self.count = 0
+        self.count = self.stale = 0
         return left

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -110,3 +110,30 @@ class Recorder(mds.ModelHandler[Any, Any]):
 def recorder() -> Recorder:
     """A ``Recorder`` handler object."""
     return Recorder()
+
+
+async def answers_to(
+    call: Callable[[], Awaitable[Any]], *, give_up: float | None = None
+) -> list[Any]:
+    """Every answer one caller got: its result, its mds error, or "gave up".
+
+    ``give_up``: seconds after which the caller itself stops waiting (0 gives
+    up at the first chance).
+    """
+    answers: list[Any] = []
+    with anyio.CancelScope() as scope:
+        if give_up is not None:
+            scope.deadline = anyio.current_time() + give_up
+        try:
+            answers.append(await call())
+        except mds.MdsError as exc:
+            answers.append(exc)
+    if scope.cancelled_caught:
+        answers.append("gave up")
+    return answers
+
+
+@pytest.fixture(scope="session")
+def answers() -> Callable[..., Awaitable[list[Any]]]:
+    """``await answers(lambda: model.infer(x), give_up=0.1)``: see ``answers_to``."""
+    return answers_to

@@ -292,7 +292,7 @@ async def test_a_drain_that_times_out_still_answers_everyone() -> None:
     instances=st.integers(1, 3),
 )
 async def test_every_caller_gets_exactly_its_own_answer(
-    plan: list[tuple[str | None, bool]], max_batch_size: int, instances: int
+    plan: list[tuple[str | None, bool]], max_batch_size: int, instances: int, answers: Any
 ) -> None:
     runtime = mds.Runtime()
     runtime.add_model(
@@ -302,18 +302,12 @@ async def test_every_caller_gets_exactly_its_own_answer(
             instances=instances, batching=mds.BatchingConfig(max_batch_size=max_batch_size)
         ),
     )
-    answers: dict[int, list[Any]] = {i: [] for i in range(len(plan))}
+    outcomes: dict[int, list[Any]] = {}
 
     async def call(i: int, fail: str | None, give_up: bool) -> None:
-        with anyio.CancelScope() as scope:
-            if give_up:
-                scope.cancel()
-            try:
-                answers[i].append(await runtime.serve("picky", {"x": i, "fail": fail}))
-            except mds.MdsError as exc:
-                answers[i].append(exc)
-        if scope.cancelled_caught:
-            answers[i].append("gave up")
+        outcomes[i] = await answers(
+            lambda: runtime.serve("picky", {"x": i, "fail": fail}), give_up=0 if give_up else None
+        )
 
     async with runtime:
         async with anyio.create_task_group() as tasks:
@@ -321,7 +315,7 @@ async def test_every_caller_gets_exactly_its_own_answer(
                 tasks.start_soon(call, i, fail, give_up)
         assert runtime.statistics()["picky"].in_flight == 0
     for i, (fail, give_up) in enumerate(plan):
-        [answer] = answers[i]
+        [answer] = outcomes[i]
         if give_up and answer == "gave up":
             continue  # a caller that gave up may still get its answer if it came first
         if fail is None:

@@ -14,18 +14,37 @@ import mds
 
 async def serve_all(model: mds.ModelRuntime[Any, Any], requests: list[Any]) -> list[Any]:
     """Send every request at once; each one's result or error, in order."""
-    answers: list[Any] = [None] * len(requests)
+    results: list[Any] = [None] * len(requests)
 
     async def call(index: int) -> None:
         try:
-            answers[index] = await model.infer(requests[index])
+            results[index] = await model.infer(requests[index])
         except mds.MdsError as exc:
-            answers[index] = exc
+            results[index] = exc
 
     async with anyio.create_task_group() as tasks:
         for index in range(len(requests)):
             tasks.start_soon(call, index)
-    return answers
+    return results
+
+
+async def while_busy(
+    model: mds.ModelRuntime[Any, Any], recorder: Any, requests: list[Any]
+) -> list[Any]:
+    """Serve ``requests`` all at once while the model computes (and holds) a first batch."""
+    results: list[Any] = []
+    recorder.hold()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(model.infer, 100)
+        await recorder.started.wait()
+
+        async def everything() -> None:
+            results.extend(await serve_all(model, requests))
+
+        tasks.start_soon(everything)
+        await anyio.wait_all_tasks_blocked()
+        recorder.release()
+    return results
 
 
 def gated_model(recorder: Any, **batching: Any) -> mds.ModelRuntime[Any, Any]:
@@ -36,18 +55,7 @@ def gated_model(recorder: Any, **batching: Any) -> mds.ModelRuntime[Any, Any]:
 async def test_a_raising_infer_fails_only_the_items_at_fault(recorder: Any) -> None:
     recorder.fail = {5, 11}
     async with gated_model(recorder) as model:
-        recorder.hold()
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(model.infer, 100)
-            await recorder.started.wait()
-            answers: list[Any] = []
-
-            async def everything() -> None:
-                answers.extend(await serve_all(model, list(range(16))))
-
-            tasks.start_soon(everything)
-            await anyio.wait_all_tasks_blocked()
-            recorder.release()
+        answers = await while_busy(model, recorder, list(range(16)))
         stats = model.statistics()
     for i, answer in enumerate(answers):
         if i in (5, 11):
@@ -65,18 +73,7 @@ async def test_a_raising_infer_fails_only_the_items_at_fault(recorder: Any) -> N
 async def test_isolation_can_be_turned_off(recorder: Any) -> None:
     recorder.fail = {3}
     async with gated_model(recorder, isolate_failures=False) as model:
-        recorder.hold()
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(model.infer, 100)
-            await recorder.started.wait()
-            answers: list[Any] = []
-
-            async def everything() -> None:
-                answers.extend(await serve_all(model, list(range(8))))
-
-            tasks.start_soon(everything)
-            await anyio.wait_all_tasks_blocked()
-            recorder.release()
+        answers = await while_busy(model, recorder, list(range(8)))
         assert model.statistics().isolation_splits == 0
     assert all(isinstance(a, mds.InferenceError) for a in answers)
     assert "infer failed on a batch of 8" in str(answers[0])

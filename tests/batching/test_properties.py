@@ -51,6 +51,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
     instances: int,
     delay: float,
     infer_seconds: float,
+    answers: Any,
 ) -> None:
     poison = frozenset(i for i, r in enumerate(plan) if r["kind"] == "poison")
     bad = frozenset(i for i, r in enumerate(plan) if r["kind"] == "bad")
@@ -64,20 +65,13 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
         ),
     )
     model = mds.ModelRuntime(lambda: Doubling(poison, bad, infer_seconds), config)
-    answers: dict[int, list[Any]] = {i: [] for i in range(len(plan))}
+    outcomes: dict[int, list[Any]] = {}
 
     async def call(i: int, r: dict[str, Any]) -> None:
-        with anyio.CancelScope() as scope:
-            if r["give_up"] is not None:
-                scope.deadline = anyio.current_time() + r["give_up"]
-            try:
-                answers[i].append(
-                    await model.infer(i, timeout=r["timeout"], priority=r["priority"])
-                )
-            except mds.MdsError as exc:
-                answers[i].append(exc)
-        if scope.cancelled_caught:
-            answers[i].append("gave up")
+        outcomes[i] = await answers(
+            lambda: model.infer(i, timeout=r["timeout"], priority=r["priority"]),
+            give_up=r["give_up"],
+        )
 
     async with model:
         async with anyio.create_task_group() as tasks:
@@ -90,8 +84,8 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
         assert await model.infer(1000) == 2000  # still serving
 
     for i, r in enumerate(plan):
-        assert len(answers[i]) == 1, (i, answers[i])
-        [answer] = answers[i]
+        assert len(outcomes[i]) == 1, (i, outcomes[i])
+        [answer] = outcomes[i]
         if answer == "gave up" or isinstance(answer, mds.DeadlineExceeded):
             continue  # allowed for callers that set a limit
         if r["kind"] == "ok":
@@ -103,7 +97,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
             assert "poisoned batch" in str(answer)
 
 
-async def test_thousands_of_callers_with_cancellations_and_failures() -> None:
+async def test_thousands_of_callers_with_cancellations_and_failures(answers: Any) -> None:
     """Stress: 3,000 callers, a third give up early, some batches fail."""
     rng = random.Random(7)
     poison = frozenset(rng.sample(range(3000), 40))
@@ -115,16 +109,7 @@ async def test_thousands_of_callers_with_cancellations_and_failures() -> None:
     outcomes: dict[int, list[Any]] = {}
 
     async def call(i: int, give_up: float | None) -> None:
-        outcomes[i] = []
-        with anyio.CancelScope() as scope:
-            if give_up is not None:
-                scope.deadline = anyio.current_time() + give_up
-            try:
-                outcomes[i].append(await model.infer(i))
-            except mds.MdsError as exc:
-                outcomes[i].append(exc)
-        if scope.cancelled_caught:
-            outcomes[i].append("gave up")
+        outcomes[i] = await answers(lambda: model.infer(i), give_up=give_up)
 
     async with model:
         async with anyio.create_task_group() as tasks:
@@ -132,7 +117,7 @@ async def test_thousands_of_callers_with_cancellations_and_failures() -> None:
                 tasks.start_soon(call, i, rng.choice([None, None, 0.0, 0.002]))
         stats = model.statistics()
         assert await model.infer(5) == 10
-    assert all(len(answers) == 1 for answers in outcomes.values())
+    assert all(len(answer) == 1 for answer in outcomes.values())
     for i, [answer] in outcomes.items():
         if answer == "gave up":
             continue

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -16,7 +16,7 @@ from ._config import ModelConfig
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._model import ModelRuntime, check_name
-from ._status import ModelHealth, ModelStatistics, RuntimeHealth, Traced
+from ._status import ModelHealth, ModelStatistics, RuntimeHealth
 from ._sync import LoopBound
 
 __all__ = ["Runtime", "current_runtime", "serve", "serve_sync"]
@@ -263,39 +263,6 @@ class Runtime(LoopBound):
 
     # -- requests -----------------------------------------------------------
 
-    @overload
-    async def serve(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[False] = False,
-    ) -> Any: ...
-
-    @overload
-    async def serve(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[True],
-    ) -> Traced[Any]: ...
-
-    @overload
-    async def serve(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool,
-    ) -> Any: ...
-
     async def serve(
         self,
         model: str,
@@ -332,39 +299,6 @@ class Runtime(LoopBound):
             priority=priority,
             trace=trace,
         )
-
-    @overload
-    def serve_sync(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[False] = False,
-    ) -> Any: ...
-
-    @overload
-    def serve_sync(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[True],
-    ) -> Traced[Any]: ...
-
-    @overload
-    def serve_sync(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool,
-    ) -> Any: ...
 
     def serve_sync(
         self,
@@ -435,39 +369,6 @@ def current_runtime() -> Runtime:
     )
 
 
-@overload
-async def serve(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: Literal[False] = False,
-) -> Any: ...
-
-
-@overload
-async def serve(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: Literal[True],
-) -> Traced[Any]: ...
-
-
-@overload
-async def serve(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: bool,
-) -> Any: ...
-
-
 async def serve(
     model: str,
     request: Any,
@@ -508,39 +409,6 @@ async def serve(
     if trace:
         return await runtime.serve(model, request, timeout=timeout, priority=priority, trace=True)
     return await runtime.serve(model, request, timeout=timeout, priority=priority)
-
-
-@overload
-def serve_sync(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: Literal[False] = False,
-) -> Any: ...
-
-
-@overload
-def serve_sync(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: Literal[True],
-) -> Traced[Any]: ...
-
-
-@overload
-def serve_sync(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: bool,
-) -> Any: ...
 
 
 def serve_sync(

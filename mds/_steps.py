@@ -52,11 +52,7 @@ class Steps:
         if self.pre is None:
             return request
         try:
-            if deadline is None:
-                return await self.pre(request)
-            with anyio.move_on_at(deadline):
-                return await self.pre(request)
-            raise DeadlineExceeded(f"{self._where}: the request's deadline passed in preprocess")
+            return await _within(self.pre, request, deadline, self._where, "preprocess")
         except MdsError:
             raise
         except Exception as exc:
@@ -84,11 +80,7 @@ class Steps:
         if self.post is None:
             return output
         try:
-            if deadline is None:
-                return await self.post(output)
-            with anyio.move_on_at(deadline):
-                return await self.post(output)
-            raise DeadlineExceeded(f"{self._where}: the request's deadline passed in postprocess")
+            return await _within(self.post, output, deadline, self._where, "postprocess")
         except MdsError:
             raise
         except Exception as exc:
@@ -96,3 +88,14 @@ class Steps:
             raise InferenceError(
                 f"{self._where}: postprocess failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+async def _within(
+    step: Callable[[Any], Awaitable[Any]], arg: Any, deadline: float | None, where: str, name: str
+) -> Any:
+    """``await step(arg)``, bounded by ``deadline`` when there is one."""
+    if deadline is None:
+        return await step(arg)
+    with anyio.move_on_at(deadline):
+        return await step(arg)
+    raise DeadlineExceeded(f"{where}: the request's deadline passed in {name}")

@@ -92,6 +92,12 @@ class Recorder(mds.ModelHandler[Any, Any]):
         if self.gate is not None:
             self.gate.set()
 
+    async def busy(self, tasks: Any, model: Any, first: Any = 0) -> None:
+        """Make ``model`` busy: ``first`` is being computed, held until ``release``."""
+        self.hold()
+        tasks.start_soon(model.infer, first)
+        await self.started.wait()
+
     async def infer(self, batch: Sequence[Any]) -> list[Any]:
         self.batches.append(list(batch))
         self.started.set()

@@ -32,9 +32,7 @@ async def test_an_idle_model_takes_a_lone_request_at_once(recorder: Any) -> None
 
 async def test_under_load_batches_grow_up_to_the_limit(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4) as model, anyio.create_task_group() as tasks:
-        recorder.hold()
-        tasks.start_soon(model.infer, 0)
-        await recorder.started.wait()
+        await recorder.busy(tasks, model)
         for i in range(1, 10):
             tasks.start_soon(model.infer, i)
         await anyio.wait_all_tasks_blocked()
@@ -46,9 +44,7 @@ async def test_under_load_batches_grow_up_to_the_limit(recorder: Any) -> None:
 async def test_while_busy_a_batch_waits_up_to_the_delay_to_grow(recorder: Any) -> None:
     model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0)
     async with model, anyio.create_task_group() as tasks:
-        recorder.hold()
-        tasks.start_soon(model.infer, 0)
-        await recorder.started.wait()
+        await recorder.busy(tasks, model)
         tasks.start_soon(model.infer, 1)  # queued while busy: a backlog
         await anyio.wait_all_tasks_blocked()
         recorder.release()  # batch [0] ends; [1] waits for company, up to 1 s
@@ -64,9 +60,7 @@ async def test_while_busy_a_batch_waits_up_to_the_delay_to_grow(recorder: Any) -
 async def test_a_waiting_batch_goes_when_the_delay_ends(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4, max_queue_delay=0.05) as model:
         async with anyio.create_task_group() as tasks:
-            recorder.hold()
-            tasks.start_soon(model.infer, 0)
-            await recorder.started.wait()
+            await recorder.busy(tasks, model)
             tasks.start_soon(model.infer, 1)
             await anyio.wait_all_tasks_blocked()
             recorder.release()
@@ -79,9 +73,7 @@ async def test_a_waiting_batch_goes_when_the_delay_ends(recorder: Any) -> None:
 async def test_a_growing_batch_never_waits_past_its_tightest_deadline(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4, max_queue_delay=10.0) as model:
         async with anyio.create_task_group() as tasks:
-            recorder.hold()
-            tasks.start_soon(model.infer, 0)
-            await recorder.started.wait()
+            await recorder.busy(tasks, model)
             result: list[int] = []
 
             async def tight() -> None:
@@ -98,9 +90,7 @@ async def test_a_growing_batch_never_waits_past_its_tightest_deadline(recorder: 
 async def test_the_largest_preferred_size_that_fits_goes_first(recorder: Any) -> None:
     model = model_of(recorder, max_batch_size=16, preferred_batch_sizes=(4, 8))
     async with model, anyio.create_task_group() as tasks:
-        recorder.hold()
-        tasks.start_soon(model.infer, 0)
-        await recorder.started.wait()
+        await recorder.busy(tasks, model)
         for i in range(1, 12):
             tasks.start_soon(model.infer, i)
         await anyio.wait_all_tasks_blocked()
@@ -150,9 +140,7 @@ async def test_higher_priorities_go_first_and_each_level_has_its_own_limit(
 ) -> None:
     model = model_of(recorder, max_batch_size=2, priority_levels=2, priority_queue_sizes=(4, 2))
     async with model, anyio.create_task_group() as tasks:
-        recorder.hold()
-        tasks.start_soon(model.infer, "first")
-        await recorder.started.wait()
+        await recorder.busy(tasks, model, "first")
         for name in ["low-a", "low-b"]:
             tasks.start_soon(lambda n=name: model.infer(n, priority=1))
         await anyio.wait_all_tasks_blocked()
@@ -175,9 +163,7 @@ async def test_higher_priorities_go_first_and_each_level_has_its_own_limit(
 async def test_settings_change_while_the_model_runs(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=2) as model:
         async with anyio.create_task_group() as tasks:
-            recorder.hold()
-            tasks.start_soon(model.infer, 0)
-            await recorder.started.wait()
+            await recorder.busy(tasks, model)
             for i in range(1, 7):
                 tasks.start_soon(model.infer, i)
             await anyio.wait_all_tasks_blocked()
@@ -235,9 +221,7 @@ async def test_buckets_keep_short_and_long_inputs_apart() -> None:
 async def test_statistics_and_a_trace_describe_the_batches(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4, timeout=0.5) as model:
         async with anyio.create_task_group() as tasks:
-            recorder.hold()
-            tasks.start_soon(model.infer, 0)
-            await recorder.started.wait()
+            await recorder.busy(tasks, model)
             traced: list[mds.Traced[Any]] = []
 
             async def call(i: int) -> None:

@@ -33,10 +33,8 @@ async def while_busy(
 ) -> list[Any]:
     """Serve ``requests`` all at once while the model computes (and holds) a first batch."""
     results: list[Any] = []
-    recorder.hold()
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(model.infer, 100)
-        await recorder.started.wait()
+        await recorder.busy(tasks, model, 100)
 
         async def everything() -> None:
             results.extend(await serve_all(model, requests))

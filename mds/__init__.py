@@ -14,6 +14,9 @@ from ._batching.collate import Stack as Stack
 from ._config import BatchingConfig as BatchingConfig
 from ._config import ModelConfig as ModelConfig
 from ._devices.device import Device as Device
+from ._devices.device import DeviceInfo as DeviceInfo
+from ._devices.kinds import DeviceKind as DeviceKind
+from ._devices.manager import DeviceManager as DeviceManager
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlineExceeded as DeadlineExceeded
 from ._errors import DecodeError as DecodeError
@@ -52,6 +55,9 @@ __all__ = [
     "DecodeError",
     "Device",
     "DeviceError",
+    "DeviceInfo",
+    "DeviceKind",
+    "DeviceManager",
     "InferenceError",
     "InvalidInput",
     "LifecycleError",

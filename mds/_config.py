@@ -4,7 +4,7 @@
 # run time, and mds/__init__.py gives the classes the public module "mds".
 
 import contextvars
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -121,8 +121,22 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
 
     Attributes:
         instances: how many copies of the handler serve from one queue.
-        devices: device names (``"cpu"``, ``"cuda:0"``, ...); instance ``i``
-            is placed on ``devices[i % len(devices)]``.
+        devices: where instances run: device names (``"cpu"``,
+            ``"cuda:1"``), a kind alone for every device of that kind
+            (``"cuda"``), or ``"auto"`` for every visible GPU, else the CPU.
+            One name or a tuple of names; see :doc:`/devices`.
+        placement: how instances are spread over those devices:
+            ``"round_robin"`` (instance ``i`` on device ``i`` modulo their
+            number, shifted by the worker index) or ``"memory"`` (each
+            instance on the device with the most free memory, checked
+            against ``instance_memory`` or, if that is not given, against
+            what the first instance was measured to take).
+        instance_memory: the bytes one instance needs on its device, for
+            ``placement="memory"``.
+        cpu_threads: the intra-op threads each CPU instance may use; ``None``
+            divides the usable cores among the model's CPU instances.
+        cpu_fallback: place instances on the CPU when a named device is not
+            there, with a warning, instead of failing the start.
         batching: queueing and batch formation.
         timeout: default deadline for each request, in seconds; ``None`` for
             no deadline. A request may give its own.
@@ -149,7 +163,11 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
     """
 
     instances: Annotated[int, Meta(ge=1)] = 1
-    devices: Annotated[tuple[str, ...], Meta(min_length=1)] = ("cpu",)
+    devices: str | Annotated[tuple[str, ...], Meta(min_length=1)] = ("cpu",)
+    placement: Literal["round_robin", "memory"] = "round_robin"
+    instance_memory: Annotated[int, Meta(ge=1)] | None = None
+    cpu_threads: Annotated[int, Meta(ge=1)] | None = None
+    cpu_fallback: bool = False
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     timeout: Annotated[float, Meta(gt=0.0)] | None = None
     drain_timeout: Annotated[float, Meta(ge=0.0)] = 30.0
@@ -159,7 +177,11 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def _check(self) -> None:
+        if isinstance(self.devices, str):
+            msgspec.structs.force_setattr(self, "devices", (self.devices,))
         for index, name in enumerate(self.devices):
+            if name == "auto":
+                continue
             try:
                 Device.parse(name)
             except ValueError as exc:
@@ -171,10 +193,6 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
                     f"batching.max_batch_size ({self.batching.max_batch_size}); "
                     "the batcher never forms such a batch"
                 )
-
-    def _device_for(self, instance: int) -> Device:
-        """The device that instance number ``instance`` is placed on."""
-        return Device.parse(self.devices[instance % len(self.devices)])
 
     def _warmup_sizes(self) -> tuple[int, ...]:
         """The batch sizes warm-up runs, smallest first."""

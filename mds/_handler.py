@@ -50,6 +50,10 @@ class ModelContext(msgspec.Struct, frozen=True, kw_only=True):
         device: the device this instance must use; the handler never picks one.
         instance: this instance's index among the model's instances.
         config: the model's whole serving config.
+        threads: on the CPU, how many intra-op threads this instance may
+            use (``ModelConfig.cpu_threads``, or the usable cores shared
+            among the model's CPU instances); ``None`` on other devices.
+            The backends apply it; a handler of your own should too.
 
     Added in 0.1.
     """
@@ -59,6 +63,7 @@ class ModelContext(msgspec.Struct, frozen=True, kw_only=True):
     device: Device
     instance: int
     config: ModelConfig
+    threads: int | None = None
 
     @property
     def parameters(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from typing import Any, cast
 from ._batching import fast
 from ._batching.fast import Threads
 from ._calls import is_async, off_loop
+from ._devices.kinds import DeviceKind
+from ._devices.manager import DeviceManager
 from ._errors import InferenceError, MdsError
 from ._handler import ModelContext, ModelHandler
 
@@ -50,10 +52,14 @@ class Instance:
         handler: ModelHandler[Any, Any],
         context: ModelContext,
         shared: Threads,
+        devices: DeviceManager,
     ) -> None:
         self.handler = handler
         self.context = context
         self.index = context.instance
+        self.device = context.device
+        self._devices = devices
+        self._kind: DeviceKind = devices.kind(context.device.kind)
         # One thread of its own: init, infer and teardown never overlap, and
         # always run on the same thread (some libraries care).
         self.threads = own = fast.threads(1, f"mds-{context.name}-{context.instance}")
@@ -106,9 +112,27 @@ class Instance:
 
         Raises what ``collate``, ``infer`` or ``split`` raised: the batcher
         then looks for the items at fault. A wrong number of outputs is not
-        raised but answered, for every item, with an error.
+        raised but answered, for every item, with an error. An error that
+        means the device failed marks the device failed.
         """
-        return self._per_item(await self._compute(values), len(values))
+        try:
+            outputs = await self._compute(values)
+        except Exception as exc:
+            if self._kind.is_device_failure(exc):
+                self._devices._mark_failed(self.device, f"{type(exc).__name__}: {exc}")
+            raise
+        return self._per_item(outputs, len(values))
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the batch did not fit in the device's memory."""
+        return self._kind.is_out_of_memory(exc)
+
+    def release_memory(self) -> None:
+        """Let the device's caches go after running out of memory."""
+        try:
+            self._kind.release_memory(self.device)
+        except Exception:
+            logger.exception("%s: releasing memory after running out failed", self.where)
 
     def failure(self, exc: Exception, size: int) -> list[Any]:
         """The errors for a batch of ``size`` items whose computation raised ``exc``."""

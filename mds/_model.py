@@ -19,7 +19,9 @@ import msgspec
 from ._batching import fast
 from ._batching.batcher import Batcher, BatchStats
 from ._config import BatchingConfig, ModelConfig
-from ._errors import ConfigError, LifecycleError, MdsError, NotReady, Overloaded
+from ._devices.device import Device, DeviceInfo
+from ._devices.manager import DeviceManager, Placer
+from ._errors import ConfigError, DeviceError, LifecycleError, MdsError, NotReady, Overloaded
 from ._handler import ModelContext, ModelHandler, ModelState, RequestT, ResponseT
 from ._instance import Instance
 from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
@@ -71,6 +73,8 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             with no batching beyond what is queued.
         name: the model's name; defaults to the handler's class name.
         version: the model's version, given to the handler in its context.
+        devices: the device manager that places the instances; defaults to
+            :meth:`DeviceManager.default`.
 
     Raises:
         ConfigError: a bad name, or several instances with one handler object.
@@ -90,8 +94,10 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         *,
         name: str | None = None,
         version: str = "1",
+        devices: DeviceManager | None = None,
     ) -> None:
         self.config: ModelConfig = config if config is not None else ModelConfig()
+        self._devices = devices if devices is not None else DeviceManager.default()
         if isinstance(handler, ModelHandler):
             if self.config.instances > 1:
                 raise ConfigError(
@@ -220,17 +226,34 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
                 await self._close_bridge()
 
     async def _load(self) -> None:
-        """Create, init and warm up every instance; FAILED with the cause if not."""
+        """Place, create, init and warm up every instance; FAILED with the cause if not."""
         started: list[Instance] = []
         instances: list[Instance] = []
-        step = "making the handler"
+        step = "placing instances"
         self._shared_threads = fast.threads(self.config.worker_threads, f"mds-{self.name}")
         try:
-            self._make_instances(instances)
-            self._steps = Steps(instances[0].handler, self._where, self._shared_threads)
-            step = "init"
+            # Device discovery may import torch or talk to a driver: off the loop.
+            placer = await anyio.to_thread.run_sync(
+                functools.partial(self._devices.placer, self.config, where=self._where)
+            )
             began = anyio.current_time()
-            await self._on_each(instances, self._init_one, started)
+            if placer.sequential:
+                # Memory placement by measurement: each instance is placed
+                # after the previous one has loaded, against fresh free memory.
+                step = "init"
+                for index in range(self.config.instances):
+                    device = await anyio.to_thread.run_sync(placer.next)
+                    instances.append(self._make_instance(index, device, placer))
+                    await self._on_each(instances[-1:], self._init_one, started)
+                    await anyio.to_thread.run_sync(placer.initialised, device)
+                self._steps = Steps(instances[0].handler, self._where, self._shared_threads)
+            else:
+                devices = await anyio.to_thread.run_sync(placer.place_all)
+                for index, device in enumerate(devices):
+                    instances.append(self._make_instance(index, device, placer))
+                self._steps = Steps(instances[0].handler, self._where, self._shared_threads)
+                step = "init"
+                await self._on_each(instances, self._init_one, started)
             self._counts.init_seconds = anyio.current_time() - began
             self._set_state(ModelState.WARMING)
             step = "warm-up"
@@ -249,27 +272,28 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             if isinstance(cause, _StepError):
                 reason = str(cause)
                 cause = cause.__cause__ or cause
+            elif isinstance(cause, DeviceError):
+                reason = str(cause)
             self._set_state(ModelState.FAILED, reason)
             raise LifecycleError(f"{self._where} failed to start: {reason}") from cause
         self._instances = instances
 
-    def _make_instances(self, instances: list[Instance]) -> None:
-        """Add an instance per configured one to ``instances`` (kept on failure)."""
-        for index in range(self.config.instances):
-            source = self._source
-            handler = source if isinstance(source, ModelHandler) else source()
-            if not isinstance(handler, ModelHandler):
-                raise ConfigError(
-                    f"the handler factory returned {type(handler).__name__}, not a ModelHandler"
-                )
-            context = ModelContext(
-                name=self.name,
-                version=self.version,
-                device=self.config._device_for(index),
-                instance=index,
-                config=self.config,
+    def _make_instance(self, index: int, device: Device, placer: Placer) -> Instance:
+        source = self._source
+        handler = source if isinstance(source, ModelHandler) else source()
+        if not isinstance(handler, ModelHandler):
+            raise ConfigError(
+                f"the handler factory returned {type(handler).__name__}, not a ModelHandler"
             )
-            instances.append(Instance(handler, context, self._shared_threads))
+        context = ModelContext(
+            name=self.name,
+            version=self.version,
+            device=device,
+            instance=index,
+            config=self.config,
+            threads=placer.cpu_threads() if device.kind == "cpu" else None,
+        )
+        return Instance(handler, context, self._shared_threads, self._devices)
 
     def _release(self, instances: Sequence[Instance]) -> None:
         """Let the threads of ``instances`` and of the model go."""
@@ -664,13 +688,49 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         async with anyio.create_task_group() as tasks:
             for instance in self._instances:
                 tasks.start_soon(check, instance)
+        devices = await self._device_infos()
+        for instance in self._instances:
+            info = devices.get(instance.device)
+            if info is not None and not info.healthy:
+                problems.append(
+                    f"instance {instance.context.instance}: device {info.device} "
+                    f"failed: {info.error}"
+                )
+        infos = tuple(devices.values())
         if problems:
-            return self._health_report(False, "; ".join(sorted(problems)))
-        return self._health_report(True, None)
+            return self._health_report(False, "; ".join(sorted(problems)), infos)
+        return self._health_report(True, None, infos)
 
-    def _health_report(self, ready: bool, reason: str | None) -> ModelHealth:
+    async def _device_infos(self) -> dict[Device, DeviceInfo]:
+        """Each device the instances use, as the device manager sees it now."""
+        manager = self._devices
+
+        def look() -> dict[Device, DeviceInfo]:
+            found: dict[Device, DeviceInfo] = {}
+            for instance in self._instances:
+                device = instance.device
+                if device in found:
+                    continue
+                try:
+                    found[device] = manager.info(device)
+                except DeviceError as exc:
+                    found[device] = DeviceInfo(
+                        device=device, name="unknown", healthy=False, error=str(exc)
+                    )
+            return found
+
+        return await anyio.to_thread.run_sync(look)
+
+    def _health_report(
+        self, ready: bool, reason: str | None, devices: tuple[DeviceInfo, ...] = ()
+    ) -> ModelHealth:
         return ModelHealth(
-            name=self.name, version=self.version, state=self._state, ready=ready, reason=reason
+            name=self.name,
+            version=self.version,
+            state=self._state,
+            ready=ready,
+            reason=reason,
+            devices=devices,
         )
 
     def statistics(self) -> ModelStatistics:
@@ -703,6 +763,10 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             queue_wait_p99=_percentile(waits, 0.99),
             padding_ratio=batches.padding_sum / batches.batches if batches.batches else 0.0,
             isolation_splits=batches.isolation_splits,
+            max_batch_size=(
+                batcher.batch_limit if batcher is not None else self.config.batching.max_batch_size
+            ),
+            out_of_memory=batches.out_of_memory,
             init_seconds=counts.init_seconds,
             warmup_seconds=counts.warmup_seconds,
         )

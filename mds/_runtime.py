@@ -13,6 +13,7 @@ import anyio
 import anyio.abc
 
 from ._config import ModelConfig
+from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._model import ModelRuntime, check_name
@@ -49,6 +50,8 @@ class Runtime(LoopBound):
             (the default). With ``False`` the runtime runs without it; the
             model reports ``FAILED`` with its cause, readiness is false, and
             :meth:`start_model` can try again.
+        devices: the device manager that places its models' instances;
+            defaults to :meth:`DeviceManager.default`.
 
     Example:
         >>> runtime = mds.Runtime()
@@ -59,8 +62,9 @@ class Runtime(LoopBound):
     Added in 0.1.
     """
 
-    def __init__(self, *, fail_fast: bool = True) -> None:
+    def __init__(self, *, fail_fast: bool = True, devices: DeviceManager | None = None) -> None:
         self.fail_fast = fail_fast
+        self.devices: DeviceManager = devices if devices is not None else DeviceManager.default()
         self._models: dict[str, ModelRuntime[Any, Any]] = {}
         self._hosted: dict[str, _Hosted] = {}
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -112,7 +116,7 @@ class Runtime(LoopBound):
         check_name(name)
         if name in self._models:
             raise ConfigError(f"a model named {name!r} was already added")
-        model = ModelRuntime(handler, config, name=name, version=version)
+        model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
         self._models[name] = model
         return model
 

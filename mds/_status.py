@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
+from ._devices.device import DeviceInfo
 from ._handler import ModelState
 
 __all__ = ["CallTrace", "ModelHealth", "ModelStatistics", "RuntimeHealth", "Traced"]
@@ -24,9 +25,11 @@ class ModelHealth(msgspec.Struct, frozen=True, kw_only=True):
         ready: whether it takes requests now: ``READY`` and every instance's
             ``health`` check passed.
         reason: why it is not ready (the state, a failure's cause, a failed
-            check); ``None`` when ready.
+            check, a failed device); ``None`` when ready.
+        devices: the devices its instances run on, with their memory and
+            health now (while it runs).
 
-    Added in 0.1.
+    Added in 0.1; ``devices`` in 0.2.
     """
 
     name: str
@@ -34,6 +37,7 @@ class ModelHealth(msgspec.Struct, frozen=True, kw_only=True):
     state: ModelState
     ready: bool
     reason: str | None = None
+    devices: tuple[DeviceInfo, ...] = ()
 
 
 class RuntimeHealth(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +84,9 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         queue_wait_p99: 99th percentile of the same.
         padding_ratio: the mean share of padding in padded batches.
         isolation_splits: batches split in two to find the items at fault.
+        max_batch_size: the batch limit in force: ``batching.max_batch_size``,
+            or lower after the device ran out of memory.
+        out_of_memory: batches that ran out of device memory (and were split).
         init_seconds: time the last start spent in ``init``.
         warmup_seconds: time the last start spent in warm-up.
 
@@ -109,6 +116,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     queue_wait_p99: float
     padding_ratio: float
     isolation_splits: int
+    max_batch_size: int
+    out_of_memory: int
     init_seconds: float
     warmup_seconds: float
 

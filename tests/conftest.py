@@ -143,3 +143,76 @@ async def answers_to(
 def answers() -> Callable[..., Awaitable[list[Any]]]:
     """``await answers(lambda: model.infer(x), give_up=0.1)``: see ``answers_to``."""
     return answers_to
+
+
+class FakeOutOfMemory(RuntimeError):
+    """What a fake GPU raises when a batch does not fit."""
+
+
+class FakeDeviceFailure(RuntimeError):
+    """What a fake GPU raises when it breaks."""
+
+
+GiB = 1 << 30
+
+
+class FakeGpus(mds.DeviceKind):
+    """An inventory of pretend CUDA GPUs with memory that handlers can take."""
+
+    name = "cuda"
+    accelerator = True
+    failure = FakeDeviceFailure
+
+    def __init__(self, memory: Sequence[int]) -> None:
+        self.total = list(memory)
+        self.used = [0] * len(memory)
+        self.broken: dict[int, str] = {}
+        self.released = 0
+
+    def discover(self) -> list[mds.DeviceInfo]:
+        return [
+            mds.DeviceInfo(
+                device=mds.Device(kind="cuda", index=i),
+                name="Fake GPU",
+                total_memory=total,
+                free_memory=total - self.used[i],
+                utilization=0.25,
+                healthy=i not in self.broken,
+                error=self.broken.get(i),
+            )
+            for i, total in enumerate(self.total)
+        ]
+
+    def take(self, device: mds.Device, size: int) -> None:
+        """Allocate ``size`` bytes on ``device``, or raise out of memory."""
+        assert device.kind == "cuda" and device.index is not None
+        if self.used[device.index] + size > self.total[device.index]:
+            raise FakeOutOfMemory(f"{device}: cannot allocate {size} bytes")
+        self.used[device.index] += size
+
+    def give(self, device: mds.Device, size: int) -> None:
+        assert device.index is not None
+        self.used[device.index] -= size
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return isinstance(exc, FakeOutOfMemory)
+
+    def is_device_failure(self, exc: BaseException) -> bool:
+        return isinstance(exc, FakeDeviceFailure)
+
+    def release_memory(self, device: mds.Device) -> None:
+        self.released += 1
+
+
+@pytest.fixture
+def gpus() -> FakeGpus:
+    """Four fake 16 GiB GPUs."""
+    return FakeGpus([16 * GiB] * 4)
+
+
+@pytest.fixture
+def devices(gpus: FakeGpus) -> mds.DeviceManager:
+    """A device manager with the CPU and the four fake GPUs, worker 0."""
+    manager = mds.DeviceManager(worker_index=0)
+    manager.register(gpus)
+    return manager

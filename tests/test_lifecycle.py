@@ -176,7 +176,9 @@ async def test_starting_a_running_model_is_an_error(doubler: Any) -> None:
                 pass
 
 
-async def test_the_context_names_model_version_device_instance_and_config() -> None:
+async def test_the_context_names_model_version_device_instance_and_config(
+    devices: mds.DeviceManager,
+) -> None:
     contexts: list[mds.ModelContext] = []
 
     class Handler(mds.ModelHandler[int, str]):
@@ -187,14 +189,14 @@ async def test_the_context_names_model_version_device_instance_and_config() -> N
         def infer(self, batch: Sequence[int]) -> list[str]:
             return [f"{self.prefix}{x}" for x in batch]
 
-    config = mds.ModelConfig(instances=3, devices=("cpu", "cpu:1"), parameters={"prefix": "n="})
-    runtime = mds.Runtime()
+    config = mds.ModelConfig(instances=3, devices=("cpu", "cuda:1"), parameters={"prefix": "n="})
+    runtime = mds.Runtime(devices=devices)
     runtime.add_model("ctx", Handler, config, version="7")
     async with runtime:
         assert await runtime.serve("ctx", 4) == "n=4"
     assert sorted(c.instance for c in contexts) == [0, 1, 2]
     by_index = {c.instance: c for c in contexts}
-    assert [by_index[i].device.name for i in range(3)] == ["cpu", "cpu:1", "cpu"]
+    assert [by_index[i].device.name for i in range(3)] == ["cpu", "cuda:1", "cpu"]
     assert all(c.name == "ctx" and c.version == "7" and c.config is config for c in contexts)
 
 

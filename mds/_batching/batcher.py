@@ -9,7 +9,9 @@ model instance forms batches from the shared queue:
 - sizes count cost, higher priority levels go first, and items batch only with
   items of the same bucket;
 - a batch whose computation raises is split in halves and retried, so only
-  the items at fault get the error.
+  the items at fault get the error;
+- a batch that runs out of device memory is split the same way, and the
+  batch limit is lowered to what fits.
 
 Every item is settled exactly once: with its output, its error, a deadline
 error (by the deadline watcher, wherever the item is), or by its caller
@@ -55,6 +57,14 @@ class Worker(Protocol):
         """The per-item errors for a batch of ``size`` that raised ``exc``."""
         ...
 
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the batch did not fit in the device's memory."""
+        ...
+
+    def release_memory(self) -> None:
+        """Let the device's caches go before a smaller batch is tried."""
+        ...
+
 
 W = TypeVar("W", bound=Worker)
 
@@ -72,6 +82,7 @@ class BatchStats:
         self.recent_waits: deque[float] = deque(maxlen=1024)
         self.deadline_misses = 0
         self.isolation_splits = 0
+        self.out_of_memory = 0
         self.padding_sum = 0.0
 
 
@@ -166,7 +177,7 @@ class Batcher(Generic[W]):
         if cost != 1 and not (type(cost) is int and 1 <= cost <= self._max_cost):
             raise InvalidInput(
                 f"{self._where}: the request's cost is {cost!r}; it must be a whole number "
-                f"from 1 to max_batch_size ({self._max_cost})"
+                f"from 1 to the batch limit ({self._max_cost})"
             )
         if now is None:
             now = self._clock()
@@ -331,15 +342,15 @@ class Batcher(Generic[W]):
                 logger.error("%s: queue counts disagreed with its lanes; recounted", self._where)
                 queue.recount()
                 continue
-            config = self.config
             now = self._clock()
             dropped: list[Item] = []
-            batch, cost = queue.take(lane, config.max_batch_size, now, dropped)
+            limit = self._max_cost
+            batch, cost = queue.take(lane, limit, now, dropped)
             for item in dropped:
-                self._drop(item, now, config.max_batch_size)
+                self._drop(item, now, limit)
             if not batch:
                 continue
-            if cost < config.max_batch_size and not self._closed:
+            if cost < limit and not self._closed:
                 until = self._grow_until(batch, cost, backlog, now)
                 if until is not None:
                     queue.put_back(lane, batch)
@@ -362,8 +373,8 @@ class Batcher(Generic[W]):
         else:
             item.settle(
                 InvalidInput(
-                    f"{self._where}: the request's cost {item.cost} is more than "
-                    f"max_batch_size ({max_cost}), lowered after it was queued"
+                    f"{self._where}: the request's cost {item.cost} is more than the "
+                    f"batch limit ({max_cost}), lowered after it was queued"
                 )
             )
 
@@ -436,7 +447,7 @@ class Batcher(Generic[W]):
         stats.queue_wait_seconds += sum(waits)
         stats.recent_waits.extend(waits)
         try:
-            outcomes = await self._isolate(worker, [item.value for item in batch])
+            outcomes = await self._isolate(worker, batch)
         except BaseException:
             # Cancelled (a stop that could not wait): nobody is left waiting.
             for item in batch:
@@ -459,22 +470,63 @@ class Batcher(Generic[W]):
                 except Exception:
                     pass
 
-    async def _isolate(self, worker: W, values: list[Any]) -> list[Any]:
-        """Compute ``values``; if the batch raises, find the items at fault by halves."""
+    @property
+    def batch_limit(self) -> int:
+        """The most cost a batch may have now: ``max_batch_size``, or lower after OOM."""
+        return self._max_cost
+
+    async def _isolate(self, worker: W, items: list[Item]) -> list[Any]:
+        """Compute ``items``; if the batch raises, find the items at fault by halves.
+
+        Out of memory is not the items' fault: the batch is split whatever
+        ``isolate_failures`` says, and the limit drops to what may fit.
+        """
+        if (
+            self._max_cost < self.config.max_batch_size  # lowered after running out of memory
+            and len(items) > 1
+            and sum(item.cost for item in items) > self._max_cost
+        ):
+            return await self._halves(worker, items)
         try:
-            return await worker.compute(values)
+            return await worker.compute([item.value for item in items])
         except Exception as exc:
-            if len(values) == 1 or not self.config.isolate_failures:
-                return worker.failure(exc, len(values))
+            out_of_memory = worker.is_out_of_memory(exc)
+            if out_of_memory:
+                self._ran_out_of_memory(worker, exc, items)
+            if len(items) == 1 or not (out_of_memory or self.config.isolate_failures):
+                return worker.failure(exc, len(items))
             self.stats.isolation_splits += 1
+            if not out_of_memory:
+                logger.warning(
+                    "%s: a batch of %d failed (%s: %s); retrying its halves to find "
+                    "the items at fault",
+                    self._where,
+                    len(items),
+                    type(exc).__name__,
+                    exc,
+                )
+            return await self._halves(worker, items)
+
+    async def _halves(self, worker: W, items: list[Item]) -> list[Any]:
+        middle = len(items) // 2
+        return await self._isolate(worker, items[:middle]) + await self._isolate(
+            worker, items[middle:]
+        )
+
+    def _ran_out_of_memory(self, worker: W, exc: Exception, items: list[Item]) -> None:
+        self.stats.out_of_memory += 1
+        cost = sum(item.cost for item in items)
+        limit = max(1, cost // 2)
+        if len(items) > 1 and limit < self._max_cost:
+            self._max_cost = limit
             logger.warning(
-                "%s: a batch of %d failed (%s: %s); retrying its halves to find the items at fault",
+                "%s: out of device memory with a batch of %d (cost %d); the batch limit "
+                "is now %d (was max_batch_size %d) until set_batching resets it: %s",
                 self._where,
-                len(values),
-                type(exc).__name__,
+                len(items),
+                cost,
+                limit,
+                self.config.max_batch_size,
                 exc,
             )
-            middle = len(values) // 2
-            return await self._isolate(worker, values[:middle]) + await self._isolate(
-                worker, values[middle:]
-            )
+        worker.release_memory()

@@ -1,1 +1,1 @@
-"""Devices: identity now; discovery and placement come with the device manager."""
+"""Devices: identity, discovery by kind, and the manager that places instances."""

@@ -7,7 +7,7 @@ import re
 
 import msgspec
 
-__all__ = ["Device"]
+__all__ = ["Device", "DeviceInfo"]
 
 _NAME = re.compile(r"^(?P<kind>[a-z][a-z0-9_]*)(?::(?P<index>\d+))?$")
 
@@ -61,3 +61,32 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
             )
         index = match["index"]
         return cls(kind=match["kind"], index=None if index is None else int(index))
+
+
+class DeviceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What is known about one device now: identity, memory, health.
+
+    Memory is in bytes; a field is ``None`` where the device kind cannot tell.
+
+    Attributes:
+        device: which device.
+        name: the hardware's name, e.g. ``"NVIDIA H100 80GB HBM3"``.
+        total_memory: memory the device has.
+        free_memory: memory free now.
+        utilization: the share of time the device was busy lately, 0 to 1
+            (CUDA with ``pynvml`` installed).
+        cores: the CPU cores this process may use (CPU only).
+        healthy: whether the device works; ``False`` after a device error.
+        error: what went wrong, when not healthy.
+
+    Added in 0.2.
+    """
+
+    device: Device
+    name: str
+    total_memory: int | None = None
+    free_memory: int | None = None
+    utilization: float | None = None
+    cores: int | None = None
+    healthy: bool = True
+    error: str | None = None

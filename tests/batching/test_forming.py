@@ -300,7 +300,7 @@ async def test_lowering_the_limit_below_a_queued_cost_fails_that_request_alone()
             handler.gate.set()
     assert answers[1] == 0 and answers[2] == 1 and answers[3] == 3
     assert isinstance(answers[8], mds.InvalidInput)
-    assert "cost 8 is more than max_batch_size (5), lowered after it was queued" in str(answers[8])
+    assert "cost 8 is more than the batch limit (5), lowered after it was queued" in str(answers[8])
 
 
 def test_requests_that_left_a_stalled_queue_do_not_pile_up() -> None:

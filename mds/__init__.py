@@ -7,6 +7,9 @@ Everything not re-exported here is private.
 
 from __future__ import annotations
 
+from ._backends.onnx_handler import OnnxHandler as OnnxHandler
+from ._backends.onnx_handler import TensorSpec as TensorSpec
+from ._backends.torch_handler import TorchHandler as TorchHandler
 from ._batching.collate import Collator as Collator
 from ._batching.collate import Pad as Pad
 from ._batching.collate import Padded as Padded
@@ -72,6 +75,7 @@ __all__ = [
     "ModelState",
     "ModelStatistics",
     "NotReady",
+    "OnnxHandler",
     "Overloaded",
     "Pad",
     "Padded",
@@ -79,6 +83,8 @@ __all__ = [
     "Runtime",
     "RuntimeHealth",
     "Stack",
+    "TensorSpec",
+    "TorchHandler",
     "Traced",
     "Unavailable",
     "__version__",

@@ -1,0 +1,1 @@
+"""Ready-made handlers for model frameworks; each imports its framework lazily."""

@@ -1,0 +1,192 @@
+"""The PyTorch backend with real modules, from each kind of source."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+import mds
+
+torch = pytest.importorskip("torch")
+
+
+def make_mlp() -> Any:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)
+    ).eval()
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def inputs() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((12, 8)).astype(np.float32)
+
+
+def direct(module: Any, inputs: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        result: np.ndarray = module(torch.from_numpy(inputs)).numpy()
+    return result
+
+
+async def serve_all(model: mds.ModelRuntime[Any, Any], requests: Any) -> list[Any]:
+    results: list[Any] = [None] * len(requests)
+
+    async def call(index: int) -> None:
+        results[index] = await model.infer(requests[index])
+
+    async with anyio.create_task_group() as tasks:
+        for index in range(len(requests)):
+            tasks.start_soon(call, index)
+    return results
+
+
+BATCHED = mds.ModelConfig(
+    batching=mds.BatchingConfig(max_batch_size=8, max_queue_delay=0.005),
+    warmup_batch_sizes=(1, 8),
+)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> dict[str, Path]:
+    """The MLP saved as a state dict, as TorchScript and as an exported program."""
+    module = make_mlp()
+    paths = {
+        "weights": tmp_path / "mlp.pt",
+        "torchscript": tmp_path / "mlp.ts",
+        "exported": tmp_path / "mlp.pt2",
+    }
+    torch.save(module.state_dict(), paths["weights"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
+        torch.jit.save(torch.jit.script(module), paths["torchscript"])
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(module, (torch.zeros(2, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, paths["exported"])
+    return paths
+
+
+def _untrained() -> Any:
+    torch.manual_seed(123)  # different weights: only the state dict makes them right
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+@pytest.mark.parametrize("source", ["factory", "module", "weights", "torchscript", "exported"])
+async def test_every_source_serves_what_the_module_computes(
+    source: str, saved: dict[str, Path], inputs: np.ndarray
+) -> None:
+    kwargs: dict[str, Any] = {
+        "factory": {"module": make_mlp},
+        "module": {"module": make_mlp()},
+        "weights": {"module": _untrained, "weights": saved["weights"]},
+        "torchscript": {"torchscript": saved["torchscript"]},
+        "exported": {"exported": saved["exported"]},
+    }[source]
+    handler = mds.TorchHandler(**kwargs, examples=[inputs[0]])
+    async with mds.ModelRuntime(handler, BATCHED) as model:
+        results = await serve_all(model, list(inputs))
+        stats = model.statistics()
+    assert_allclose(np.stack(results), direct(make_mlp(), inputs), rtol=1e-5, atol=1e-6)
+    assert all(isinstance(r, np.ndarray) and r.shape == (3,) for r in results)
+    assert stats.completed == 12 and stats.failed == 0
+
+
+async def test_instances_get_a_thread_budget_and_run_under_inference_mode(
+    inputs: np.ndarray,
+) -> None:
+    seen: list[tuple[int, bool]] = []
+
+    class Watched(mds.TorchHandler):
+        def forward(self, batch: Any) -> Any:
+            seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
+            return super().forward(batch)
+
+    config = mds.ModelConfig(instances=2, cpu_threads=1)
+    async with mds.ModelRuntime(functools.partial(Watched, make_mlp), config) as model:
+        await serve_all(model, list(inputs[:4]))
+    assert seen and all(entry == (1, True) for entry in seen)
+
+
+async def test_bfloat16_runs_the_model_in_that_dtype(inputs: np.ndarray) -> None:
+    handler = mds.TorchHandler(make_mlp, dtype="bfloat16")
+    async with mds.ModelRuntime(handler) as model:
+        result = await model.infer(inputs[0])
+        assert next(handler.module.parameters()).dtype == torch.bfloat16
+    assert result.dtype == np.float32  # numpy has no bfloat16: widened on the way out
+    assert_allclose(result, direct(make_mlp(), inputs[:1])[0], rtol=0.05, atol=0.05)
+
+
+async def test_compile_is_applied_and_warmed_up(inputs: np.ndarray) -> None:
+    handler = mds.TorchHandler(make_mlp, compile={"backend": "eager"}, examples=[inputs[0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's own deprecations
+        async with mds.ModelRuntime(handler, BATCHED) as model:
+            assert type(handler.module).__name__ == "OptimizedModule"
+            results = await serve_all(model, list(inputs[:4]))
+    assert_allclose(np.stack(results), direct(make_mlp(), inputs[:4]), rtol=1e-5)
+
+
+class Summer(torch.nn.Module):  # type: ignore[misc]
+    """Sums each sequence's real (unmasked) values: padding must not count."""
+
+    def forward(self, values: Any, mask: Any) -> Any:
+        return (values * mask).sum(dim=1)
+
+
+async def test_padded_sequences_reach_the_module_with_their_mask() -> None:
+    class Sequences(mds.TorchHandler):
+        collator = mds.Pad(0.0)
+
+    requests = [np.arange(n, dtype=np.float32) + 1 for n in (1, 5, 3, 7)]
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4, max_queue_delay=0.01))
+    async with mds.ModelRuntime(Sequences(Summer), config) as model:
+        results = await serve_all(model, requests)
+    assert [float(r) for r in results] == [float(r.sum()) for r in requests]
+
+
+def test_a_handler_needs_exactly_one_source(saved: dict[str, Path]) -> None:
+    with pytest.raises(mds.ConfigError, match="exactly one source"):
+        mds.TorchHandler()
+    with pytest.raises(mds.ConfigError, match="got module, torchscript"):
+        mds.TorchHandler(make_mlp, torchscript=saved["torchscript"])
+    with pytest.raises(mds.ConfigError, match="give module too"):
+        mds.TorchHandler(torchscript=saved["torchscript"], weights=saved["weights"])
+    with pytest.raises(mds.ConfigError, match="dtype 'int8' is not one of"):
+        mds.TorchHandler(make_mlp, dtype="int8")  # type: ignore[arg-type]
+
+
+async def test_a_factory_that_makes_no_module_fails_the_start() -> None:
+    model = mds.ModelRuntime(mds.TorchHandler(lambda: "not a module"))  # type: ignore[arg-type,return-value]
+    with pytest.raises(mds.LifecycleError, match=r"returned str, not a torch\.nn\.Module"):
+        async with model:
+            pass
+
+
+async def test_a_bad_request_fails_alone(inputs: np.ndarray) -> None:
+    requests: list[Any] = [*inputs[:3], np.zeros(5, np.float32)]
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4, max_queue_delay=0.01))
+    async with mds.ModelRuntime(mds.TorchHandler(make_mlp), config) as model:
+        results: list[Any] = []
+        for request in requests:
+            try:
+                results.append(await model.infer(request))
+            except mds.MdsError as exc:
+                results.append(exc)
+    assert_allclose(np.stack(results[:3]), direct(make_mlp(), inputs[:3]), rtol=1e-5)
+    assert isinstance(results[3], mds.InferenceError)
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(results[3])

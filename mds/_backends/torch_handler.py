@@ -14,7 +14,8 @@ import numpy as np
 
 from .._batching.collate import Collator, Padded, Stack, _WithLengths
 from .._deps import require
-from .._errors import ConfigError
+from .._devices.device import Device
+from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class TorchHandler(ModelHandler[Any, Any]):
         returned on the CPU: ``init`` moves it to the device.
         """
         th = _torch()
-        device = th.device(context.device.name)
+        device = self.torch_device(context.device)
         if self.torchscript is not None:
             return cast("torch.nn.Module", th.jit.load(str(self.torchscript), map_location=device))
         if self.exported is not None:
@@ -150,12 +151,27 @@ class TorchHandler(ModelHandler[Any, Any]):
             module.load_state_dict(state)
         return cast("torch.nn.Module", module)
 
+    def torch_device(self, device: Device) -> torch.device:
+        """The torch device for ``device``; override to run on a kind of your own.
+
+        Raises:
+            DeviceError: torch has no such device.
+        """
+        th = _torch()
+        try:
+            return cast("torch.device", th.device(device.name))
+        except RuntimeError as exc:
+            raise DeviceError(
+                f"torch has no device {device}: {exc}; for a device kind of your own, "
+                "override TorchHandler.torch_device"
+            ) from None
+
     def init(self, context: ModelContext) -> None:
         """Load the module onto ``context.device``; apply the thread budget."""
         torch = _torch()
         if context.threads is not None:
             torch.set_num_threads(context.threads)
-        self.device = torch.device(context.device.name)
+        self.device = self.torch_device(context.device)
         self._dtype = getattr(torch, self.dtype) if self.dtype is not None else None
         module = self.load(context)
         module = module.to(self.device)

@@ -185,7 +185,7 @@ def test_the_readme_code_runs() -> None:
     pytest.importorskip("torch")
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("flask")
-    handler, fastapi_block, flask_block, batching_block, testing_block = readme_blocks()
+    handler, fastapi_block, flask_block, batching_block, _, testing_block = readme_blocks()
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + fastapi_block, namespace)
     with fastapi.TestClient(namespace["app"]) as client:
@@ -250,3 +250,38 @@ def test_minilm() -> None:
     assert "minilm-torch: 6 sentences in batches" in out
     assert "embeddings: (6, 384), norms [1. 1. 1. 1. 1. 1.]" in out
     assert re.search(r"torch vs onnx: max difference \d\.\d+e-0[5-9]", out)
+
+
+def test_the_readme_backends_code_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    import numpy as np
+
+    import mds
+
+    def make_mlp() -> Any:
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(make_mlp().state_dict(), "mlp.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            make_mlp(),
+            (torch.zeros(1, 4),),
+            "scorer.onnx",
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+            dynamo=False,
+        )
+    block = readme_blocks()[4]
+    namespace: dict[str, Any] = {"__name__": "readme", "mds": mds, "make_mlp": make_mlp}
+    exec(block, namespace)
+    runtime = namespace["runtime"]
+    with runtime:
+        row = np.ones(4, np.float32)
+        assert runtime.serve_sync("mlp", row).shape == (2,)
+        assert runtime.serve_sync("scorer", {"x": row}).shape == (2,)
+        assert runtime.health_sync().ready

@@ -261,8 +261,13 @@ class OnnxHandler(ModelHandler[Any, Any]):
 
     # -- a request --------------------------------------------------------------
 
-    def preprocess(self, request: Any) -> Any:
-        """Check the request against the model's inputs (see :meth:`check`)."""
+    async def preprocess(self, request: Any) -> Any:
+        """Check the request against the model's inputs (see :meth:`check`).
+
+        Cheap, so it runs on the event loop (no thread hop). A subclass that
+        decodes or tokenises should override it with a plain ``def`` that
+        calls :meth:`check` at the end.
+        """
         return self.check(request)
 
     def check(self, request: Any) -> dict[str, np.ndarray]:

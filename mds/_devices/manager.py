@@ -45,8 +45,8 @@ class DeviceManager:
 
     Example:
         >>> manager = mds.DeviceManager.default()
-        >>> [info.device.name for info in manager.devices()]
-        ['cpu', 'cuda:0', 'cuda:1']
+        >>> print(*(info.device for info in manager.devices()))
+        cpu cuda:0 cuda:1
 
     Added in 0.2.
     """

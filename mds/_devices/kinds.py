@@ -7,6 +7,7 @@ only if it is installed.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -110,9 +111,7 @@ def _torch() -> ModuleType | None:
         return module
     if importlib.util.find_spec("torch") is None:
         return None
-    import torch
-
-    return torch
+    return importlib.import_module("torch")
 
 
 def _message_says(exc: BaseException, *phrases: str) -> bool:

@@ -216,3 +216,25 @@ def devices(gpus: FakeGpus) -> mds.DeviceManager:
     manager = mds.DeviceManager(worker_index=0)
     manager.register(gpus)
     return manager
+
+
+async def serve_together(model: mds.ModelRuntime[Any, Any], requests: Sequence[Any]) -> list[Any]:
+    """Send every request at once; each one's result or mds error, in order."""
+    results: list[Any] = [None] * len(requests)
+
+    async def call(index: int) -> None:
+        try:
+            results[index] = await model.infer(requests[index])
+        except mds.MdsError as exc:
+            results[index] = exc
+
+    async with anyio.create_task_group() as tasks:
+        for index in range(len(requests)):
+            tasks.start_soon(call, index)
+    return results
+
+
+@pytest.fixture(scope="session")
+def serve_all() -> Callable[..., Awaitable[list[Any]]]:
+    """``await serve_all(model, requests)``: see ``serve_together``."""
+    return serve_together

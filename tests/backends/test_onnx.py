@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
@@ -59,21 +58,6 @@ def expected(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return result
 
 
-async def serve_all(model: mds.ModelRuntime[Any, Any], requests: list[Any]) -> list[Any]:
-    results: list[Any] = [None] * len(requests)
-
-    async def call(index: int) -> None:
-        try:
-            results[index] = await model.infer(requests[index])
-        except mds.MdsError as exc:
-            results[index] = exc
-
-    async with anyio.create_task_group() as tasks:
-        for index in range(len(requests)):
-            tasks.start_soon(call, index)
-    return results
-
-
 BATCHED = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8, max_queue_delay=0.01))
 
 
@@ -90,7 +74,7 @@ def onnx_file(onnx_model: bytes, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("from_file", [False, True])
 async def test_a_batched_model_serves_what_it_computes(
-    onnx_model: bytes, onnx_file: Path, from_file: bool
+    onnx_model: bytes, onnx_file: Path, from_file: bool, serve_all: Any
 ) -> None:
     source: Any = onnx_file if from_file else onnx_model
     rng = np.random.default_rng(0)
@@ -108,7 +92,7 @@ async def test_a_batched_model_serves_what_it_computes(
     assert [int(r["best"]) for r in results] == list(expected(x, ids).argmax(axis=1))
 
 
-async def test_bad_requests_fail_alone_naming_the_input(onnx_model: bytes) -> None:
+async def test_bad_requests_fail_alone_naming_the_input(onnx_model: bytes, serve_all: Any) -> None:
     good = {"x": np.ones(4, np.float32), "ids": np.int64(1)}
     bad: list[tuple[Any, str]] = [
         (

@@ -67,6 +67,9 @@ class Instance:
         self._teardown = off_loop(handler.teardown, own)
         self._warmup = off_loop(handler.warmup, shared)
         self._health = off_loop(handler.health, shared)
+        # A plain infer runs on the one thread, batches in order of arrival:
+        # the batcher may hand the next over while one computes.
+        self.queues_batches = not is_async(handler.infer)
         self._collates = overrides(handler, "collate") or handler.collator is not None
         self._splits = overrides(handler, "split") or handler.collator is not None
         self._compute: Callable[[list[Any]], Any]

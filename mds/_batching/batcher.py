@@ -48,6 +48,10 @@ class Worker(Protocol):
     """What computes batches: a model instance."""
 
     index: int
+    #: Whether the worker runs its batches one at a time in order of
+    #: arrival (on its own thread), so the next batch can be handed over
+    #: while one computes.
+    queues_batches: bool
 
     async def compute(self, values: list[Any]) -> list[Any]:
         """Per item, its output or an exception instance; raise if the batch failed."""
@@ -67,6 +71,16 @@ class Worker(Protocol):
 
 
 W = TypeVar("W", bound=Worker)
+
+
+class _Slot:
+    """One worker's batches in flight, as its feeders see them."""
+
+    __slots__ = ("computing", "finished")
+
+    def __init__(self) -> None:
+        self.computing = 0
+        self.finished = -math.inf  # when its last batch came back
 
 
 class BatchStats:
@@ -106,6 +120,7 @@ class Batcher(Generic[W]):
         self._running = 0  # items in the batches being computed
         self._idle: list[fast.Waiter] = []  # workers waiting for any item
         self._delaying: list[fast.Waiter] = []  # workers waiting for a batch to grow
+        self._want_full: list[fast.Waiter] = []  # busy workers waiting for a full batch
         self._deadlines: list[tuple[float, int, Item]] = []  # out-of-order ones
         self._running_batches: dict[int, list[Item]] = {}
         self._watch_until = math.inf
@@ -209,6 +224,8 @@ class Batcher(Generic[W]):
             self._idle.pop().set_result(None)
         if self._delaying:
             self._wake_delaying()
+        if self._want_full and queue.count >= self._max_cost:
+            self._wake_all(self._want_full)
         return item
 
     def abandon(self, item: Item) -> None:
@@ -221,11 +238,8 @@ class Batcher(Generic[W]):
         """Take no more work: workers return once the queue is empty."""
         self._closed = True
         self._limits = (0,) * len(self._limits)
-        for waiter in self._idle + self._delaying:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._idle.clear()
-        self._delaying.clear()
+        for waiters in (self._idle, self._delaying, self._want_full):
+            self._wake_all(waiters)
 
     def fail_queued(self, message: str) -> None:
         """Answer every queued item with :class:`Unavailable`."""
@@ -304,38 +318,64 @@ class Batcher(Generic[W]):
     # -- workers --------------------------------------------------------------
 
     async def serve(self, worker: W) -> None:
-        """Feed batches to ``worker`` until closed and empty."""
+        """Feed batches to ``worker`` until closed and empty.
+
+        A worker that queues batches gets two feeders. While one batch
+        computes, the other may hand over the next one, if it is full, so
+        the worker's thread goes straight on to it instead of idling while
+        the loop answers the last batch's callers and forms the next. A
+        batch that is not full waits for the worker to be free, as it may
+        still grow.
+        """
+        slot = _Slot()
+        if not worker.queues_batches:
+            await self._feed(worker, slot, alone=True)
+            return
+        async with anyio.create_task_group() as feeders:
+            feeders.start_soon(self._feed, worker, slot, False)
+            await self._feed(worker, slot, alone=False)
+
+    async def _feed(self, worker: W, slot: _Slot, alone: bool) -> None:
         backlog = False
         while True:
-            batch = await self._next_batch(backlog)
+            batch = await self._next_batch(backlog, None if alone else slot)
             if batch is None:
                 return
+            handed = self._clock()
+            slot.computing += 1
             self._busy += 1
             self._running += len(batch)
             self._running_batches[id(batch)] = batch
             try:
-                await self._run(worker, batch)
+                await self._run(worker, batch, handed, slot)
             finally:
+                slot.computing -= 1
                 self._busy -= 1
                 self._running -= len(batch)
                 del self._running_batches[id(batch)]
             backlog = self.queue.count > 0
 
-    async def _next_batch(self, backlog: bool) -> list[Item] | None:
-        """Wait for work and form the next batch; ``None`` when closed and empty."""
+    async def _next_batch(self, backlog: bool, slot: _Slot | None) -> list[Item] | None:
+        """Wait for work and form the next batch; ``None`` when closed and empty.
+
+        With ``slot`` (the worker's, when it has two feeders): while the
+        worker computes, only a full batch is taken.
+        """
         queue = self.queue
         while True:
-            if not queue.count:
-                if self._closed:
+            busy = slot is not None and slot.computing > 0 and not self._closed
+            if not queue.count or (busy and queue.count < self._max_cost):
+                if self._closed and not queue.count:
                     return None
-                backlog = False
+                backlog = backlog and busy
                 waiter = self._new_waiter()
-                self._idle.append(waiter)
+                waiters = self._want_full if busy else self._idle
+                waiters.append(waiter)
                 try:
                     await waiter
                 finally:
-                    if waiter in self._idle:
-                        self._idle.remove(waiter)
+                    if waiter in waiters:
+                        waiters.remove(waiter)
                 continue
             lane = queue.next_lane()
             if lane is None:  # pragma: no cover - a miscount; never loop on it
@@ -351,6 +391,18 @@ class Batcher(Generic[W]):
             if not batch:
                 continue
             if cost < limit and not self._closed:
+                if busy:
+                    # Not full (other keys or costs fill the queue): wait for
+                    # the worker, or for more requests.
+                    queue.put_back(lane, batch)
+                    waiter = self._new_waiter()
+                    self._want_full.append(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        if waiter in self._want_full:
+                            self._want_full.remove(waiter)
+                    continue
                 until = self._grow_until(batch, cost, backlog, now)
                 if until is not None:
                     queue.put_back(lane, batch)
@@ -427,25 +479,25 @@ class Batcher(Generic[W]):
                 self._delaying.remove(waiter)
 
     def _wake_delaying(self) -> None:
-        for waiter in self._delaying:
+        self._wake_all(self._delaying)
+
+    @staticmethod
+    def _wake_all(waiters: list[fast.Waiter]) -> None:
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._delaying.clear()
+        waiters.clear()
 
-    async def _run(self, worker: W, batch: list[Item]) -> None:
+    async def _run(self, worker: W, batch: list[Item], handed: float, slot: _Slot) -> None:
         """Compute ``batch`` on ``worker`` and settle every item in it."""
         stats = self.stats
-        started = self._clock()
         if batch[0].length is None:
             padding = 0.0
         else:
             lengths = [item.length or 0 for item in batch]
             padding = 1.0 - sum(lengths) / (len(lengths) * max(lengths))
-        info = BatchInfo(len(batch), sum(item.cost for item in batch), padding, started)
+        info = BatchInfo(len(batch), sum(item.cost for item in batch), padding, handed)
         info.instance = worker.index
-        waits = [started - item.enqueued for item in batch]
-        stats.queue_wait_seconds += sum(waits)
-        stats.recent_waits.extend(waits)
         try:
             outcomes = await self._isolate(worker, batch)
         except BaseException:
@@ -454,7 +506,14 @@ class Batcher(Generic[W]):
                 item.settle(Unavailable(f"{self._where}: stopped while computing this request"))
             raise
         finally:
-            info.infer_seconds = self._clock() - started
+            # A batch handed over early started when the one before it ended.
+            finished = self._clock()
+            started = info.started = max(handed, slot.finished)
+            slot.finished = finished
+            info.infer_seconds = finished - started
+            waits = [started - item.enqueued for item in batch]
+            stats.queue_wait_seconds += sum(waits)
+            stats.recent_waits.extend(waits)
             stats.batches += 1
             stats.batched_items += info.size
             stats.batched_cost += info.cost

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -277,6 +278,107 @@ async def test_several_instances_run_several_batches_at_once() -> None:
         assert model.statistics().queued >= 6  # 3 batches (of up to 2) running, the rest waits
         gate.set()
     assert most == 3
+
+
+class Blocking(mds.ModelHandler[int, int]):
+    """A plain (thread) infer whose first batch blocks until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def infer(self, batch: Sequence[int]) -> list[int]:
+        self.batches.append(list(batch))
+        if len(self.batches) == 1:
+            self.started.set()
+            self.gate.wait(10)
+        return [x * 10 for x in batch]
+
+
+async def busy_with_first(model: mds.ModelRuntime[int, int], handler: Blocking, tasks: Any) -> None:
+    tasks.start_soon(model.infer, 0)
+    await anyio.to_thread.run_sync(handler.started.wait, 10)
+
+
+async def test_a_full_batch_is_handed_over_while_the_instance_computes() -> None:
+    handler = Blocking()
+    async with model_of(handler, max_batch_size=4) as model:
+        async with anyio.create_task_group() as tasks:
+            await busy_with_first(model, handler, tasks)
+            for i in range(1, 8):
+                tasks.start_soon(model.infer, i)
+            await anyio.wait_all_tasks_blocked()
+            # 1-4 make a full batch: handed to the instance, queued behind [0].
+            # 5-7 could still grow, so they wait for the instance to be free.
+            assert model.statistics().queued == 3
+            handler.gate.set()
+        stats = model.statistics()
+    assert [len(batch) for batch in handler.batches] == [1, 4, 3]  # tasks start in any order
+    assert sorted(x for batch in handler.batches for x in batch) == list(range(8))
+    assert stats.completed == 8
+    assert stats.infer_seconds < 5  # a handed-over batch is timed from its real start
+
+
+async def test_a_batch_that_is_not_full_waits_for_the_instance() -> None:
+    handler = Blocking()
+    async with model_of(handler, max_batch_size=4) as model:
+        async with anyio.create_task_group() as tasks:
+            await busy_with_first(model, handler, tasks)
+            for i in range(1, 4):
+                tasks.start_soon(model.infer, i)
+            await anyio.wait_all_tasks_blocked()
+            assert model.statistics().queued == 3
+            tasks.start_soon(model.infer, 4)  # now full: handed over
+            await anyio.wait_all_tasks_blocked()
+            assert model.statistics().queued == 0
+            handler.gate.set()
+    assert [sorted(batch) for batch in handler.batches] == [[0], [1, 2, 3, 4]]
+
+
+async def test_callers_of_a_handed_over_batch_can_leave(
+    answers: Callable[..., Awaitable[list[Any]]],
+) -> None:
+    handler = Blocking()
+    async with model_of(handler, max_batch_size=2) as model:
+        async with anyio.create_task_group() as tasks:
+            await busy_with_first(model, handler, tasks)
+            results: dict[int, list[Any]] = {}
+
+            async def call(x: int, give_up: float | None) -> None:
+                results[x] = await answers(lambda: model.infer(x), give_up=give_up)
+
+            tasks.start_soon(call, 1, 0.05)
+            tasks.start_soon(call, 2, None)
+            tasks.start_soon(call, 3, None)
+            await anyio.sleep(0.1)  # 1 gave up while its batch was handed over
+            handler.gate.set()
+        stats = model.statistics()
+    assert results == {1: ["gave up"], 2: [20], 3: [30]}
+    assert stats.cancelled == 1
+    assert model.state is mds.ModelState.STOPPED
+
+
+async def test_an_async_infer_never_gets_two_batches_at_once() -> None:
+    gate = anyio.Event()
+    running = most = 0
+
+    class Async(mds.ModelHandler[int, int]):
+        async def infer(self, batch: Sequence[int]) -> list[int]:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await gate.wait()
+            running -= 1
+            return list(batch)
+
+    async with model_of(Async(), max_batch_size=2) as model, anyio.create_task_group() as tasks:
+        for i in range(12):
+            tasks.start_soon(model.infer, i)
+        await anyio.wait_all_tasks_blocked()
+        assert model.statistics().queued == 10  # one batch of 2 running
+        gate.set()
+    assert most == 1
 
 
 async def test_lowering_the_limit_below_a_queued_cost_fails_that_request_alone() -> None:

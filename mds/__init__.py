@@ -38,6 +38,9 @@ from ._handler import ModelContext as ModelContext
 from ._handler import ModelHandler as ModelHandler
 from ._handler import ModelState as ModelState
 from ._model import ModelRuntime as ModelRuntime
+from ._pipeline.graph import Node as Node
+from ._pipeline.graph import Pipeline as Pipeline
+from ._pipeline.running import PipelineRuntime as PipelineRuntime
 from ._runtime import Runtime as Runtime
 from ._runtime import current_runtime as current_runtime
 from ._runtime import serve as serve
@@ -45,6 +48,9 @@ from ._runtime import serve_sync as serve_sync
 from ._status import CallTrace as CallTrace
 from ._status import ModelHealth as ModelHealth
 from ._status import ModelStatistics as ModelStatistics
+from ._status import NodeTrace as NodeTrace
+from ._status import PipelineHealth as PipelineHealth
+from ._status import PipelineTrace as PipelineTrace
 from ._status import RuntimeHealth as RuntimeHealth
 from ._status import Traced as Traced
 from ._version import __version__ as __version__
@@ -74,11 +80,17 @@ __all__ = [
     "ModelRuntime",
     "ModelState",
     "ModelStatistics",
+    "Node",
+    "NodeTrace",
     "NotReady",
     "OnnxHandler",
     "Overloaded",
     "Pad",
     "Padded",
+    "Pipeline",
+    "PipelineHealth",
+    "PipelineRuntime",
+    "PipelineTrace",
     "RequestError",
     "Runtime",
     "RuntimeHealth",

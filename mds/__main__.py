@@ -1,4 +1,4 @@
-"""The command line: ``python -m mds demo``."""
+"""The command line: ``python -m mds demo``, ``python -m mds pipeline show FILE``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--requests", type=int, default=3000, help="requests to send (default 3000)")
     demo.add_argument("--concurrency", type=int, default=64, help="concurrent callers (default 64)")
+    pipeline = commands.add_parser("pipeline", help="work with pipeline files")
+    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    show = pipeline_commands.add_parser(
+        "show", help="check a pipeline file and print its graph (text, Mermaid or DOT)"
+    )
+    show.add_argument("file", help="the pipeline's YAML file")
+    show.add_argument(
+        "--format",
+        choices=("text", "mermaid", "dot"),
+        default="text",
+        help="text (default), a Mermaid flowchart, or Graphviz DOT",
+    )
+    show.add_argument("--output", "-o", help="write to this file instead of printing")
     args = parser.parse_args(argv)
+    if args.command == "pipeline":
+        return _show_pipeline(args.file, args.format, args.output)
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -29,6 +44,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MdsError as exc:
             print(f"mds demo: {exc}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _show_pipeline(file: str, form: str, output: str | None) -> int:
+    import warnings
+
+    from ._pipeline.graph import Pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pipeline = Pipeline.load(file)
+        except MdsError as exc:
+            print(f"mds pipeline: {exc}", file=sys.stderr)
+            return 1
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    drawn = {"text": pipeline.to_text, "mermaid": pipeline.to_mermaid, "dot": pipeline.to_dot}
+    text = drawn[form]() + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(text)
+        print(f"wrote the {form} drawing of pipeline {pipeline.name!r} to {output}")
     return 0
 
 

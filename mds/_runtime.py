@@ -17,6 +17,8 @@ from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._model import ModelRuntime, check_name
+from ._pipeline.graph import Pipeline
+from ._pipeline.running import PipelineRuntime
 from ._status import ModelHealth, ModelStatistics, RuntimeHealth
 from ._sync import LoopBound
 
@@ -66,12 +68,14 @@ class Runtime(LoopBound):
         self.fail_fast = fail_fast
         self.devices: DeviceManager = devices if devices is not None else DeviceManager.default()
         self._models: dict[str, ModelRuntime[Any, Any]] = {}
+        self._pipelines: dict[str, PipelineRuntime] = {}
         self._hosted: dict[str, _Hosted] = {}
         self._tasks: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Runtime {state} models={sorted(self._models)}>"
+        pipelines = f" pipelines={sorted(self._pipelines)}" if self._pipelines else ""
+        return f"<Runtime {state} models={sorted(self._models)}{pipelines}>"
 
     @property
     def running(self) -> bool:
@@ -114,11 +118,93 @@ class Runtime(LoopBound):
                 f"cannot add model {name!r} to a running runtime; add models before starting it"
             )
         check_name(name)
-        if name in self._models:
-            raise ConfigError(f"a model named {name!r} was already added")
+        if name in self._models or name in self._pipelines:
+            raise ConfigError(f"a model or pipeline named {name!r} was already added")
         model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
         self._models[name] = model
         return model
+
+    @property
+    def pipelines(self) -> Mapping[str, PipelineRuntime]:
+        """The pipelines, by name (read-only)."""
+        return MappingProxyType(self._pipelines)
+
+    def add_pipeline(self, pipeline: Pipeline) -> PipelineRuntime:
+        """Add a pipeline; its model nodes start with the runtime.
+
+        Each model node with a handler becomes the model
+        ``<pipeline>.<node>``, with the node's config; a node that names a
+        model uses that model of this runtime (add it first). A node that
+        cannot be reached from the start is not loaded.
+
+        Returns:
+            The :class:`PipelineRuntime` that serves it.
+
+        Raises:
+            ConfigError: the name is taken (by a model or a pipeline), or a
+                node names a model this runtime does not have.
+            LifecycleError: the runtime is already running.
+        """
+        name = pipeline.name
+        if self.running:
+            raise LifecycleError(
+                f"cannot add pipeline {name!r} to a running runtime; add it before starting"
+            )
+        if name in self._models or name in self._pipelines:
+            raise ConfigError(f"a model or pipeline named {name!r} was already added")
+        models: dict[str, ModelRuntime[Any, Any]] = {}
+        for node in pipeline.nodes.values():
+            if node.kind != "model" or node.model_name is None:
+                continue
+            if node.model_name not in self._models:
+                known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
+                raise ConfigError(
+                    f"pipeline {name!r}, node {node.name!r}: no model named "
+                    f"{node.model_name!r} in this runtime (add it before the pipeline); "
+                    f"models: {known}"
+                )
+            models[node.name] = self._models[node.model_name]
+        reachable = pipeline.reachable()
+        own = [
+            (node, f"{name}.{node.name}")
+            for node in pipeline.nodes.values()
+            if node.kind == "model" and node.model_name is None and node.name in reachable
+        ]
+        for _, model_name in own:
+            if model_name in self._models:
+                raise ConfigError(
+                    f"pipeline {name!r}: a model named {model_name!r} was already added"
+                )
+        for node, model_name in own:
+            assert node.handler is not None
+            models[node.name] = self.add_model(
+                model_name, node.handler, node.config, version=node.version
+            )
+        served = PipelineRuntime(pipeline, models)
+        self._pipelines[name] = served
+        return served
+
+    def pipeline(self, name: str) -> PipelineRuntime:
+        """The pipeline called ``name``.
+
+        Raises:
+            ModelNotFound: there is no such pipeline; the message lists the names.
+        """
+        try:
+            return self._pipelines[name]
+        except KeyError:
+            known = ", ".join(repr(n) for n in sorted(self._pipelines)) or "none"
+            raise ModelNotFound(f"no pipeline named {name!r}; pipelines: {known}") from None
+
+    def _servable(self, name: str) -> ModelRuntime[Any, Any] | PipelineRuntime:
+        """The model or pipeline called ``name``."""
+        found = self._models.get(name) or self._pipelines.get(name)
+        if found is not None:
+            return found
+        known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
+        pipelines = ", ".join(repr(n) for n in sorted(self._pipelines))
+        extra = f"; pipelines: {pipelines}" if pipelines else ""
+        raise ModelNotFound(f"no model named {name!r}; this runtime serves: {known}{extra}")
 
     def model(self, name: str) -> ModelRuntime[Any, Any]:
         """The model called ``name``.
@@ -276,13 +362,13 @@ class Runtime(LoopBound):
         priority: int | None = None,
         trace: bool = False,
     ) -> Any:
-        """Serve one request with the model called ``model``.
+        """Serve one request with the model or pipeline called ``model``.
 
         Callable from any thread or event loop (forwarded to the runtime's own
         loop when needed).
 
         Args:
-            model: the model's name.
+            model: the model's (or pipeline's) name.
             request: the request, as the model's ``preprocess`` takes it.
             timeout: deadline in seconds from now; defaults to the model's.
             priority: priority level (0 is the highest); defaults to the model's.
@@ -297,12 +383,13 @@ class Runtime(LoopBound):
                 ``Overloaded``, ``InvalidInput``, ``DeadlineExceeded``,
                 ``InferenceError``).
         """
-        return await self.model(model).infer(
-            request,
-            timeout=timeout,
-            priority=priority,
-            trace=trace,
-        )
+        target = self._servable(model)
+        if isinstance(target, PipelineRuntime) and not self._at_home() and self._portal is not None:
+            call = functools.partial(
+                target.infer, request, timeout=timeout, priority=priority, trace=trace
+            )
+            return await self._call_from_elsewhere(call)
+        return await target.infer(request, timeout=timeout, priority=priority, trace=trace)
 
     def serve_sync(
         self,
@@ -318,7 +405,7 @@ class Runtime(LoopBound):
         Thread-safe; every call reuses the runtime's one loop.
         """
         call = functools.partial(
-            self.model(model).infer, request, timeout=timeout, priority=priority, trace=trace
+            self._servable(model).infer, request, timeout=timeout, priority=priority, trace=trace
         )
         return self._call_sync(call)
 
@@ -340,16 +427,23 @@ class Runtime(LoopBound):
             for name, model in self._models.items():
                 tasks.start_soon(check, name, model)
         models = {name: reports[name] for name in sorted(reports)}
+        pipelines = {name: self._pipelines[name].health(models) for name in sorted(self._pipelines)}
         live = self.running
         return RuntimeHealth(
-            live=live, ready=live and all(h.ready for h in models.values()), models=models
+            live=live,
+            ready=live and all(h.ready for h in models.values()),
+            models=models,
+            pipelines=pipelines,
         )
 
     def health_sync(self) -> RuntimeHealth:
         """Blocking form of :meth:`health`, for threads with no event loop."""
         if self._portal is None:  # not running: no loop to ask, nothing is ready
             models = {name: model._not_ready_report() for name, model in self._models.items()}
-            return RuntimeHealth(live=False, ready=False, models=dict(sorted(models.items())))
+            pipelines = {name: p.health(models) for name, p in sorted(self._pipelines.items())}
+            return RuntimeHealth(
+                live=False, ready=False, models=dict(sorted(models.items())), pipelines=pipelines
+            )
         return self._call_sync(self._health)
 
     def statistics(self) -> dict[str, ModelStatistics]:
@@ -381,13 +475,13 @@ async def serve(
     priority: int | None = None,
     trace: bool = False,
 ) -> Any:
-    """Serve one request with a model of the running runtime; for async routes.
+    """Serve one request with a model or pipeline of the running runtime; for async routes.
 
     Uses :func:`current_runtime`. Works in asyncio and trio apps, whichever
     loop or thread the runtime runs in.
 
     Args:
-        model: the model's name.
+        model: the model's (or pipeline's) name.
         request: the request, as the model's ``preprocess`` takes it.
         timeout: deadline in seconds from now; defaults to the model's.
         priority: priority level (0 is the highest); defaults to the model's.

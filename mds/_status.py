@@ -3,14 +3,24 @@
 # No `from __future__ import annotations`: msgspec reads these annotations at
 # run time, and mds/__init__.py gives the classes the public module "mds".
 
-from typing import Generic, TypeVar
+from typing import Generic
 
 import msgspec
+from typing_extensions import TypeVar
 
 from ._devices.device import DeviceInfo
 from ._handler import ModelState
 
-__all__ = ["CallTrace", "ModelHealth", "ModelStatistics", "RuntimeHealth", "Traced"]
+__all__ = [
+    "CallTrace",
+    "ModelHealth",
+    "ModelStatistics",
+    "NodeTrace",
+    "PipelineHealth",
+    "PipelineTrace",
+    "RuntimeHealth",
+    "Traced",
+]
 
 T = TypeVar("T")
 
@@ -40,20 +50,41 @@ class ModelHealth(msgspec.Struct, frozen=True, kw_only=True):
     devices: tuple[DeviceInfo, ...] = ()
 
 
+class PipelineHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """One pipeline's readiness: every model node's, together.
+
+    Attributes:
+        name: the pipeline's name.
+        ready: whether every model node is ready.
+        reason: which node is not ready and why; ``None`` when ready.
+        nodes: each model node's readiness, by node name.
+
+    Added in 0.2.
+    """
+
+    name: str
+    ready: bool
+    reason: str | None = None
+    nodes: dict[str, bool] = {}
+
+
 class RuntimeHealth(msgspec.Struct, frozen=True, kw_only=True):
-    """A runtime's liveness and readiness, overall and per model.
+    """A runtime's liveness and readiness, overall, per model and per pipeline.
 
     Attributes:
         live: the runtime is running (its event loop answers).
         ready: live, and every model is ready.
-        models: each model's health, by name.
+        models: each model's health, by name (a pipeline's model nodes are
+            models named ``pipeline.node``).
+        pipelines: each pipeline's health, by name.
 
-    Added in 0.1.
+    Added in 0.1; ``pipelines`` in 0.2.
     """
 
     live: bool
     ready: bool
     models: dict[str, ModelHealth]
+    pipelines: dict[str, PipelineHealth] = {}
 
 
 class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,19 +193,67 @@ class CallTrace(msgspec.Struct, frozen=True, kw_only=True):
     total_seconds: float
 
 
-class Traced(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
+class NodeTrace(msgspec.Struct, frozen=True, kw_only=True):
+    """One node's part in a pipeline call. Durations are seconds.
+
+    Attributes:
+        node: the node's name.
+        kind: ``"model"``, ``"function"``, ``"router"`` or ``"fan_out"``.
+        started: when the node started, from the start of the call.
+        seconds: how long the node took.
+        call: for a model node, its model call's trace (queue wait, batch
+            size and the rest).
+        route: for a router, the value it routed on.
+        branches: for a fan-out, each branch's trace.
+
+    Added in 0.2.
+    """
+
+    node: str
+    kind: str
+    started: float
+    seconds: float
+    call: CallTrace | None = None
+    route: str | None = None
+    branches: tuple["NodeTrace", ...] = ()
+
+
+class PipelineTrace(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one pipeline call went and where its time went.
+
+    Attributes:
+        pipeline: the pipeline's name.
+        path: the nodes taken, in order (a fan-out's branches are in its
+            :class:`NodeTrace`).
+        nodes: each node's trace, in the same order.
+        total_seconds: the whole call.
+
+    Added in 0.2.
+    """
+
+    pipeline: str
+    path: tuple[str, ...]
+    nodes: tuple[NodeTrace, ...]
+    total_seconds: float
+
+
+TraceT = TypeVar("TraceT", default=CallTrace)
+
+
+class Traced(msgspec.Struct, Generic[T, TraceT], frozen=True, kw_only=True):
     """A response with the trace of how it was computed (``trace=True``).
 
     Attributes:
         value: the response.
-        trace: where the call's time went.
+        trace: where the call's time went: a :class:`CallTrace` for a
+            model, a :class:`PipelineTrace` for a pipeline.
 
     Example:
         >>> result = await model.infer(x, trace=True)
         >>> result.value, result.trace.queue_wait, result.trace.batch_size
 
-    Added in 0.1.
+    Added in 0.1; pipelines' traces in 0.2.
     """
 
     value: T
-    trace: CallTrace
+    trace: TraceT

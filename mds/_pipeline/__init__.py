@@ -1,0 +1,1 @@
+"""Pipelines: graphs of models and functions served like one model."""

@@ -185,7 +185,8 @@ def test_the_readme_code_runs() -> None:
     pytest.importorskip("torch")
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("flask")
-    handler, fastapi_block, flask_block, batching_block, _, testing_block = readme_blocks()
+    blocks = readme_blocks()
+    handler, fastapi_block, flask_block, batching_block, _, pipeline_block, testing_block = blocks
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + fastapi_block, namespace)
     with fastapi.TestClient(namespace["app"]) as client:
@@ -206,6 +207,16 @@ def test_the_readme_code_runs() -> None:
     exec(handler + batching_block, namespace)
     assert namespace["config"].batching.max_batch_size == 64
     exec(handler + testing_block, {"__name__": "readme"})
+
+    namespace = {"__name__": "readme"}
+    exec(handler + pipeline_block, namespace)
+    runtime = namespace["runtime"]
+    runtime.start_sync()
+    try:
+        answer = runtime.serve_sync("triage", {"id": 7, "a": 1, "b": 2, "c": 3, "d": 4})
+        assert answer["id"] == 7 and set(answer) == {"label", "confidence", "id", "accept"}
+    finally:
+        runtime.stop_sync()
 
 
 def test_the_guides_include_every_example_verbatim() -> None:
@@ -285,3 +296,45 @@ def test_the_readme_backends_code_runs(tmp_path: Path, monkeypatch: pytest.Monke
         assert runtime.serve_sync("mlp", row).shape == (2,)
         assert runtime.serve_sync("scorer", {"x": row}).shape == (2,)
         assert runtime.health_sync().ready
+
+
+def test_the_seeds_pipeline() -> None:
+    pytest.importorskip("torch")
+    out = run("examples/pipeline_seed/run.py")
+    assert "warning: pipeline 'test_pipeline': node 'm2' (pipeline.nodes[1]) cannot be" in out
+    assert "models: test_pipeline.m1, test_pipeline.m3" in out
+    assert "'I love this, what a wonderful day' -> {'label': 'positive'" in out
+    assert "'awful food and rude staff' -> {'label': 'negative'" in out
+    assert "path: m1 -> m3" in out
+    assert "200 concurrent requests, all positive" in out
+    assert "a bad request fails alone: pipeline 'test_pipeline', node 'm1': expected" in out
+
+
+def test_the_ensemble_pipeline() -> None:
+    pytest.importorskip("torch")
+    out = run("examples/pipeline_ensemble.py")
+    error = re.search(r"300 concurrent requests, mean abs error ([\d.]+)", out)
+    assert error is not None and float(error[1]) < 0.15
+    assert "branch narrow: started at" in out and "branch wide: started at" in out
+
+
+def test_the_router_pipeline() -> None:
+    out = run("examples/pipeline_router.py")
+    assert "text     -> by_type -> text: {'words': 6}" in out
+    assert "numbers  -> by_type -> numbers: {'mean': 2.8, 'max': 5.0}" in out
+    assert "image    -> by_type -> fallback: {'error': \"no model for type 'image'\"}" in out
+    assert "bad input fails alone: pipeline 'analyse', node 'numbers': 'values' is empty" in out
+
+
+def test_the_scoring_pipeline_from_yaml() -> None:
+    pytest.importorskip("torch")
+    out = run("examples/pipeline_scoring.py")
+    assert "features    [function fraud_nodes:extract_features]  -> preprocess" in out
+    assert "{'id': 1, 'fraud_probability': 0.005, 'action': 'approve'}" in out
+    assert "'action': 'block'}" in out
+    assert re.search(r"500 transactions: \{'approve': \d+, 'review': \d+", out)
+    assert "bad input fails alone: pipeline 'fraud', node 'features'" in out
+    shown = run(
+        "-m", "mds", "pipeline", "show", "examples/scoring/pipeline.yaml", "--format", "dot"
+    )
+    assert '"preprocess" -> "model";' in shown

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import assert_type
+from typing import Any, assert_type
 
 import mds
 import mds.testing
@@ -52,3 +52,11 @@ async def typed_calls() -> None:
 def wrong_request_type_is_caught() -> None:
     model = mds.ModelRuntime(Classifier)
     model.infer_sync("not a list")  # type: ignore[call-overload]
+
+
+async def pipeline_traces() -> None:
+    runtime = mds.Runtime()
+    served = runtime.add_pipeline(mds.Pipeline("p", [mds.Node.function("f", abs)]))
+    traced = await served.infer(1.0, trace=True)
+    assert_type(traced, mds.Traced[Any, mds.PipelineTrace])
+    assert_type(traced.trace.path, tuple[str, ...])

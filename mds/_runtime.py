@@ -153,8 +153,9 @@ class Runtime(LoopBound):
         if name in self._models or name in self._pipelines:
             raise ConfigError(f"a model or pipeline named {name!r} was already added")
         models: dict[str, ModelRuntime[Any, Any]] = {}
+        reachable = pipeline.reachable()
         for node in pipeline.nodes.values():
-            if node.kind != "model" or node.model_name is None:
+            if node.kind != "model" or node.model_name is None or node.name not in reachable:
                 continue
             if node.model_name not in self._models:
                 known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
@@ -164,7 +165,6 @@ class Runtime(LoopBound):
                     f"models: {known}"
                 )
             models[node.name] = self._models[node.model_name]
-        reachable = pipeline.reachable()
         own = [
             (node, f"{name}.{node.name}")
             for node in pipeline.nodes.values()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -11,25 +11,11 @@ import numpy as np
 
 import mds
 
-
-async def serve_all(model: mds.ModelRuntime[Any, Any], requests: list[Any]) -> list[Any]:
-    """Send every request at once; each one's result or error, in order."""
-    results: list[Any] = [None] * len(requests)
-
-    async def call(index: int) -> None:
-        try:
-            results[index] = await model.infer(requests[index])
-        except mds.MdsError as exc:
-            results[index] = exc
-
-    async with anyio.create_task_group() as tasks:
-        for index in range(len(requests)):
-            tasks.start_soon(call, index)
-    return results
+Serve = Callable[[mds.ModelRuntime[Any, Any], list[Any]], Awaitable[list[Any]]]
 
 
 async def while_busy(
-    model: mds.ModelRuntime[Any, Any], recorder: Any, requests: list[Any]
+    model: mds.ModelRuntime[Any, Any], recorder: Any, requests: list[Any], serve_all: Serve
 ) -> list[Any]:
     """Serve ``requests`` all at once while the model computes (and holds) a first batch."""
     results: list[Any] = []
@@ -50,10 +36,12 @@ def gated_model(recorder: Any, **batching: Any) -> mds.ModelRuntime[Any, Any]:
     return mds.ModelRuntime(recorder, config)
 
 
-async def test_a_raising_infer_fails_only_the_items_at_fault(recorder: Any) -> None:
+async def test_a_raising_infer_fails_only_the_items_at_fault(
+    recorder: Any, serve_all: Serve
+) -> None:
     recorder.fail = {5, 11}
     async with gated_model(recorder) as model:
-        answers = await while_busy(model, recorder, list(range(16)))
+        answers = await while_busy(model, recorder, list(range(16)), serve_all)
         stats = model.statistics()
     for i, answer in enumerate(answers):
         if i in (5, 11):
@@ -68,10 +56,10 @@ async def test_a_raising_infer_fails_only_the_items_at_fault(recorder: Any) -> N
     assert stats.completed == 15 and stats.failed == 2
 
 
-async def test_isolation_can_be_turned_off(recorder: Any) -> None:
+async def test_isolation_can_be_turned_off(recorder: Any, serve_all: Serve) -> None:
     recorder.fail = {3}
     async with gated_model(recorder, isolate_failures=False) as model:
-        answers = await while_busy(model, recorder, list(range(8)))
+        answers = await while_busy(model, recorder, list(range(8)), serve_all)
         assert model.statistics().isolation_splits == 0
     assert all(isinstance(a, mds.InferenceError) for a in answers)
     assert "infer failed on a batch of 8" in str(answers[0])
@@ -91,7 +79,7 @@ class Images(mds.ModelHandler[Any, float]):
         return super().split(outputs, batch)
 
 
-async def test_collate_and_split_failures_are_isolated_too() -> None:
+async def test_collate_and_split_failures_are_isolated_too(serve_all: Serve) -> None:
     image = np.ones((2, 2))
     requests = [image, image * 2, np.ones((3, 3)), image * 3, np.full((2, 2), -0.25)]
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8))
@@ -129,7 +117,7 @@ class Fragile(mds.ModelHandler[int, int]):
         return list(outputs)
 
 
-async def test_no_user_code_error_stops_the_batcher() -> None:
+async def test_no_user_code_error_stops_the_batcher(serve_all: Serve) -> None:
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8))
     async with mds.ModelRuntime(Fragile(), config) as model:
         answers = await serve_all(model, [0, 1, 2, 3, 4, 5, 6])

@@ -8,7 +8,6 @@ Everything not re-exported here is private.
 from __future__ import annotations
 
 from ._backends.onnx_handler import OnnxHandler as OnnxHandler
-from ._backends.onnx_handler import TensorSpec as TensorSpec
 from ._backends.torch_handler import TorchHandler as TorchHandler
 from ._batching.collate import Collator as Collator
 from ._batching.collate import Pad as Pad
@@ -53,6 +52,7 @@ from ._status import PipelineHealth as PipelineHealth
 from ._status import PipelineTrace as PipelineTrace
 from ._status import RuntimeHealth as RuntimeHealth
 from ._status import Traced as Traced
+from ._tensors import TensorSpec as TensorSpec
 from ._version import __version__ as __version__
 
 __all__ = [

@@ -5,7 +5,7 @@
 
 import abc
 import enum
-from collections.abc import Awaitable, Hashable, Sequence
+from collections.abc import Awaitable, Hashable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, cast
 
 import msgspec
@@ -14,6 +14,7 @@ from typing_extensions import TypeVar
 from ._batching.collate import Collator
 from ._config import ModelConfig
 from ._devices.device import Device
+from ._tensors import TensorSpec
 
 __all__ = ["ModelContext", "ModelHandler", "ModelState"]
 
@@ -192,4 +193,17 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
 
     def teardown(self) -> Awaitable[None] | None:
         """Release what ``init`` acquired. Called once per started instance."""
+        return None
+
+    def signature(self) -> tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]] | None:
+        """The named tensors one request carries and one response gives, if known.
+
+        Called after ``init``. The transports' metadata routes report it (the
+        Open Inference Protocol's model metadata), and name a single
+        unnamed response after its one output. ``None`` (the default) when
+        the handler does not say. :class:`mds.OnnxHandler` reads it from
+        the model.
+
+        Added in 0.2.
+        """
         return None

@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, cast, overload
 
@@ -457,13 +457,26 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             DeadlineExceeded: the deadline passed first.
             InferenceError: ``infer`` or ``postprocess`` failed for it.
         """
-        # The per-request path: kept flat, since each call and await costs
-        # about as much here as the queue itself (benchmarks/batcher.py).
         if self._home != _get_ident() and self._portal is not None:
             call = functools.partial(
                 self.infer, request, timeout=timeout, priority=priority, trace=trace
             )
             return await self._call_from_elsewhere(call)
+        return await self._serve(request, timeout, priority, trace, False)
+
+    async def _serve(
+        self,
+        request: Any,
+        timeout: float | None,
+        priority: int | None,
+        trace: bool,
+        stream: bool,
+    ) -> Any:
+        """The per-request path, in the model's loop; ``stream`` gives the chunks.
+
+        Kept flat, since each call and await costs about as much here as the
+        queue itself (benchmarks/batcher.py).
+        """
         batcher, steps, counts = self._batcher, self._steps, self._counts
         if not self._ready or batcher is None or steps is None:
             raise self._refuse()
@@ -497,7 +510,12 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             if isinstance(outcome, BaseException):
                 raise outcome
             computed = self._clock() if trace else 0.0
-            response = outcome if steps.post is None else await steps.postprocess(outcome, deadline)
+            if stream:
+                response = steps.chunks(outcome, deadline)
+            elif steps.post is None:
+                response = outcome
+            else:
+                response = await steps.postprocess(outcome, deadline)
             counts.completed += 1
         except anyio.get_cancelled_exc_class():
             counts.cancelled += 1
@@ -580,6 +598,76 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             self.infer, request, timeout=timeout, priority=priority, trace=trace
         )
         return cast("ResponseT | Traced[ResponseT]", self._call_sync(call))
+
+    @property
+    def streams(self) -> bool:
+        """Whether the handler's ``postprocess`` yields: see :meth:`stream`.
+
+        Known once the model has started; ``False`` before.
+        """
+        steps = self._steps
+        return steps is not None and steps.streams
+
+    async def stream(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> AsyncIterator[Any]:
+        """Serve one request and yield its response in chunks, as they are made.
+
+        For a handler whose ``postprocess`` is a generator (``def`` or
+        ``async def`` with ``yield``): the request is batched and computed
+        like any other, then each value ``postprocess`` yields for it comes
+        out here at once. (:meth:`infer` on such a model returns the list of
+        all chunks.) A model whose ``postprocess`` does not yield gives its
+        whole response as one chunk. The deadline covers the whole stream;
+        leaving the loop early closes ``postprocess``'s generator.
+
+        Callable from any event loop; from another loop each chunk is
+        fetched from the model's own.
+
+        Raises:
+            MdsError: what :meth:`infer` raises, before the first chunk or,
+                for ``postprocess``'s errors, between chunks.
+
+        Added in 0.2.
+        """
+        if self._at_home() or self._portal is None:
+            chunks = await self._serve(request, timeout, priority, False, True)
+            async for chunk in chunks:
+                yield chunk
+            return
+        call = functools.partial(self._serve, request, timeout, priority, False, True)
+        chunks = await self._call_from_elsewhere(call)
+        try:
+            while (chunk := await self._call_from_elsewhere(_next_chunk, chunks)) is not _END:
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._call_from_elsewhere(chunks.aclose)
+
+    def stream_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> Iterator[Any]:
+        """Blocking form of :meth:`stream`, for threads without an event loop (Flask).
+
+        The request is sent when iteration begins; closing the iterator early
+        stops the stream.
+        """
+        call = functools.partial(self._serve, request, timeout, priority, False, True)
+        chunks = self._call_sync(call)
+        try:
+            while (chunk := self._call_sync(_next_chunk, chunks)) is not _END:
+                yield chunk
+        finally:
+            if self._portal is not None:
+                self._call_sync(chunks.aclose)
 
     async def _compute(
         self,
@@ -770,6 +858,14 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             init_seconds=counts.init_seconds,
             warmup_seconds=counts.warmup_seconds,
         )
+
+
+_END = object()
+
+
+async def _next_chunk(chunks: AsyncIterator[Any]) -> Any:
+    """The next chunk, or ``_END`` (a portal call cannot raise ``StopAsyncIteration``)."""
+    return await anext(chunks, _END)
 
 
 def _percentile(ordered: list[float], q: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
@@ -408,6 +408,50 @@ class Runtime(LoopBound):
             self._servable(model).infer, request, timeout=timeout, priority=priority, trace=trace
         )
         return self._call_sync(call)
+
+    async def stream(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> AsyncIterator[Any]:
+        """Serve one request and yield its response in chunks: see :meth:`ModelRuntime.stream`.
+
+        A pipeline, like a model whose ``postprocess`` does not yield, gives
+        its whole response as one chunk.
+
+        Raises:
+            ModelNotFound: no such model.
+            MdsError: the errors :meth:`serve` raises.
+
+        Added in 0.2.
+        """
+        target = self._servable(model)
+        if isinstance(target, PipelineRuntime):
+            yield await self.serve(model, request, timeout=timeout, priority=priority)
+            return
+        async for chunk in target.stream(request, timeout=timeout, priority=priority):
+            yield chunk
+
+    def stream_sync(
+        self,
+        model: str,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> Iterator[Any]:
+        """Blocking form of :meth:`stream`, for threads with no event loop (Flask).
+
+        Added in 0.2.
+        """
+        target = self._servable(model)
+        if isinstance(target, PipelineRuntime):
+            yield self.serve_sync(model, request, timeout=timeout, priority=priority)
+            return
+        yield from target.stream_sync(request, timeout=timeout, priority=priority)
 
     # -- what callers can read ----------------------------------------------
 

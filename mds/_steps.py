@@ -8,9 +8,10 @@ the batcher alone.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from typing import Any, cast
 
 import anyio
 
@@ -35,8 +36,15 @@ class Steps:
         self.pre: Callable[[Any], Awaitable[Any]] | None = (
             off_loop(handler.preprocess, threads) if overrides(handler, "preprocess") else None
         )
+        post = handler.postprocess
+        #: Whether ``postprocess`` yields: the model streams its responses.
+        self.streams = inspect.isgeneratorfunction(post) or inspect.isasyncgenfunction(post)
+        self._open = post
+        self._threads = threads
         self.post: Callable[[Any], Awaitable[Any]] | None = (
-            off_loop(handler.postprocess, threads) if overrides(handler, "postprocess") else None
+            (self._collect if self.streams else off_loop(post, threads))
+            if overrides(handler, "postprocess")
+            else None
         )
         collator = handler.collator
         self._cost = handler.cost if overrides(handler, "cost") else None
@@ -88,6 +96,67 @@ class Steps:
             raise InferenceError(
                 f"{self._where}: postprocess failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+    async def _collect(self, output: Any) -> list[Any]:
+        """A streaming postprocess's chunks, all of them (for a plain ``infer``)."""
+        return [chunk async for chunk in self.chunks(output, None)]
+
+    async def chunks(self, output: Any, deadline: float | None) -> AsyncIterator[Any]:
+        """The chunks a streaming ``postprocess`` yields for ``output``, as it makes them.
+
+        A plain generator runs in the model's threads, one hop per chunk; an
+        async one on the loop. Leaving early closes the generator. A
+        postprocess that does not yield gives its response as one chunk.
+        """
+        if not self.streams:
+            yield await self.postprocess(output, deadline)
+            return
+        if inspect.isasyncgenfunction(self._open):
+            agen = self._open(output)
+            try:
+                while True:
+                    try:
+                        chunk = await _within(anext, agen, deadline, self._where, "postprocess")
+                    except StopAsyncIteration:
+                        return
+                    except MdsError:
+                        raise
+                    except Exception as exc:
+                        raise self._stream_failed(exc) from exc
+                    yield chunk
+            finally:
+                await agen.aclose()
+        else:
+            gen = cast(Iterator[Any], self._open(output))
+            try:
+                while True:
+                    try:
+                        chunk = await _within(self._next, gen, deadline, self._where, "postprocess")
+                    except MdsError:
+                        raise
+                    except Exception as exc:
+                        raise self._stream_failed(exc) from exc
+                    if chunk is _END:
+                        return
+                    yield chunk
+            finally:
+                await self._threads.run(_close, gen)
+
+    async def _next(self, gen: Iterator[Any]) -> Any:
+        return await self._threads.run(next, gen, _END)
+
+    def _stream_failed(self, exc: Exception) -> InferenceError:
+        logger.error("%s: postprocess failed while streaming", self._where, exc_info=exc)
+        return InferenceError(
+            f"{self._where}: postprocess failed while streaming: {type(exc).__name__}: {exc}"
+        )
+
+
+_END = object()
+
+
+def _close(gen: Any) -> None:
+    gen.close()
 
 
 async def _within(

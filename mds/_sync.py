@@ -44,8 +44,22 @@ def process_portal() -> BlockingPortal:
     with _lock:
         if _portal is None:
             _portal = _start_loop_thread()
-            atexit.register(_stop_all)
+            _at_exit(_stop_all)
         return _portal
+
+
+def _at_exit(fn: Callable[[], None]) -> None:
+    """Call ``fn`` at interpreter exit while thread pools still take work.
+
+    ``atexit`` runs too late: by then ``concurrent.futures`` has shut every
+    executor, and a handler's ``teardown`` could not run in a thread. Hooks
+    registered here run before that (latest first), as the stdlib's own do.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - not CPython
+        atexit.register(fn)
+    else:
+        register(fn)
 
 
 def _start_loop_thread() -> BlockingPortal:

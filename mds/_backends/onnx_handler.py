@@ -20,6 +20,7 @@ from .._deps import require
 from .._devices.device import Device
 from .._errors import ConfigError, DeviceError, InvalidInput
 from .._handler import ModelContext, ModelHandler
+from .._tensors import TensorSpec
 
 __all__ = ["OnnxHandler", "TensorSpec"]
 
@@ -51,27 +52,6 @@ _OPTIMIZATION = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
-
-
-class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """One input or output of a model, as the model declares it.
-
-    Attributes:
-        name: the tensor's name.
-        dtype: its numpy dtype's name (``"float32"``, ``"int64"``, ``"object"``
-            for strings).
-        shape: its dimensions; a string or ``None`` for a dimension of any size.
-
-    Added in 0.2.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} ({self.dtype} [{dims}])"
 
 
 class _Sessions:
@@ -252,6 +232,22 @@ class OnnxHandler(ModelHandler[Any, Any]):
 
     def warmup(self) -> Sequence[Any] | None:
         return self.examples
+
+    def signature(self) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        """The model's inputs and outputs as one request carries them.
+
+        With a batch axis, a request is one item: the axis is left out.
+        """
+        if not self.batched:
+            return dict(self.inputs), dict(self.outputs)
+
+        def item(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
+            return {
+                name: msgspec.structs.replace(spec, shape=spec.shape[1:])
+                for name, spec in specs.items()
+            }
+
+        return item(self.inputs), item(self.outputs)
 
     def teardown(self) -> None:
         if self._key is not None:

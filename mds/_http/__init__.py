@@ -1,0 +1,1 @@
+"""Transports: the HTTP adapters and the Open Inference Protocol."""

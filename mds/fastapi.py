@@ -1,0 +1,441 @@
+"""Serve a runtime's models from your FastAPI (or any Starlette) app.
+
+One call adds mds's routes to your app and starts and stops the runtime with
+the app's lifespan::
+
+    app = FastAPI()
+    mds.fastapi.add_routes(app, runtime)
+
+Your own routes, middleware and auth stay as they are; ``await mds.serve``
+works in your routes beside mds's. The routes are plain ASGI endpoints: the
+request body is read raw and decoded with msgspec, with no validation layer
+in between, and a client that disconnects cancels its request in the batcher.
+
+Routes (under ``prefix``), each answering JSON:
+
+==========  ====================================  =========================================
+``GET``     ``/health/live``                      200 while the runtime runs, else 503
+``GET``     ``/health/ready``                     200 when every model is ready, else 503
+``GET``     ``/models``                           every model's and pipeline's metadata
+``GET``     ``/models/{name}``                    one model's metadata
+``GET``     ``/models/{name}/ready``              one model's health; 200 or 503
+``POST``    ``/models/{name}/infer``              JSON request in, JSON response out;
+                                                  server-sent events for a streaming model
+``...``     ``/v2/...``                           the Open Inference Protocol (KServe V2)
+==========  ====================================  =========================================
+
+Added in 0.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+
+from ._deps import require
+from ._http.service import EVENT_STREAM, Reply, Service, V2Call
+from ._model import ModelRuntime
+from ._runtime import Runtime
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from starlette.applications import Starlette
+
+__all__ = ["add_routes", "lifespan", "router"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def router(
+    runtime: Runtime,
+    *,
+    prefix: str = "",
+    v2: bool = True,
+    timeout_header: str = "Mds-Timeout",
+    priority_header: str = "Mds-Priority",
+    max_body_bytes: int = 64 * 1024 * 1024,
+    retry_after: int = 1,
+) -> APIRouter:
+    """An ``APIRouter`` with mds's routes for ``runtime``; include it in your app.
+
+    It does not start the runtime: use :func:`add_routes`, which does, or
+    enter ``runtime`` (or :func:`lifespan`) in your own lifespan.
+
+    Args:
+        runtime: the runtime whose models and pipelines are served.
+        prefix: a path prefix for every route, such as ``"/ml"``.
+        v2: also add the Open Inference Protocol routes under ``{prefix}/v2``.
+        timeout_header: the request header that sets a request's deadline,
+            in seconds (the model's own ``timeout`` still bounds it).
+        priority_header: the request header that sets a request's priority
+            level (0 is the highest).
+        max_body_bytes: a larger request body gets a 400 before it is read.
+        retry_after: the ``Retry-After`` seconds sent with a 429 or 503.
+
+    Raises:
+        MissingDependency: FastAPI is not installed (``pip install mds-serving[fastapi]``).
+    """
+    fastapi = require("fastapi", feature="mds.fastapi")
+    from starlette.routing import Route
+
+    service = Service(
+        runtime,
+        timeout_header=timeout_header,
+        priority_header=priority_header,
+        max_body_bytes=max_body_bytes,
+        retry_after=retry_after,
+    )
+    routes = _Routes(service)
+    found: APIRouter = fastapi.APIRouter(prefix=prefix)
+    table: list[tuple[str, str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = [
+        ("GET", "/health/live", routes.live),
+        ("GET", "/health/ready", routes.ready),
+        ("GET", "/models", routes.models),
+        ("GET", "/models/{name}", routes.metadata),
+        ("GET", "/models/{name}/ready", routes.model_ready),
+        ("POST", "/models/{name}/infer", routes.infer),
+    ]
+    if v2:
+        table += [
+            ("GET", "/v2/health/live", routes.live),
+            ("GET", "/v2/health/ready", routes.ready),
+            ("GET", "/v2", routes.server_metadata),
+            ("GET", "/v2/models/{name}", routes.metadata),
+            ("GET", "/v2/models/{name}/versions/{version}", routes.metadata),
+            ("GET", "/v2/models/{name}/ready", routes.v2_ready),
+            ("GET", "/v2/models/{name}/versions/{version}/ready", routes.v2_ready),
+            ("POST", "/v2/models/{name}/infer", routes.v2_infer),
+            ("POST", "/v2/models/{name}/versions/{version}/infer", routes.v2_infer),
+        ]
+    for method, path, endpoint in table:
+        # An ASGI callable (not a function) is served as it is: no request
+        # object, no dependency solving, no body validation in between.
+        found.routes.append(
+            Route(prefix + path, _Asgi(endpoint), methods=[method], include_in_schema=False)
+        )
+    return found
+
+
+def lifespan(runtime: Runtime) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """A FastAPI/Starlette lifespan that runs ``runtime`` for the app's lifetime.
+
+    Models load and warm up before the app takes its first request, and
+    drain when it shuts down. A runtime already running is left alone.
+    """
+
+    @asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[None]:
+        if runtime.running:
+            yield
+            return
+        async with runtime:
+            yield
+
+    return run
+
+
+def add_routes(
+    app: Starlette,
+    runtime: Runtime,
+    *,
+    prefix: str = "",
+    v2: bool = True,
+    timeout_header: str = "Mds-Timeout",
+    priority_header: str = "Mds-Priority",
+    max_body_bytes: int = 64 * 1024 * 1024,
+    retry_after: int = 1,
+) -> APIRouter:
+    """Add mds's routes to ``app`` and run ``runtime`` with the app's lifespan.
+
+    The runtime starts before the app's own lifespan (so your startup code
+    can already call ``mds.serve``) and stops after it. The arguments are
+    those of :func:`router`.
+
+    Returns:
+        The router that was included.
+
+    Example:
+        >>> app = FastAPI()
+        >>> mds.fastapi.add_routes(app, runtime, prefix="/ml")
+    """
+    found = router(
+        runtime,
+        prefix=prefix,
+        v2=v2,
+        timeout_header=timeout_header,
+        priority_header=priority_header,
+        max_body_bytes=max_body_bytes,
+        retry_after=retry_after,
+    )
+    app.router.routes.extend(found.routes)
+    inner = app.router.lifespan_context
+    outer = lifespan(runtime)
+
+    @asynccontextmanager
+    async def both(app: Any) -> AsyncIterator[Any]:
+        async with outer(app), inner(app) as state:
+            yield state
+
+    app.router.lifespan_context = both
+    return found
+
+
+class _Asgi:
+    """Wraps an endpoint so that Starlette serves it as a plain ASGI app."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(scope, receive, send)
+
+
+_GONE = object()  # the client disconnected
+
+
+class _ClientGone(Exception):
+    """The client disconnected before it sent the whole body."""
+
+
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class _Routes:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.runtime = service.runtime
+        self.timeout_header = service.timeout_header.lower().encode("latin-1")
+        self.priority_header = service.priority_header.lower().encode("latin-1")
+
+    # -- health and metadata ------------------------------------------------
+
+    async def live(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, self.service.live())
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._reply(send, self._ready)
+
+    async def _ready(self) -> Reply:
+        return self.service.ready(await self.runtime.health())
+
+    async def model_ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path_params"]["name"]
+        await self._reply(send, self._model_ready, name, False)
+
+    async def v2_ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        await self._reply(send, self._model_ready, params["name"], True, params.get("version"))
+
+    async def _model_ready(self, name: str, v2: bool, version: str | None = None) -> Reply:
+        self.service.target(name, version)
+        return self.service.model_ready(name, await self.runtime.health(), v2)
+
+    async def server_metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, self.service.server_metadata())
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, self.service.models())
+
+    async def metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        try:
+            reply = self.service.model_metadata(params["name"], params.get("version"))
+        except Exception as exc:
+            reply = self.service.error(exc)
+        await _send(send, reply)
+
+    async def _reply(self, send: Send, make: Callable[..., Awaitable[Reply]], *args: Any) -> None:
+        try:
+            reply = await make(*args)
+        except Exception as exc:
+            reply = self.service.error(exc)
+        await _send(send, reply)
+
+    # -- inference ----------------------------------------------------------
+
+    async def infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._infer(scope, receive, send, v2=False)
+
+    async def v2_infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._infer(scope, receive, send, v2=True)
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, *, v2: bool) -> None:
+        service = self.service
+        params = scope["path_params"]
+        name = params["name"]
+        call: V2Call | None = None
+        try:
+            headers = self._headers(scope)
+            body = await self._body(receive, headers)
+            timeout, priority = service.limits(headers)
+            if v2:
+                call = service.v2_request(
+                    name,
+                    params.get("version"),
+                    body,
+                    headers.get("inference-header-content-length"),
+                )
+                target, payload = call.target, call.inputs
+            else:
+                target, payload = service.target(name), service.json_request(body)
+            streams = isinstance(target, ModelRuntime) and target.streams
+            if streams or EVENT_STREAM in headers.get("accept", ""):
+                await self._stream(receive, send, name, payload, timeout, priority, call)
+                return
+            result = await _watching(
+                receive, self.runtime.serve(name, payload, timeout=timeout, priority=priority)
+            )
+            if result is _GONE:
+                return
+            if isinstance(result, _Failed):
+                raise result.exc
+            reply = (
+                service.v2_reply(call, result) if call is not None else service.json_reply(result)
+            )
+        except _ClientGone:
+            return
+        except Exception as exc:
+            reply = service.error(exc)
+        await _send(send, reply)
+
+    async def _stream(
+        self,
+        receive: Receive,
+        send: Send,
+        name: str,
+        payload: Any,
+        timeout: float | None,
+        priority: int | None,
+        call: V2Call | None,
+    ) -> None:
+        service = self.service
+        chunks = cast(
+            "AsyncGenerator[Any, None]",
+            self.runtime.stream(name, payload, timeout=timeout, priority=priority),
+        )
+
+        def event(chunk: Any) -> bytes:
+            if call is None:
+                return service.event(chunk)
+            return b"data: " + service.v2_reply(call, chunk, binary_ok=False).body + b"\n\n"
+
+        try:
+            chunk = await _watching(receive, anext(chunks, _GONE))
+            if chunk is _GONE:
+                return
+            if isinstance(chunk, _Failed):
+                await _send(send, service.error(chunk.exc))
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
+            while True:
+                try:
+                    data = event(chunk)
+                except Exception as exc:
+                    data = service.error_event(exc)
+                    chunk = _GONE
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if chunk is _GONE:
+                    break
+                chunk = await _watching(receive, anext(chunks, _GONE))
+                if isinstance(chunk, _Failed):
+                    data = service.error_event(chunk.exc)
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    break
+                if chunk is _GONE:
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
+
+    def _headers(self, scope: Scope) -> dict[str, str]:
+        """The headers the routes read, by the names :class:`Service` uses."""
+        found: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            if key == self.timeout_header:
+                found[self.service.timeout_header] = value.decode("latin-1")
+            elif key == self.priority_header:
+                found[self.service.priority_header] = value.decode("latin-1")
+            elif key in _READ:
+                found[key.decode("latin-1")] = value.decode("latin-1")
+        return found
+
+    async def _body(self, receive: Receive, headers: dict[str, str]) -> bytes:
+        limit = self.service.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit():
+            self.service.check_size(int(length))
+        message = await receive()
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body)
+        parts = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise self.service.too_large(size)
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+_READ = frozenset({b"content-length", b"accept", b"inference-header-content-length"})
+
+
+async def _watching(receive: Receive, work: Awaitable[Any]) -> Any:
+    """``await work``, cancelled if the client disconnects meanwhile.
+
+    Returns its result, a :class:`_Failed` with what it raised, or
+    ``_GONE`` when the client left.
+    """
+    outcome: Any = _GONE
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            outcome = await work
+        except Exception as exc:
+            outcome = _Failed(exc)
+        tasks.cancel_scope.cancel()
+    return outcome
+
+
+async def _send(send: Send, reply: Reply) -> None:
+    headers = [
+        (b"content-type", reply.content_type.encode("latin-1")),
+        (b"content-length", str(len(reply.body)).encode("latin-1")),
+    ]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})

@@ -1,0 +1,258 @@
+"""Serve a runtime's models from your Flask app.
+
+One call adds mds's routes to your app (as a Blueprint) and starts the
+runtime in mds's background event loop; it drains at interpreter exit::
+
+    app = Flask(__name__)
+    mds.flask.add_routes(app, runtime)
+
+Your own views stay as they are; ``mds.serve_sync`` works in them beside
+mds's routes. The routes are those of :mod:`mds.fastapi`, with the same
+bodies and the same error table. A WSGI server cannot tell a view that its
+client left, so a request whose client disconnects is still computed; give
+requests a deadline (the ``Mds-Timeout`` header, or the model's ``timeout``).
+
+Under gunicorn, call ``add_routes`` in each worker (the default; not with
+``--preload``, since the runtime's loop thread does not survive a fork).
+
+Added in 0.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._deps import require
+from ._http.service import EVENT_STREAM, Reply, Service, V2Call
+from ._model import ModelRuntime
+from ._runtime import Runtime
+
+if TYPE_CHECKING:
+    from flask import Blueprint, Flask, Response
+
+__all__ = ["add_routes", "blueprint"]
+
+
+def blueprint(
+    runtime: Runtime,
+    *,
+    name: str = "mds",
+    v2: bool = True,
+    timeout_header: str = "Mds-Timeout",
+    priority_header: str = "Mds-Priority",
+    max_body_bytes: int = 64 * 1024 * 1024,
+    retry_after: int = 1,
+) -> Blueprint:
+    """A Blueprint with mds's routes for ``runtime``; register it on your app.
+
+    It does not start the runtime: :func:`add_routes` does, or call
+    ``runtime.start_sync()`` yourself. The arguments are those of
+    :func:`mds.fastapi.router`; ``name`` is the Blueprint's name.
+
+    Raises:
+        MissingDependency: Flask is not installed (``pip install mds-serving[flask]``).
+    """
+    flask = require("flask", feature="mds.flask")
+    service = Service(
+        runtime,
+        timeout_header=timeout_header,
+        priority_header=priority_header,
+        max_body_bytes=max_body_bytes,
+        retry_after=retry_after,
+    )
+    views = _Views(service, flask)
+    found: Blueprint = flask.Blueprint(name, __name__)
+    table: list[tuple[str, str, Callable[..., Response]]] = [
+        ("GET", "/health/live", views.live),
+        ("GET", "/health/ready", views.ready),
+        ("GET", "/models", views.models),
+        ("GET", "/models/<name>", views.metadata),
+        ("GET", "/models/<name>/ready", views.model_ready),
+        ("POST", "/models/<name>/infer", views.infer),
+    ]
+    if v2:
+        table += [
+            ("GET", "/v2/health/live", views.live),
+            ("GET", "/v2/health/ready", views.ready),
+            ("GET", "/v2", views.server_metadata),
+            ("GET", "/v2/models/<name>", views.metadata),
+            ("GET", "/v2/models/<name>/versions/<version>", views.metadata),
+            ("GET", "/v2/models/<name>/ready", views.v2_ready),
+            ("GET", "/v2/models/<name>/versions/<version>/ready", views.v2_ready),
+            ("POST", "/v2/models/<name>/infer", views.v2_infer),
+            ("POST", "/v2/models/<name>/versions/<version>/infer", views.v2_infer),
+        ]
+    for index, (method, rule, view) in enumerate(table):
+        found.add_url_rule(rule, f"{view.__name__}_{index}", view, methods=[method])
+    return found
+
+
+def add_routes(
+    app: Flask,
+    runtime: Runtime,
+    *,
+    prefix: str = "",
+    name: str = "mds",
+    v2: bool = True,
+    timeout_header: str = "Mds-Timeout",
+    priority_header: str = "Mds-Priority",
+    max_body_bytes: int = 64 * 1024 * 1024,
+    retry_after: int = 1,
+) -> Blueprint:
+    """Add mds's routes to ``app`` and start ``runtime`` if it is not running.
+
+    The runtime starts now, in mds's background event loop (models load and
+    warm up before this returns), and is drained and stopped at interpreter
+    exit. The other arguments are those of :func:`blueprint`.
+
+    Returns:
+        The Blueprint that was registered.
+
+    Raises:
+        LifecycleError: a model failed to start.
+
+    Example:
+        >>> app = Flask(__name__)
+        >>> mds.flask.add_routes(app, runtime, prefix="/ml")
+    """
+    found = blueprint(
+        runtime,
+        name=name,
+        v2=v2,
+        timeout_header=timeout_header,
+        priority_header=priority_header,
+        max_body_bytes=max_body_bytes,
+        retry_after=retry_after,
+    )
+    app.register_blueprint(found, url_prefix=prefix or None)
+    if not runtime.running:
+        runtime.start_sync()
+    return found
+
+
+_END = object()
+
+
+class _Views:
+    def __init__(self, service: Service, flask: Any) -> None:
+        self.service = service
+        self.runtime = service.runtime
+        self.flask = flask
+
+    def _response(self, reply: Reply) -> Response:
+        response: Response = self.flask.Response(
+            reply.body, status=reply.status, content_type=reply.content_type
+        )
+        for key, value in reply.headers:
+            response.headers[key] = value
+        return response
+
+    def _answer(self, make: Callable[..., Reply], *args: Any) -> Response:
+        try:
+            reply = make(*args)
+        except Exception as exc:
+            reply = self.service.error(exc)
+        return self._response(reply)
+
+    # -- health and metadata ------------------------------------------------
+
+    def live(self) -> Response:
+        return self._response(self.service.live())
+
+    def ready(self) -> Response:
+        return self._answer(lambda: self.service.ready(self.runtime.health_sync()))
+
+    def model_ready(self, name: str) -> Response:
+        return self._answer(self._model_ready, name, False, None)
+
+    def v2_ready(self, name: str, version: str | None = None) -> Response:
+        return self._answer(self._model_ready, name, True, version)
+
+    def _model_ready(self, name: str, v2: bool, version: str | None) -> Reply:
+        self.service.target(name, version)
+        return self.service.model_ready(name, self.runtime.health_sync(), v2)
+
+    def server_metadata(self) -> Response:
+        return self._response(self.service.server_metadata())
+
+    def models(self) -> Response:
+        return self._response(self.service.models())
+
+    def metadata(self, name: str, version: str | None = None) -> Response:
+        return self._answer(self.service.model_metadata, name, version)
+
+    # -- inference ----------------------------------------------------------
+
+    def infer(self, name: str) -> Response:
+        return self._infer(name, None, v2=False)
+
+    def v2_infer(self, name: str, version: str | None = None) -> Response:
+        return self._infer(name, version, v2=True)
+
+    def _infer(self, name: str, version: str | None, *, v2: bool) -> Response:
+        service = self.service
+        request = self.flask.request
+        call: V2Call | None = None
+        try:
+            service.check_size(request.content_length)
+            body = request.get_data(cache=False)
+            timeout, priority = service.limits(request.headers)
+            if v2:
+                call = service.v2_request(
+                    name, version, body, request.headers.get("Inference-Header-Content-Length")
+                )
+                target, payload = call.target, call.inputs
+            else:
+                target, payload = service.target(name), service.json_request(body)
+            streams = isinstance(target, ModelRuntime) and target.streams
+            if streams or EVENT_STREAM in request.headers.get("Accept", ""):
+                return self._stream(name, payload, timeout, priority, call)
+            result = self.runtime.serve_sync(name, payload, timeout=timeout, priority=priority)
+            reply = (
+                service.v2_reply(call, result) if call is not None else service.json_reply(result)
+            )
+        except Exception as exc:
+            reply = service.error(exc)
+        return self._response(reply)
+
+    def _stream(
+        self,
+        name: str,
+        payload: Any,
+        timeout: float | None,
+        priority: int | None,
+        call: V2Call | None,
+    ) -> Response:
+        service = self.service
+        chunks = self.runtime.stream_sync(name, payload, timeout=timeout, priority=priority)
+        try:
+            first = next(chunks, _END)
+        except Exception as exc:
+            return self._response(service.error(exc))
+
+        def event(chunk: Any) -> bytes:
+            if call is None:
+                return service.event(chunk)
+            return b"data: " + service.v2_reply(call, chunk, binary_ok=False).body + b"\n\n"
+
+        def events() -> Iterator[bytes]:
+            try:
+                if first is _END:
+                    return
+                yield event(first)
+                for chunk in chunks:
+                    yield event(chunk)
+            except Exception as exc:
+                yield service.error_event(exc)
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+
+        response: Response = self.flask.Response(
+            events(), status=200, content_type="text/event-stream; charset=utf-8"
+        )
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        return response

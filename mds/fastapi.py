@@ -21,6 +21,7 @@ Routes (under ``prefix``), each answering JSON:
 ``GET``     ``/models/{name}/ready``              one model's health; 200 or 503
 ``POST``    ``/models/{name}/infer``              JSON request in, JSON response out;
                                                   server-sent events for a streaming model
+``GET``     ``/statistics``                       every model's counters
 ``...``     ``/v2/...``                           the Open Inference Protocol (KServe V2)
 ==========  ====================================  =========================================
 
@@ -29,12 +30,14 @@ Added in 0.2.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
+from ._batching.fast import _asyncio_loop
 from ._deps import require
 from ._http.service import EVENT_STREAM, Reply, Service, V2Call
 from ._model import ModelRuntime
@@ -100,6 +103,7 @@ def router(
         ("GET", "/models/{name}", routes.metadata),
         ("GET", "/models/{name}/ready", routes.model_ready),
         ("POST", "/models/{name}/infer", routes.infer),
+        ("GET", "/statistics", routes.statistics),
     ]
     if v2:
         table += [
@@ -241,6 +245,9 @@ class _Routes:
     async def _model_ready(self, name: str, v2: bool, version: str | None = None) -> Reply:
         self.service.target(name, version)
         return self.service.model_ready(name, await self.runtime.health(), v2)
+
+    async def statistics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, self.service.statistics())
 
     async def server_metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send(send, self.service.server_metadata())
@@ -414,6 +421,37 @@ async def _watching(receive: Receive, work: Awaitable[Any]) -> Any:
     Returns its result, a :class:`_Failed` with what it raised, or
     ``_GONE`` when the client left.
     """
+    if _asyncio_loop() is None:
+        return await _watching_anyio(receive, work)
+    # asyncio: one task waits for the disconnect and cancels ours; a task
+    # group would cost several times as much on this per-request path.
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def on_message(waiting: asyncio.Future[Message]) -> None:
+        nonlocal gone
+        if not waiting.cancelled() and waiting.exception() is None:
+            if waiting.result()["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+
+    watcher = asyncio.ensure_future(receive())
+    watcher.add_done_callback(on_message)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            return _GONE
+        raise
+    except Exception as exc:
+        return _Failed(exc)
+    finally:
+        watcher.remove_done_callback(on_message)
+        watcher.cancel()
+
+
+async def _watching_anyio(receive: Receive, work: Awaitable[Any]) -> Any:
     outcome: Any = _GONE
     async with anyio.create_task_group() as tasks:
 

@@ -70,6 +70,7 @@ def blueprint(
         ("GET", "/models/<name>", views.metadata),
         ("GET", "/models/<name>/ready", views.model_ready),
         ("POST", "/models/<name>/infer", views.infer),
+        ("GET", "/statistics", views.statistics),
     ]
     if v2:
         table += [
@@ -172,6 +173,9 @@ class _Views:
     def _model_ready(self, name: str, v2: bool, version: str | None) -> Reply:
         self.service.target(name, version)
         return self.service.model_ready(name, self.runtime.health_sync(), v2)
+
+    def statistics(self) -> Response:
+        return self._response(self.service.statistics())
 
     def server_metadata(self) -> Response:
         return self._response(self.service.server_metadata())

@@ -188,6 +188,9 @@ class Service:
     def _unless(self, ready: bool) -> tuple[tuple[str, str], ...]:
         return () if ready else self._retry
 
+    def statistics(self) -> Reply:
+        return Reply(200, _encoder.encode(self.runtime.statistics()))
+
     def server_metadata(self) -> Reply:
         meta = protocol.ServerMetadata(
             name="mds", version=__version__, extensions=["binary_tensor_data"]

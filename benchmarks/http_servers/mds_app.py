@@ -1,0 +1,59 @@
+"""(a) mds in a FastAPI app: the adapter's route and the user's own route."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import msgspec
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from model import MAX_BATCH, MAX_DELAY, make_model, run_batch
+
+import mds
+import mds.fastapi
+
+
+class MLP(mds.ModelHandler[dict[str, Any], dict[str, Any]]):
+    def init(self, context: mds.ModelContext) -> None:
+        self.model = make_model()
+
+    def warmup(self) -> list[dict[str, Any]]:
+        return [{"x": [0.0] * 256}]
+
+    def infer(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Everything per batch in the instance's thread: the loop only routes.
+        return [{"y": y} for y in run_batch(self.model, [r["x"] for r in batch])]
+
+
+runtime = mds.Runtime()
+runtime.add_model(
+    "mlp",
+    MLP,
+    mds.ModelConfig(
+        batching=mds.BatchingConfig(max_batch_size=MAX_BATCH, max_queue_delay=MAX_DELAY),
+        warmup_batch_sizes=(1, MAX_BATCH),
+    ),
+)
+app = FastAPI()
+mds.fastapi.add_routes(app, runtime)
+
+
+@app.post("/predict")
+async def predict(request: Request) -> Response:
+    # The user's own route: raw body, msgspec, then mds.serve.
+    body = msgspec.json.decode(await request.body())
+    result = await mds.serve("mlp", body)
+    return Response(msgspec.json.encode(result), media_type="application/json")
+
+
+if __name__ == "__main__":
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )

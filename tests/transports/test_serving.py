@@ -1,0 +1,104 @@
+"""What only a live server shows: lifespan, disconnects, many clients at once."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_runtime_follows_the_apps_lifespan(fastapi_server: Any) -> None:
+    served, events = fastapi_server
+    # mds started before the app's own lifespan ran, so its startup could use the models.
+    assert events[0] == "app starts; mds running: True"
+    assert served.runtime.running
+
+
+def _stats(served: Any, model: str) -> dict[str, Any]:
+    result: dict[str, Any] = served.client.get("/ml/statistics").json()[model]
+    return result
+
+
+def test_a_client_that_disconnects_cancels_its_request(fastapi_server: Any) -> None:
+    served, _ = fastapi_server
+    before = _stats(served, "slow")
+    with httpx.Client(base_url=served.url) as busy:
+        # Keep the model busy for a while...
+        import threading
+
+        first = threading.Thread(
+            target=lambda: busy.post("/ml/models/slow/infer", json=1.0), daemon=True
+        )
+        first.start()
+        time.sleep(0.2)
+        # ...queue a request behind it, and hang up before it is answered.
+        host, port = served.url.removeprefix("http://").split(":")
+        body = json.dumps(0.5).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /ml/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.2)
+        first.join(10)
+    deadline = time.monotonic() + 10
+    while True:
+        after = _stats(served, "slow")
+        if after["cancelled"] > before["cancelled"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert after["cancelled"] == before["cancelled"] + 1
+    # The queued request left the queue and was never computed.
+    assert after["batched_items"] == before["batched_items"] + 1
+    assert after["queued"] == 0
+
+
+def test_a_client_that_leaves_a_stream_closes_it(fastapi_server: Any) -> None:
+    served, _ = fastapi_server
+    with served.client.stream("POST", "/ml/models/words/infer", json="a b c d") as response:
+        first = next(response.iter_lines())
+    assert first == 'data: "a"'
+    assert served.client.get("/ml/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_many_clients_at_once(
+    fastapi_server: Any, anyio_backend: str, linear_reference: Any
+) -> None:
+    served, _ = fastapi_server
+    expected = {i: linear_reference([float(i), 1.0, 0.0, -1.0]) for i in range(200)}
+    failures: list[str] = []
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=served.url, limits=limits, timeout=30) as client:
+
+        async def one(i: int) -> None:
+            if i % 10 == 3:  # some bad requests among the good
+                response = await client.post("/ml/models/linear/infer", json=[1.0])
+                if response.status_code != 400:
+                    failures.append(f"{i}: {response.status_code}")
+                return
+            if i % 10 == 7:  # some that give up early
+                with anyio.move_on_after(0.001):
+                    await client.post("/ml/models/linear/infer", json=[1.0, 2.0, 3.0, 4.0])
+                return
+            response = await client.post("/ml/models/linear/infer", json=[float(i), 1.0, 0.0, -1.0])
+            scores = response.json()["scores"]
+            if any(abs(a - b) > 1e-4 for a, b in zip(scores, expected[i], strict=True)):
+                failures.append(f"{i}: {scores} != {expected[i]}")
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(200):
+                tasks.start_soon(one, i)
+        assert failures == []
+        stats = (await client.get("/ml/statistics")).json()["linear"]
+        assert stats["batches"] < stats["batched_items"]  # they were batched
+        assert (await client.get("/ml/health/live")).status_code == 200

@@ -1,35 +1,37 @@
-"""Serve a torch model from your own FastAPI app, with ``await mds.serve``.
+"""A FastAPI app with its own routes, plus the routes mds adds for every model.
 
 Run it:   python examples/fastapi_app.py          (PORT=8000 by default)
-Try it:   curl -X POST localhost:8000/classify -H 'content-type: application/json' \
+Try it:   python examples/client.py http://127.0.0.1:8000
+          curl -X POST localhost:8000/classify -H 'content-type: application/json' \
                -d "{\"features\": $(python -c 'print([0.5] * 16)')}"
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import JSONResponse
-from mlp_model import CONFIG, MLPClassifier
+from fastapi import FastAPI, HTTPException, Request
+from mlp_model import CONFIG, MLPClassifier, MLPProbabilities, MLPRanked
 from pydantic import BaseModel
 
 import mds
+import mds.fastapi
 
 runtime = mds.Runtime()
 runtime.add_model("mlp", MLPClassifier, CONFIG)
+runtime.add_model("mlp-probabilities", MLPProbabilities, CONFIG)
+runtime.add_model("mlp-ranked", MLPRanked, CONFIG)  # its postprocess yields: it streams
+
+app = FastAPI()
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with runtime:  # load and warm up before the first request; drain on shutdown
-        yield
-
-
-app = FastAPI(lifespan=lifespan)
+@app.middleware("http")
+async def served_by(request: Request, call_next: Any) -> Any:
+    # The app's own middleware: it runs for mds's routes too.
+    response = await call_next(request)
+    response.headers["x-served-by"] = "fastapi-example"
+    return response
 
 
 class Features(BaseModel):
@@ -38,20 +40,17 @@ class Features(BaseModel):
 
 @app.post("/classify")
 async def classify(body: Features) -> dict[str, Any]:
+    # The app's own route, calling the model directly.
     try:
         return await mds.serve("mlp", body.features)
-    except mds.RequestError as exc:
+    except mds.InvalidInput as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
-    except mds.Unavailable as exc:
-        raise HTTPException(status_code=503, detail=str(exc)) from None
-    except mds.DeadlineExceeded as exc:
-        raise HTTPException(status_code=504, detail=str(exc)) from None
 
 
-@app.get("/health")
-async def health() -> JSONResponse:
-    report = await runtime.health()
-    return JSONResponse({"ready": report.ready}, status_code=200 if report.ready else 503)
+# Adds /health/*, /models/*, /statistics and the Open Inference Protocol's
+# /v2/* for every model; loads the models before the first request and
+# drains them at shutdown, with the app's lifespan.
+mds.fastapi.add_routes(app, runtime)
 
 
 if __name__ == "__main__":

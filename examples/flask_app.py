@@ -1,7 +1,8 @@
-"""Serve a torch model from your own Flask app, with ``mds.serve_sync``.
+"""A Flask app with its own views, plus the routes mds adds for every model.
 
 Run it:   python examples/flask_app.py            (PORT=5000 by default)
-Try it:   curl -X POST localhost:5000/classify -H 'content-type: application/json' \
+Try it:   python examples/client.py http://127.0.0.1:5000
+          curl -X POST localhost:5000/classify -H 'content-type: application/json' \
                -d "{\"features\": $(python -c 'print([0.5] * 16)')}"
 """
 
@@ -11,36 +12,32 @@ import os
 from typing import Any
 
 from flask import Flask, request
-from mlp_model import CONFIG, MLPClassifier
+from mlp_model import CONFIG, MLPClassifier, MLPProbabilities, MLPRanked
 
 import mds
+import mds.flask
 
 runtime = mds.Runtime()
 runtime.add_model("mlp", MLPClassifier, CONFIG)
-# Runs the models in mds's background event loop; every view's call goes there,
-# whatever thread the WSGI server runs it in. Stopped (drained) at exit.
-runtime.start_sync()
+runtime.add_model("mlp-probabilities", MLPProbabilities, CONFIG)
+runtime.add_model("mlp-ranked", MLPRanked, CONFIG)
 
 app = Flask(__name__)
 
 
 @app.post("/classify")
 def classify() -> Any:
+    # The app's own view, calling the model directly.
     body = request.get_json(silent=True) or {}
     try:
         return mds.serve_sync("mlp", body.get("features"))
-    except mds.RequestError as exc:
+    except mds.InvalidInput as exc:
         return {"detail": str(exc)}, 400
-    except mds.Unavailable as exc:
-        return {"detail": str(exc)}, 503
-    except mds.DeadlineExceeded as exc:
-        return {"detail": str(exc)}, 504
 
 
-@app.get("/health")
-def health() -> Any:
-    report = runtime.health_sync()
-    return {"ready": report.ready}, 200 if report.ready else 503
+# Adds /health/*, /models/*, /statistics and /v2/* for every model. The
+# models start now, in mds's background event loop, and drain at exit.
+mds.flask.add_routes(app, runtime)
 
 
 if __name__ == "__main__":

@@ -6,33 +6,36 @@ model without downloading weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 import mds
 
 FEATURES = 16
 LABELS = ("cat", "dog", "fox", "owl")
+_BUILDING = threading.Lock()
 
 
 class MLPClassifier(mds.ModelHandler[list[float], dict[str, Any]]):
     """``[16 floats]`` → ``{"label": ..., "scores": {...}}``."""
 
     def init(self, context: mds.ModelContext) -> None:
-        torch.manual_seed(0)
         torch.set_num_threads(1)
         self.device = torch.device(context.device.name)
-        self.net = (
-            torch.nn.Sequential(
+        # torch's random generator is process-wide and models start in
+        # parallel: seed and build under a lock, so every copy is the same.
+        with _BUILDING:
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(
                 torch.nn.Linear(FEATURES, 64),
                 torch.nn.ReLU(),
                 torch.nn.Linear(64, len(LABELS)),
             )
-            .to(self.device)
-            .eval()
-        )
+        self.net = net.to(self.device).eval()
 
     def warmup(self) -> list[list[float]]:
         return [[0.0] * FEATURES, [1.0] * FEATURES]
@@ -51,6 +54,43 @@ class MLPClassifier(mds.ModelHandler[list[float], dict[str, Any]]):
         values = scores.tolist()
         best = max(range(len(LABELS)), key=values.__getitem__)
         return {"label": LABELS[best], "scores": dict(zip(LABELS, values, strict=True))}
+
+
+class MLPProbabilities(MLPClassifier):
+    """The same network, tensor in, tensor out: for the Open Inference Protocol.
+
+    A request is ``{"features": array of 16}`` (what a protocol client sends)
+    or the bare list; the response is ``{"probabilities": array of 4}``.
+    """
+
+    async def preprocess(self, request: Any) -> torch.Tensor:
+        if isinstance(request, dict):
+            request = request.get("features")
+        if isinstance(request, np.ndarray):
+            request = request.astype(np.float32).ravel().tolist()
+        return await super().preprocess(request)
+
+    async def postprocess(self, scores: torch.Tensor) -> dict[str, Any]:  # type: ignore[override]
+        return {"probabilities": scores.numpy()}
+
+    def signature(self) -> tuple[dict[str, mds.TensorSpec], dict[str, mds.TensorSpec]]:
+        return (
+            {"features": mds.TensorSpec(name="features", dtype="float32", shape=(FEATURES,))},
+            {
+                "probabilities": mds.TensorSpec(
+                    name="probabilities", dtype="float32", shape=(len(LABELS),)
+                )
+            },
+        )
+
+
+class MLPRanked(MLPClassifier):
+    """The same network, streaming: the labels from most to least likely, one at a time."""
+
+    def postprocess(self, scores: torch.Tensor) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        values = scores.tolist()
+        for index in sorted(range(len(LABELS)), key=values.__getitem__, reverse=True):
+            yield {"label": LABELS[index], "score": values[index]}
 
 
 CONFIG = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=32), timeout=2.0)

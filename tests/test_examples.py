@@ -94,7 +94,7 @@ def serving(example: str) -> Iterator[str]:
         while True:
             assert process.poll() is None, process.communicate()[0]
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -163,6 +163,29 @@ def test_app_examples_over_http(example: str) -> None:
         assert bad.json()["detail"] == "expected a list of 16 numbers"
         # The bad request failed alone: the app goes on serving.
         assert [a["label"] for a in classify_all(url)] == expected_labels()
+        # The routes mds added, through the example client.
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / "client.py"), url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+        assert lines["ready"] == "200 True"
+        assert lines["mds route"] == f"200 {expected_labels()[8]}"
+        json_values = lines["v2 json"].split(" ", 2)
+        binary_values = lines["v2 binary"].split(" ", 2)
+        assert json_values[:2] == binary_values[:2] == ["200", "probabilities"]
+        assert json_values[2] == binary_values[2]
+        assert lines["stream"].startswith("200 [")
+        assert lines["stream"].count("'") == 8  # four labels, best first
+        assert lines["bad input"] == "400 expected a list of 16 numbers"
+        assert lines["unknown model"] == "404 ModelNotFound"
+        assert lines["bad deadline header"].startswith("400 header Mds-Timeout")
+        mds_headers = httpx.get(f"{url}/health/live", timeout=10).headers
+        if example.startswith("fastapi"):
+            assert mds_headers["x-served-by"] == "fastapi-example"
 
 
 def readme_blocks() -> list[str]:
@@ -194,12 +217,19 @@ def test_the_readme_code_runs() -> None:
         assert answer.status_code == 200
         assert set(answer.json()) == {"label", "confidence"}
 
+        added = client.post("/models/classifier/infer", json=[0.1, 0.2, 0.3, 0.4])
+        assert added.json() == answer.json()
+        assert client.get("/v2/health/ready").status_code == 200
+
     namespace = {"__name__": "readme"}
     exec(handler + flask_block, namespace)
     try:
-        answer = namespace["flask_app"].test_client().post("/classify", json=[0.1, 0.2, 0.3, 0.4])
+        flask_client = namespace["flask_app"].test_client()
+        answer = flask_client.post("/classify", json=[0.1, 0.2, 0.3, 0.4])
         assert answer.status_code == 200
         assert set(answer.get_json()) == {"label", "confidence"}
+        added = flask_client.post("/models/classifier/infer", json=[0.1, 0.2, 0.3, 0.4])
+        assert added.get_json() == answer.get_json()
     finally:
         namespace["runtime"].stop_sync()
 

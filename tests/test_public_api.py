@@ -9,19 +9,22 @@ import sys
 import pytest
 
 import mds
+import mds.fastapi
+import mds.flask
 import mds.testing
 
-PUBLIC_MODULES = {"mds", "mds.testing"}
+PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask"}
 
 
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
-    exported -= {"testing", "annotations"}  # a public submodule; the __future__ import
+    # public submodules; the __future__ import
+    exported -= {"testing", "fastapi", "flask", "annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
 
 
-@pytest.mark.parametrize("module", [mds, mds.testing])
+@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask])
 def test_every_export_reports_a_public_module(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]
         obj = getattr(module, name)

@@ -306,10 +306,10 @@ def _unpack_bytes(raw: memoryview, where: str) -> list[bytes]:
     return items
 
 
-def _pack_bytes(array: np.ndarray) -> bytes:
+def _pack_bytes(array: np.ndarray, name: str) -> bytes:
     parts: list[bytes] = []
     for value in array.ravel():
-        data = value.encode() if isinstance(value, str) else bytes(value)
+        data = value.encode() if isinstance(value, str) else _raw(value, name)
         parts.append(struct.pack("<I", len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -362,7 +362,7 @@ def encode_outputs(
         shape = list(array.shape)
         if binary is True or (binary is not False and name in binary):
             if datatype == "BYTES":
-                data = _pack_bytes(array)
+                data = _pack_bytes(array, name)
             elif datatype == "BF16":
                 data = np.ascontiguousarray(array).view("<u2").tobytes()
             else:
@@ -388,11 +388,20 @@ def encode_outputs(
     return outputs, chunks
 
 
+def _raw(value: Any, name: str) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview | np.bytes_):
+        return bytes(value)
+    raise ValueError(
+        f"output {name!r} holds {type(value).__name__} values; the protocol carries "
+        "numbers, booleans and text (str or bytes)"
+    )
+
+
 def _as_text(value: Any, name: str) -> str:
     if isinstance(value, str):
         return value
     try:
-        return bytes(value).decode()
+        return _raw(value, name).decode()
     except UnicodeDecodeError:
         raise ValueError(
             f"output {name!r} holds bytes that are not UTF-8 text; ask for it with "

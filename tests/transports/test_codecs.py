@@ -115,6 +115,9 @@ def test_an_output_no_datatype_carries_is_named() -> None:
         encode_outputs({"z": np.zeros(2, np.complex64)}, False)
     with pytest.raises(ValueError, match="output 'b' holds bytes that are not UTF-8"):
         encode_outputs({"b": np.array([b"\xff"], dtype=object)}, False)
+    for binary in (False, True):
+        with pytest.raises(ValueError, match="output 'd' holds dict values"):
+            encode_outputs({"d": {"a": 1}}, binary)
 
 
 def test_torch_tensors_and_plain_values_are_outputs_too() -> None:

@@ -109,6 +109,7 @@ def serving(example: str) -> Iterator[str]:
             process.kill()
             output = process.communicate()[0]
         assert process.returncode == 0, output
+        assert "teardown failed" not in output, output
 
 
 FEATURES = [[(i + j) / 16 for j in range(16)] for i in range(64)]

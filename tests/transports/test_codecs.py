@@ -121,7 +121,9 @@ def test_an_output_no_datatype_carries_is_named() -> None:
 
 
 def test_torch_tensors_and_plain_values_are_outputs_too() -> None:
-    import torch
+    import pytest
+
+    torch = pytest.importorskip("torch")
 
     outputs, _ = encode_outputs(
         {"t": torch.ones(2, dtype=torch.bfloat16), "n": 3, "s": "hi", "l": [[1.5, 2.5]]}, False

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
+for _module in ("torch", "onnxruntime", "fastapi", "flask", "uvicorn"):
+    pytest.importorskip(_module)
+
 pytestmark = pytest.mark.slow
 
 

@@ -11,6 +11,9 @@ import anyio
 import httpx
 import pytest
 
+for _module in ("torch", "onnxruntime", "fastapi", "flask", "uvicorn"):
+    pytest.importorskip(_module)
+
 pytestmark = pytest.mark.slow
 
 
@@ -102,3 +105,42 @@ async def test_many_clients_at_once(
         stats = (await client.get("/ml/statistics")).json()["linear"]
         assert stats["batches"] < stats["batched_items"]  # they were batched
         assert (await client.get("/ml/health/live")).status_code == 200
+
+
+def test_the_router_and_lifespan_on_their_own() -> None:
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    import mds
+    import mds.fastapi
+
+    class Upper(mds.ModelHandler[str, str]):
+        async def infer(self, batch: list[str]) -> list[str]:
+            return [text.upper() for text in batch]
+
+    runtime = mds.Runtime()
+    runtime.add_model("upper", Upper)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        async with mds.fastapi.lifespan(runtime)(app):
+            assert runtime.running
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(mds.fastapi.router(runtime, v2=False), prefix="/api")
+    with TestClient(app) as client:
+        assert client.post("/api/models/upper/infer", json="hi").json() == "HI"
+        assert client.get("/api/health/ready").status_code == 200
+        assert client.get("/api/v2").status_code == 404  # v2=False
+        assert client.get("/api/health/live").status_code == 200
+    assert not runtime.running
+    # Without a lifespan that starts it, the routes say so.
+    with TestClient(FastAPI()) as bare:
+        bare.app.include_router(mds.fastapi.router(runtime))  # type: ignore[attr-defined]
+        response = bare.post("/models/upper/infer", json="hi")
+        assert response.status_code == 503
+        assert "not running" in response.json()["error"] or "not ready" in response.json()["error"]
+        assert bare.get("/health/live").json() == {"live": False}

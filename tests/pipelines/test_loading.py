@@ -47,6 +47,7 @@ def write(folder: Path, text: str) -> Path:
 
 
 def test_the_seeds_document_loads_unchanged() -> None:
+    pytest.importorskip("torch")  # the seed's example handlers use torch
     with pytest.warns(UserWarning, match=r"node 'm2' \(pipeline.nodes\[1\]\) cannot be reached"):
         pipeline = mds.Pipeline.load(SEED)
     assert pipeline.name == "test_pipeline"
@@ -260,6 +261,7 @@ def test_drawings_show_every_node_and_edge() -> None:
 def test_pipeline_show_prints_text_mermaid_and_dot(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    pytest.importorskip("torch")  # the seed's example handlers use torch
     assert main(["pipeline", "show", str(SEED)]) == 0
     out, err = capsys.readouterr()
     assert "pipeline test_pipeline (start: m1)" in out

@@ -60,3 +60,22 @@ async def pipeline_traces() -> None:
     traced = await served.infer(1.0, trace=True)
     assert_type(traced, mds.Traced[Any, mds.PipelineTrace])
     assert_type(traced.trace.path, tuple[str, ...])
+
+
+async def streaming_and_transports() -> None:
+    from fastapi import APIRouter, FastAPI
+    from flask import Blueprint, Flask
+
+    import mds.fastapi
+    import mds.flask
+
+    runtime = mds.Runtime()
+    async for chunk in runtime.stream("words", "a b"):
+        assert_type(chunk, Any)
+    for chunk in runtime.stream_sync("words", "a b"):
+        assert_type(chunk, Any)
+    assert_type(mds.fastapi.add_routes(FastAPI(), runtime, prefix="/ml"), APIRouter)
+    assert_type(mds.fastapi.router(runtime), APIRouter)
+    assert_type(mds.flask.blueprint(runtime), Blueprint)
+    app = Flask(__name__)
+    assert_type(mds.flask.add_routes(app, runtime, max_body_bytes=1024), Blueprint)

@@ -39,7 +39,7 @@ import anyio
 
 from ._batching.fast import _asyncio_loop
 from ._deps import require
-from ._http.service import EVENT_STREAM, Reply, Service, V2Call
+from ._http.service import EVENT_STREAM, ROUTES, V2_ROUTES, Reply, Service, V2Call
 from ._model import ModelRuntime
 from ._runtime import Runtime
 
@@ -96,32 +96,12 @@ def router(
     )
     routes = _Routes(service)
     found: APIRouter = fastapi.APIRouter(prefix=prefix)
-    table: list[tuple[str, str, Callable[[Scope, Receive, Send], Awaitable[None]]]] = [
-        ("GET", "/health/live", routes.live),
-        ("GET", "/health/ready", routes.ready),
-        ("GET", "/models", routes.models),
-        ("GET", "/models/{name}", routes.metadata),
-        ("GET", "/models/{name}/ready", routes.model_ready),
-        ("POST", "/models/{name}/infer", routes.infer),
-        ("GET", "/statistics", routes.statistics),
-    ]
-    if v2:
-        table += [
-            ("GET", "/v2/health/live", routes.live),
-            ("GET", "/v2/health/ready", routes.ready),
-            ("GET", "/v2", routes.server_metadata),
-            ("GET", "/v2/models/{name}", routes.metadata),
-            ("GET", "/v2/models/{name}/versions/{version}", routes.metadata),
-            ("GET", "/v2/models/{name}/ready", routes.v2_ready),
-            ("GET", "/v2/models/{name}/versions/{version}/ready", routes.v2_ready),
-            ("POST", "/v2/models/{name}/infer", routes.v2_infer),
-            ("POST", "/v2/models/{name}/versions/{version}/infer", routes.v2_infer),
-        ]
-    for method, path, endpoint in table:
+    for method, path, name in ROUTES + (V2_ROUTES if v2 else ()):
         # An ASGI callable (not a function) is served as it is: no request
         # object, no dependency solving, no body validation in between.
+        endpoint = _Asgi(getattr(routes, name))
         found.routes.append(
-            Route(prefix + path, _Asgi(endpoint), methods=[method], include_in_schema=False)
+            Route(prefix + path, endpoint, methods=[method], include_in_schema=False)
         )
     return found
 

@@ -20,11 +20,12 @@ Added in 0.2.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deps import require
-from ._http.service import EVENT_STREAM, Reply, Service, V2Call
+from ._http.service import EVENT_STREAM, ROUTES, V2_ROUTES, Reply, Service, V2Call
 from ._model import ModelRuntime
 from ._runtime import Runtime
 
@@ -63,29 +64,9 @@ def blueprint(
     )
     views = _Views(service, flask)
     found: Blueprint = flask.Blueprint(name, __name__)
-    table: list[tuple[str, str, Callable[..., Response]]] = [
-        ("GET", "/health/live", views.live),
-        ("GET", "/health/ready", views.ready),
-        ("GET", "/models", views.models),
-        ("GET", "/models/<name>", views.metadata),
-        ("GET", "/models/<name>/ready", views.model_ready),
-        ("POST", "/models/<name>/infer", views.infer),
-        ("GET", "/statistics", views.statistics),
-    ]
-    if v2:
-        table += [
-            ("GET", "/v2/health/live", views.live),
-            ("GET", "/v2/health/ready", views.ready),
-            ("GET", "/v2", views.server_metadata),
-            ("GET", "/v2/models/<name>", views.metadata),
-            ("GET", "/v2/models/<name>/versions/<version>", views.metadata),
-            ("GET", "/v2/models/<name>/ready", views.v2_ready),
-            ("GET", "/v2/models/<name>/versions/<version>/ready", views.v2_ready),
-            ("POST", "/v2/models/<name>/infer", views.v2_infer),
-            ("POST", "/v2/models/<name>/versions/<version>/infer", views.v2_infer),
-        ]
-    for index, (method, rule, view) in enumerate(table):
-        found.add_url_rule(rule, f"{view.__name__}_{index}", view, methods=[method])
+    for index, (method, path, view) in enumerate(ROUTES + (V2_ROUTES if v2 else ())):
+        rule = re.sub(r"\{(\w+)\}", r"<\1>", path)  # {name} -> <name>
+        found.add_url_rule(rule, f"{view}_{index}", getattr(views, view), methods=[method])
     return found
 
 

@@ -35,7 +35,7 @@ from .._version import __version__
 from . import protocol
 from .protocol import InferRequest, ModelMetadata, TensorMetadata
 
-__all__ = ["ERROR_STATUS", "Reply", "Service", "V2Call"]
+__all__ = ["ERROR_STATUS", "ROUTES", "V2_ROUTES", "Reply", "Service", "V2Call"]
 
 logger = logging.getLogger("mds.http")
 
@@ -51,6 +51,31 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (DeadlineExceeded, 504),
     (InferenceError, 500),
     (MdsError, 500),
+)
+
+
+#: (method, path, route) for every route both adapters add; ``route`` names
+#: the adapter's method that answers it. Paths use ``{param}`` placeholders.
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/health/live", "live"),
+    ("GET", "/health/ready", "ready"),
+    ("GET", "/models", "models"),
+    ("GET", "/models/{name}", "metadata"),
+    ("GET", "/models/{name}/ready", "model_ready"),
+    ("POST", "/models/{name}/infer", "infer"),
+    ("GET", "/statistics", "statistics"),
+)
+#: The Open Inference Protocol's routes.
+V2_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/v2/health/live", "live"),
+    ("GET", "/v2/health/ready", "ready"),
+    ("GET", "/v2", "server_metadata"),
+    ("GET", "/v2/models/{name}", "metadata"),
+    ("GET", "/v2/models/{name}/versions/{version}", "metadata"),
+    ("GET", "/v2/models/{name}/ready", "v2_ready"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", "v2_ready"),
+    ("POST", "/v2/models/{name}/infer", "v2_infer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", "v2_infer"),
 )
 
 

@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, cast, overload
 
@@ -511,8 +511,9 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
                 raise outcome
             computed = self._clock() if trace else 0.0
             if stream:
-                response = steps.chunks(outcome, deadline)
-            elif steps.post is None:
+                # Still in flight (so a drain waits for it) until the stream ends.
+                return self._counted(steps.chunks(outcome, deadline))
+            if steps.post is None:
                 response = outcome
             else:
                 response = await steps.postprocess(outcome, deadline)
@@ -599,6 +600,27 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         )
         return cast("ResponseT | Traced[ResponseT]", self._call_sync(call))
 
+    async def _counted(self, chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        """``chunks``, counted as completed, failed or cancelled when the stream ends."""
+        counts = self._counts
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except (anyio.get_cancelled_exc_class(), GeneratorExit):
+            counts.cancelled += 1
+            raise
+        except Exception as exc:
+            counts.failed += 1
+            counts.errors[type(exc).__name__] += 1
+            raise
+        else:
+            counts.completed += 1
+        finally:
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
+            if self._idle is not None and not self._in_flight:
+                self._idle.set()
+
     @property
     def streams(self) -> bool:
         """Whether the handler's ``postprocess`` yields: see :meth:`stream`.
@@ -636,8 +658,12 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         """
         if self._at_home() or self._portal is None:
             chunks = await self._serve(request, timeout, priority, False, True)
-            async for chunk in chunks:
-                yield chunk
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await chunks.aclose()
             return
         call = functools.partial(self._serve, request, timeout, priority, False, True)
         chunks = await self._call_from_elsewhere(call)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterator
 from typing import Any, cast
 
 import anyio
@@ -101,7 +101,7 @@ class Steps:
         """A streaming postprocess's chunks, all of them (for a plain ``infer``)."""
         return [chunk async for chunk in self.chunks(output, None)]
 
-    async def chunks(self, output: Any, deadline: float | None) -> AsyncIterator[Any]:
+    async def chunks(self, output: Any, deadline: float | None) -> AsyncGenerator[Any, None]:
         """The chunks a streaming ``postprocess`` yields for ``output``, as it makes them.
 
         A plain generator runs in the model's threads, one hop per chunk; an

@@ -376,7 +376,9 @@ async def test_an_async_infer_never_gets_two_batches_at_once() -> None:
         for i in range(12):
             tasks.start_soon(model.infer, i)
         await anyio.wait_all_tasks_blocked()
-        assert model.statistics().queued == 10  # one batch of 2 running
+        # One batch running: of 2, or of 1 when the first request found the
+        # model idle and went alone (task start order differs under trio).
+        assert model.statistics().queued in (10, 11)
         gate.set()
     assert most == 1
 

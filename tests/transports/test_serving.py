@@ -144,3 +144,83 @@ def test_the_router_and_lifespan_on_their_own() -> None:
         assert response.status_code == 503
         assert "not running" in response.json()["error"] or "not ready" in response.json()["error"]
         assert bare.get("/health/live").json() == {"live": False}
+
+
+async def test_disconnects_cancel_on_asyncio_and_trio(anyio_backend: str) -> None:
+    """The route as an ASGI server calls it, on either loop: the client leaves mid-request."""
+    from fastapi import FastAPI
+
+    import mds
+    import mds.fastapi
+
+    class Held(mds.ModelHandler[int, int]):
+        def __init__(self) -> None:
+            self.gate = anyio.Event()
+            self.seen: list[int] = []
+
+        async def infer(self, batch: list[int]) -> list[int]:
+            self.seen.extend(batch)
+            await self.gate.wait()
+            return batch
+
+    handler = Held()
+    runtime = mds.Runtime()
+    runtime.add_model("held", lambda: handler)
+    app = FastAPI()
+    app.include_router(mds.fastapi.router(runtime))
+
+    def scope_for(body: bytes) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/models/held/infer",
+            "raw_path": b"/models/held/infer",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"1")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+
+    async def call(value: int, leave: anyio.Event) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": str(value).encode(), "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope_for(str(value).encode()), receive, send)
+        return sent
+
+    async with runtime:
+        stays, leaves = anyio.Event(), anyio.Event()
+        replies: dict[int, list[dict[str, Any]]] = {}
+
+        async def run(value: int, leave: anyio.Event) -> None:
+            replies[value] = await call(value, leave)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run, 1, stays)  # computing, held
+            await anyio.wait_all_tasks_blocked()
+            tasks.start_soon(run, 2, leaves)  # queued behind it
+            await anyio.wait_all_tasks_blocked()
+            leaves.set()  # its client hangs up
+            for _ in range(500):  # on asyncio the cancel lands from a done-callback
+                await anyio.wait_all_tasks_blocked()
+                if runtime.model("held").statistics().cancelled:
+                    break
+                await anyio.sleep(0.01)
+            assert runtime.model("held").statistics().cancelled == 1
+            handler.gate.set()
+        assert replies[2] == []  # nothing is sent to a client that left
+        assert replies[1][0]["status"] == 200 and replies[1][1]["body"] == b"1"
+        assert handler.seen == [1]  # the request whose client left was never computed

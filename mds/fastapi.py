@@ -39,8 +39,7 @@ import anyio
 
 from ._batching.fast import _asyncio_loop
 from ._deps import require
-from ._http.service import EVENT_STREAM, ROUTES, V2_ROUTES, Reply, Service, V2Call
-from ._model import ModelRuntime
+from ._http.service import ROUTES, V2_ROUTES, Call, Reply, Service
 from ._runtime import Runtime
 
 if TYPE_CHECKING:
@@ -261,63 +260,38 @@ class _Routes:
     async def _infer(self, scope: Scope, receive: Receive, send: Send, *, v2: bool) -> None:
         service = self.service
         params = scope["path_params"]
-        name = params["name"]
-        call: V2Call | None = None
         try:
             headers = self._headers(scope)
             body = await self._body(receive, headers)
-            timeout, priority = service.limits(headers)
-            if v2:
-                call = service.v2_request(
-                    name,
-                    params.get("version"),
-                    body,
-                    headers.get("inference-header-content-length"),
-                )
-                target, payload = call.target, call.inputs
-            else:
-                target, payload = service.target(name), service.json_request(body)
-            streams = isinstance(target, ModelRuntime) and target.streams
-            if streams or EVENT_STREAM in headers.get("accept", ""):
-                await self._stream(receive, send, name, payload, timeout, priority, call)
+            call = service.request(params["name"], params.get("version"), body, headers, v2=v2)
+            if call.streams:
+                await self._stream(receive, send, call)
                 return
             result = await _watching(
-                receive, self.runtime.serve(name, payload, timeout=timeout, priority=priority)
+                receive,
+                self.runtime.serve(
+                    call.name, call.payload, timeout=call.timeout, priority=call.priority
+                ),
             )
             if result is _GONE:
                 return
             if isinstance(result, _Failed):
                 raise result.exc
-            reply = (
-                service.v2_reply(call, result) if call is not None else service.json_reply(result)
-            )
+            reply = service.reply(call, result)
         except _ClientGone:
             return
         except Exception as exc:
             reply = service.error(exc)
         await _send(send, reply)
 
-    async def _stream(
-        self,
-        receive: Receive,
-        send: Send,
-        name: str,
-        payload: Any,
-        timeout: float | None,
-        priority: int | None,
-        call: V2Call | None,
-    ) -> None:
+    async def _stream(self, receive: Receive, send: Send, call: Call) -> None:
         service = self.service
         chunks = cast(
             "AsyncGenerator[Any, None]",
-            self.runtime.stream(name, payload, timeout=timeout, priority=priority),
+            self.runtime.stream(
+                call.name, call.payload, timeout=call.timeout, priority=call.priority
+            ),
         )
-
-        def event(chunk: Any) -> bytes:
-            if call is None:
-                return service.event(chunk)
-            return b"data: " + service.v2_reply(call, chunk, binary_ok=False).body + b"\n\n"
-
         try:
             chunk = await _watching(receive, anext(chunks, _GONE))
             if chunk is _GONE:
@@ -338,7 +312,7 @@ class _Routes:
             )
             while True:
                 try:
-                    data = event(chunk)
+                    data = service.stream_event(call, chunk)
                 except Exception as exc:
                     data = service.error_event(exc)
                     chunk = _GONE

@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deps import require
-from ._http.service import EVENT_STREAM, ROUTES, V2_ROUTES, Reply, Service, V2Call
-from ._model import ModelRuntime
+from ._http.service import ROUTES, V2_ROUTES, Call, Reply, Service
 from ._runtime import Runtime
 
 if TYPE_CHECKING:
@@ -178,56 +177,37 @@ class _Views:
     def _infer(self, name: str, version: str | None, *, v2: bool) -> Response:
         service = self.service
         request = self.flask.request
-        call: V2Call | None = None
         try:
             service.check_size(request.content_length)
             body = request.get_data(cache=False)
-            timeout, priority = service.limits(request.headers)
-            if v2:
-                call = service.v2_request(
-                    name, version, body, request.headers.get("Inference-Header-Content-Length")
-                )
-                target, payload = call.target, call.inputs
-            else:
-                target, payload = service.target(name), service.json_request(body)
-            streams = isinstance(target, ModelRuntime) and target.streams
-            if streams or EVENT_STREAM in request.headers.get("Accept", ""):
-                return self._stream(name, payload, timeout, priority, call)
-            result = self.runtime.serve_sync(name, payload, timeout=timeout, priority=priority)
-            reply = (
-                service.v2_reply(call, result) if call is not None else service.json_reply(result)
+            call = service.request(name, version, body, request.headers, v2=v2)
+            if call.streams:
+                return self._stream(call)
+            result = self.runtime.serve_sync(
+                call.name, call.payload, timeout=call.timeout, priority=call.priority
             )
+            reply = service.reply(call, result)
         except Exception as exc:
             reply = service.error(exc)
         return self._response(reply)
 
-    def _stream(
-        self,
-        name: str,
-        payload: Any,
-        timeout: float | None,
-        priority: int | None,
-        call: V2Call | None,
-    ) -> Response:
+    def _stream(self, call: Call) -> Response:
         service = self.service
-        chunks = self.runtime.stream_sync(name, payload, timeout=timeout, priority=priority)
+        chunks = self.runtime.stream_sync(
+            call.name, call.payload, timeout=call.timeout, priority=call.priority
+        )
         try:
             first = next(chunks, _END)
         except Exception as exc:
             return self._response(service.error(exc))
 
-        def event(chunk: Any) -> bytes:
-            if call is None:
-                return service.event(chunk)
-            return b"data: " + service.v2_reply(call, chunk, binary_ok=False).body + b"\n\n"
-
         def events() -> Iterator[bytes]:
             try:
                 if first is _END:
                     return
-                yield event(first)
+                yield service.stream_event(call, first)
                 for chunk in chunks:
-                    yield event(chunk)
+                    yield service.stream_event(call, chunk)
             except Exception as exc:
                 yield service.error_event(exc)
             finally:

@@ -35,11 +35,12 @@ from .._version import __version__
 from . import protocol
 from .protocol import InferRequest, ModelMetadata, TensorMetadata
 
-__all__ = ["ERROR_STATUS", "ROUTES", "V2_ROUTES", "Reply", "Service", "V2Call"]
+__all__ = ["ERROR_STATUS", "ROUTES", "V2_ROUTES", "Call", "Reply", "Service", "V2Call"]
 
 logger = logging.getLogger("mds.http")
 
 JSON = "application/json"
+BINARY_HEADER = protocol.BinaryHeader.lower()
 EVENT_STREAM = "text/event-stream"
 
 #: Error class -> HTTP status, most specific first: the one table both adapters use.
@@ -86,6 +87,17 @@ class Reply(NamedTuple):
     body: bytes
     content_type: str = JSON
     headers: tuple[tuple[str, str], ...] = ()
+
+
+class Call(NamedTuple):
+    """One decoded inference request, from either route family."""
+
+    name: str
+    payload: Any
+    timeout: float | None
+    priority: int | None
+    streams: bool  # answer with server-sent events
+    v2: V2Call | None = None
 
 
 class V2Call(NamedTuple):
@@ -276,6 +288,44 @@ class Service:
         return b"event: error\ndata: " + self.error(exc).body + b"\n\n"
 
     # -- the Open Inference Protocol ----------------------------------------
+
+    def request(
+        self,
+        name: str,
+        version: str | None,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        v2: bool,
+    ) -> Call:
+        """Decode an inference request: its payload, limits and whether it streams.
+
+        ``headers`` must answer the names this service reads case-insensitively
+        (or by their lower-case names).
+        """
+        timeout, priority = self.limits(headers)
+        v2_call: V2Call | None = None
+        if v2:
+            v2_call = self.v2_request(name, version, body, headers.get(BINARY_HEADER))
+            target, payload = v2_call.target, v2_call.inputs
+        else:
+            target, payload = self.target(name), self.json_request(body)
+        streams = (isinstance(target, ModelRuntime) and target.streams) or (
+            EVENT_STREAM in headers.get("accept", "")
+        )
+        return Call(name, payload, timeout, priority, streams, v2_call)
+
+    def reply(self, call: Call, result: Any) -> Reply:
+        """The response to ``call`` for the model's ``result``."""
+        if call.v2 is not None:
+            return self.v2_reply(call.v2, result)
+        return self.json_reply(result)
+
+    def stream_event(self, call: Call, chunk: Any) -> bytes:
+        """One server-sent event for one chunk of a stream (protocol responses in JSON)."""
+        if call.v2 is None:
+            return self.event(chunk)
+        return b"data: " + self.v2_reply(call.v2, chunk, binary_ok=False).body + b"\n\n"
 
     def v2_request(
         self, name: str, version: str | None, body: bytes, header_length: str | None

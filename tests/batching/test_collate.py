@@ -64,6 +64,30 @@ def test_splitting_a_stacked_batch_gives_back_the_items(items: list[Any]) -> Non
         assert_same(got, want)
 
 
+dtypes = st.sampled_from(["float32", "float64", "int8", "int64", "bool", "complex64", "<U3"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), shape=shapes, count=st.integers(1, 6))
+def test_stacking_arrays_matches_numpy_stack_whatever_their_dtypes(
+    data: st.DataObject, shape: tuple[int, ...], count: int
+) -> None:
+    # Equal-shaped arrays take a fast path; it must promote and copy as np.stack does.
+    items = [data.draw(hnp.arrays(data.draw(dtypes), shape)) for _ in range(count)]
+    batch = mds.Stack().collate(items)
+    want = np.stack(items)
+    assert batch.dtype == want.dtype and batch.shape == want.shape
+    np.testing.assert_array_equal(batch, want)
+    assert not any(np.shares_memory(batch, item) for item in items)  # copied, as np.stack does
+
+
+def test_arrays_mixed_with_lists_and_numbers_still_stack() -> None:
+    batch = mds.Stack().collate([np.arange(3.0), [1.0, 2.0, 3.0], np.ones(3, np.float32)])
+    np.testing.assert_array_equal(batch, [[0, 1, 2], [1, 2, 3], [1, 1, 1]])
+    objects = [np.array([b"a", b"bc"], dtype=object), np.array([b"d", b""], dtype=object)]
+    assert mds.Stack().collate(objects).tolist() == [[b"a", b"bc"], [b"d", b""]]
+
+
 def test_stack_names_the_item_that_does_not_fit() -> None:
     with pytest.raises(ValueError, match=r"item 2 is ndarray of shape \(3,\), item 0 is "):
         mds.Stack().collate([np.zeros(2), np.ones(2), np.ones(3)])

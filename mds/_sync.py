@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from ._batching.fast import wait_for_threads_at_exit
 from ._errors import LifecycleError, MdsError
 
 __all__ = ["LoopBound", "process_portal"]
@@ -44,6 +45,7 @@ def process_portal() -> BlockingPortal:
     with _lock:
         if _portal is None:
             _portal = _start_loop_thread()
+            wait_for_threads_at_exit()  # first: exit hooks run latest first
             _at_exit(_stop_all)
         return _portal
 

@@ -101,7 +101,7 @@ async def under_mds(handler: mds.ModelHandler[Any, Any], seconds: float) -> tupl
             nonlocal served
             index = offset
             while time.perf_counter() < stop:
-                await model.infer(ROWS[index % len(ROWS)])
+                await model.serve(ROWS[index % len(ROWS)])
                 served += 1
                 index += CALLERS
 

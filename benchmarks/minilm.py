@@ -57,7 +57,7 @@ async def mds_rate(example: Any, texts: list[str]) -> tuple[float, float]:
     async with mds.ModelRuntime(example.MiniLMTorch, config) as model:
 
         async def one(text: str) -> Any:
-            return await model.infer(text)
+            return await model.serve(text)
 
         began = time.perf_counter()
         await asyncio.gather(*(one(text) for text in texts))

@@ -4,7 +4,7 @@
 
 Three trivial model nodes (``infer`` returns its batch), served as a
 pipeline, against the same three models called one after another by hand
-(``await a.infer(x)``, then b, then c) in the same runtime. Two loads: one
+(``await a.serve(x)``, then b, then c) in the same runtime. Two loads: one
 caller (latency: the median per request), and 64 concurrent callers
 (throughput: wall time per request). Rounds are interleaved; each round's
 difference compares two runs a moment apart, and the median is quoted.
@@ -67,10 +67,10 @@ async def measure(rounds: int, requests: int) -> dict[str, list[float]]:
         pipeline = served.pipelines["p"]
 
         async def by_hand(x: int) -> Any:
-            return await c.infer(await b.infer(await a.infer(x)))
+            return await c.serve(await b.serve(await a.serve(x)))
 
         async def as_pipeline(x: int) -> Any:
-            return await pipeline.infer(x)
+            return await pipeline.serve(x)
 
         await latency(by_hand, 200)  # warm up
         await latency(as_pipeline, 200)

@@ -62,7 +62,7 @@ async def main() -> None:
         scores: dict[int, float] = {}
 
         async def background(i: int) -> None:
-            scores[i] = await model.infer(sentences[i])  # default priority: 1
+            scores[i] = await model.serve(sentences[i])  # default priority: 1
 
         async with anyio.create_task_group() as tasks:
             for i in range(len(sentences)):
@@ -70,7 +70,7 @@ async def main() -> None:
             await anyio.sleep(0.05)
             waiting = model.statistics().queued
             # An interactive request jumps the background queue.
-            traced = await model.infer([5, 6, 7], priority=0, trace=True)
+            traced = await model.serve([5, 6, 7], priority=0, trace=True)
         print(f"scored {len(scores)} background sentences ({waiting} were waiting)")
         t = traced.trace
         print(
@@ -79,7 +79,7 @@ async def main() -> None:
         )
 
         try:
-            await model.infer(list(range(100)))  # 100 tokens never fit a 64-token batch
+            await model.serve(list(range(100)))  # 100 tokens never fit a 64-token batch
         except mds.InvalidInput as exc:
             print("too long:", exc)
 

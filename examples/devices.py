@@ -84,7 +84,7 @@ async def main() -> None:
         rng = np.random.default_rng(0)
         async with anyio.create_task_group() as tasks:
             for _ in range(200):
-                tasks.start_soon(model.infer, rng.standard_normal(16).astype(np.float32))
+                tasks.start_soon(model.serve, rng.standard_normal(16).astype(np.float32))
         stats = model.statistics()
         print(f"served {stats.completed} requests in {stats.batches} batches")
 

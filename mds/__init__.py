@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from ._backends.onnx_handler import OnnxHandler as OnnxHandler
 from ._backends.torch_handler import TorchHandler as TorchHandler
-from ._batching.collate import Collator as Collator
-from ._batching.collate import Pad as Pad
-from ._batching.collate import Padded as Padded
-from ._batching.collate import Stack as Stack
+from ._collate import Collator as Collator
+from ._collate import Pad as Pad
+from ._collate import Padded as Padded
+from ._collate import Stack as Stack
 from ._config import BatchingConfig as BatchingConfig
 from ._config import ModelConfig as ModelConfig
 from ._devices.device import Device as Device
@@ -44,6 +44,7 @@ from ._runtime import Runtime as Runtime
 from ._runtime import current_runtime as current_runtime
 from ._runtime import serve as serve
 from ._runtime import serve_sync as serve_sync
+from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
 from ._status import ModelHealth as ModelHealth
 from ._status import ModelStatistics as ModelStatistics
@@ -94,6 +95,7 @@ __all__ = [
     "RequestError",
     "Runtime",
     "RuntimeHealth",
+    "Servable",
     "Stack",
     "TensorSpec",
     "TorchHandler",

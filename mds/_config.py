@@ -4,6 +4,7 @@
 # run time, and mds/__init__.py gives the classes the public module "mds".
 
 import contextvars
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -12,7 +13,25 @@ from msgspec import Meta
 from ._devices.device import Device
 from ._errors import ConfigError
 
-__all__ = ["BatchingConfig", "ModelConfig"]
+__all__ = ["BatchingConfig", "ModelConfig", "check_name"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(name: str, what: str = "model") -> str:
+    """``name``, if it may name a model, pipeline or node; else :class:`ConfigError`."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"{what} name {name!r} is not allowed: use letters, digits, '_', '.' "
+            "and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` may name a model."""
+    return bool(_NAME.match(name))
+
 
 # Set while a config re-validates itself, so the copy it builds does not recurse.
 _validating: contextvars.ContextVar[bool] = contextvars.ContextVar(

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Generic, cast
 import msgspec
 from typing_extensions import TypeVar
 
-from ._batching.collate import Collator
+from ._collate import Collator
 from ._config import ModelConfig
 from ._devices.device import Device
 from ._tensors import TensorSpec
@@ -110,6 +110,10 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
     #: ``infer`` the list of items and takes its output as one per item.
     collator: ClassVar[Collator | None] = None
 
+    #: What the model runs on, as the Open Inference Protocol's metadata
+    #: reports it (``"pytorch"``, ``"onnxruntime_onnx"``, ...).
+    platform: ClassVar[str] = "python"
+
     def init(self, context: ModelContext) -> Awaitable[None] | None:
         """Load weights, sessions and tokenizers onto ``context.device``.
 
@@ -194,6 +198,38 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
     def teardown(self) -> Awaitable[None] | None:
         """Release what ``init`` acquired. Called once per started instance."""
         return None
+
+    def from_tensors(self, tensors: dict[str, Any]) -> RequestT:
+        """The request that one Open Inference Protocol request's tensors make.
+
+        ``tensors`` maps each input's name to its numpy array (one row: a
+        batch axis sent by the client is split off first). By default the
+        dict itself is the request. Override it, with :meth:`to_tensors`,
+        so that one handler serves both mds's JSON route (its own request
+        type) and the protocol (named tensors), with one batcher and one
+        copy of the weights. Runs on the event loop for every protocol
+        request: keep it cheap. Raise :class:`mds.InvalidInput` for tensors
+        that make no request.
+
+        Example:
+            >>> def from_tensors(self, tensors):
+            ...     return tensors["features"].tolist()
+
+        Added in 0.3.
+        """
+        return cast(RequestT, tensors)
+
+    def to_tensors(self, response: ResponseT) -> Any:
+        """The output tensors for one response, for the Open Inference Protocol.
+
+        Return a mapping of output name to value (arrays, tensors, numbers,
+        lists, strings), or one value: it is named after the model's single
+        declared output (see :meth:`signature`), else ``output0``. By
+        default the response as it is. Runs on the event loop: keep it cheap.
+
+        Added in 0.3.
+        """
+        return response
 
     def signature(self) -> tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]] | None:
         """The named tensors one request carries and one response gives, if known.

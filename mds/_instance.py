@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any, cast
 
-from ._batching import fast
-from ._batching.fast import Threads
-from ._calls import is_async, off_loop
+from ._batching.queue import DONE, Item
 from ._devices.kinds import DeviceKind
 from ._devices.manager import DeviceManager
-from ._errors import InferenceError, MdsError
+from ._errors import InferenceError, MdsError, describe
 from ._handler import ModelContext, ModelHandler
+from ._threads import Threads, is_async, off_loop, threads
 
-__all__ = ["Instance", "as_item_error"]
+__all__ = ["Instance", "as_item_error", "overrides"]
 
 logger = logging.getLogger(__name__)
 
 
-def as_item_error(exc: BaseException, where: str) -> BaseException:
+def as_item_error(exc: BaseException, problem: str, instance: int | None = None) -> MdsError:
     """The error one request gets when computing it failed.
 
-    mds errors pass through (a handler may fail an item with
-    :class:`mds.InvalidInput`); anything else becomes an
-    :class:`InferenceError` that names where it happened, cause chained.
+    mds errors keep their class (a handler may fail an item with
+    :class:`mds.InvalidInput`), copied: each caller gets an error of its
+    own, whose context its own path fills in. Anything else becomes an
+    :class:`InferenceError` that says what failed. The cause is chained.
     """
     if isinstance(exc, MdsError):
-        return exc
-    error = InferenceError(f"{where}: {type(exc).__name__}: {exc}")
+        error: MdsError = copy.copy(exc)
+        error.__cause__ = exc.__cause__ if exc.__cause__ is not None else exc
+        return error.add_context(instance=instance)
+    error = InferenceError(f"{problem}: {describe(exc)}", instance=instance)
     error.__cause__ = exc
     return error
 
@@ -62,7 +65,7 @@ class Instance:
         self._kind: DeviceKind = devices.kind(context.device.kind)
         # One thread of its own: init, infer and teardown never overlap, and
         # always run on the same thread (some libraries care).
-        self.threads = own = fast.threads(1, f"mds-{context.name}-{context.instance}")
+        self.threads = own = threads(1, f"mds-{context.name}-{context.instance}")
         self._init = off_loop(handler.init, own)
         self._teardown = off_loop(handler.teardown, own)
         self._warmup = off_loop(handler.warmup, shared)
@@ -73,13 +76,15 @@ class Instance:
         self._collates = overrides(handler, "collate") or handler.collator is not None
         self._splits = overrides(handler, "split") or handler.collator is not None
         self._compute: Callable[[list[Any]], Any]
-        if not (self._collates or self._splits):
-            self._compute = off_loop(handler.infer, own)
-        elif is_async(handler.infer):
-            self._compute = self._collate_infer_split_async
-        else:
+        self._compute_items: Callable[[list[Item]], Any]
+        if self.queues_batches:
             # collate, infer and split together in one thread hop
-            self._compute = off_loop(self._collate_infer_split, own)
+            self._compute = off_loop(self._batch, own)
+            self._compute_items = off_loop(self._live_batch, own)
+        else:
+            self._compute = self._batch_async
+            self._compute_items = self._live_batch_async
+        #: For logs: which model, instance, handler and device.
         self.where = (
             f"model {context.name!r} instance {context.instance} "
             f"({type(handler).__name__} on {context.device})"
@@ -98,33 +103,75 @@ class Instance:
     async def health(self) -> bool:
         return bool(await self._health())
 
-    def _collate_infer_split(self, values: list[Any]) -> Sequence[Any]:
+    # -- a batch ----------------------------------------------------------------
+
+    def _batch(self, values: list[Any]) -> Sequence[Any]:
         handler = self.handler
         batch = handler.collate(values) if self._collates else values
         outputs = handler.infer(batch)
         return handler.split(outputs, batch) if self._splits else cast(Sequence[Any], outputs)
 
-    async def _collate_infer_split_async(self, values: list[Any]) -> Sequence[Any]:
+    async def _batch_async(self, values: list[Any]) -> Sequence[Any]:
         handler = self.handler
         batch = handler.collate(values) if self._collates else values
         outputs = await handler.infer(batch)  # type: ignore[misc]
         return handler.split(outputs, batch) if self._splits else outputs
 
-    async def compute(self, values: list[Any]) -> list[Any]:
-        """Per item, its output or its error.
+    def _live_batch(self, items: list[Item]) -> tuple[list[int], Sequence[Any]]:
+        """The batch as it starts, without the items answered meanwhile.
 
-        Raises what ``collate``, ``infer`` or ``split`` raised: the batcher
-        then looks for the items at fault. A wrong number of outputs is not
-        raised but answered, for every item, with an error. An error that
-        means the device failed marks the device failed.
+        Their deadline passed while the batch waited for this thread: they
+        are never computed.
+        """
+        live = [i for i, item in enumerate(items) if item.state != DONE]
+        if not live:
+            return live, []
+        if len(live) == len(items):
+            return live, self._batch([item.value for item in items])
+        return live, self._batch([items[i].value for i in live])
+
+    async def _live_batch_async(self, items: list[Item]) -> tuple[list[int], Sequence[Any]]:
+        live = [i for i, item in enumerate(items) if item.state != DONE]
+        if not live:
+            return live, []
+        return live, await self._batch_async([items[i].value for i in live])
+
+    async def compute(self, values: list[Any]) -> list[Any]:
+        """Per value, its output or its error: a batch made by hand (warm-up, testing).
+
+        Raises what ``collate``, ``infer`` or ``split`` raised. A wrong
+        number of outputs is not raised but answered, for every item, with
+        an error. An error that means the device failed marks the device failed.
         """
         try:
             outputs = await self._compute(values)
         except Exception as exc:
-            if self._kind.is_device_failure(exc):
-                self._devices._mark_failed(self.device, f"{type(exc).__name__}: {exc}")
+            self._check_device(exc)
             raise
         return self._per_item(outputs, len(values))
+
+    async def compute_items(self, items: list[Item]) -> list[Any]:
+        """Per queued item, its output or its error, as :meth:`compute`.
+
+        Items already answered when the batch starts are not computed (their
+        place holds ``None``).
+        """
+        try:
+            live, outputs = await self._compute_items(items)
+        except Exception as exc:
+            self._check_device(exc)
+            raise
+        if len(live) == len(items):
+            return self._per_item(outputs, len(items))
+        outcomes: list[Any] = [None] * len(items)
+        if live:
+            for index, outcome in zip(live, self._per_item(outputs, len(live)), strict=True):
+                outcomes[index] = outcome
+        return outcomes
+
+    def _check_device(self, exc: Exception) -> None:
+        if self._kind.is_device_failure(exc):
+            self._devices.mark_failed(self.device, describe(exc))
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the batch did not fit in the device's memory."""
@@ -140,8 +187,8 @@ class Instance:
     def failure(self, exc: Exception, size: int) -> list[Any]:
         """The errors for a batch of ``size`` items whose computation raised ``exc``."""
         logger.error("%s: infer failed on a batch of %d", self.where, size, exc_info=exc)
-        where = f"{self.where}: infer failed on a batch of {size}"
-        return [as_item_error(exc, where) for _ in range(size)]
+        problem = f"infer failed on a batch of {size}"
+        return [as_item_error(exc, problem, self.index) for _ in range(size)]
 
     def _per_item(self, outputs: Any, size: int) -> list[Any]:
         if isinstance(outputs, list):
@@ -161,10 +208,13 @@ class Instance:
                 size,
             )
         if any(map(isinstance, items, repeat(BaseException))):
-            where = f"{self.where}: infer failed for this item"
-            return [as_item_error(o, where) if isinstance(o, BaseException) else o for o in items]
+            problem = "infer failed for this item"
+            return [
+                as_item_error(o, problem, self.index) if isinstance(o, BaseException) else o
+                for o in items
+            ]
         return items
 
     def _batch_error(self, problem: str, size: int) -> list[Any]:
         logger.error("%s: %s", self.where, problem)
-        return [InferenceError(f"{self.where}: {problem}") for _ in range(size)]
+        return [InferenceError(problem, instance=self.index) for _ in range(size)]

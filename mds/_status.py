@@ -249,7 +249,7 @@ class Traced(msgspec.Struct, Generic[T, TraceT], frozen=True, kw_only=True):
             model, a :class:`PipelineTrace` for a pipeline.
 
     Example:
-        >>> result = await model.infer(x, trace=True)
+        >>> result = await model.serve(x, trace=True)
         >>> result.value, result.trace.queue_wait, result.trace.batch_size
 
     Added in 0.1; pipelines' traces in 0.2.

@@ -15,11 +15,10 @@ from typing import Any, cast
 
 import anyio
 
-from ._batching.fast import Threads
-from ._calls import off_loop
-from ._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError
+from ._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
 from ._handler import ModelHandler
 from ._instance import overrides
+from ._threads import Threads, off_loop
 
 __all__ = ["Steps"]
 
@@ -29,8 +28,8 @@ logger = logging.getLogger(__name__)
 class Steps:
     """One model's per-request steps, with the errors they turn into."""
 
-    def __init__(self, handler: ModelHandler[Any, Any], where: str, threads: Threads) -> None:
-        self._where = where
+    def __init__(self, handler: ModelHandler[Any, Any], name: str, threads: Threads) -> None:
+        self._name = name  # for logs
         #: The handler's own steps, or ``None`` where it keeps the default
         #: (identity): the caller skips those without a call.
         self.pre: Callable[[Any], Awaitable[Any]] | None = (
@@ -60,14 +59,12 @@ class Steps:
         if self.pre is None:
             return request
         try:
-            return await _within(self.pre, request, deadline, self._where, "preprocess")
+            return await _within(self.pre, request, deadline, "preprocess")
         except MdsError:
             raise
         except Exception as exc:
-            logger.debug("%s: preprocess rejected a request", self._where, exc_info=True)
-            raise InvalidInput(
-                f"{self._where}: preprocess rejected the request: {type(exc).__name__}: {exc}"
-            ) from exc
+            logger.debug("%s: preprocess rejected a request", self._name, exc_info=True)
+            raise InvalidInput(f"preprocess rejected the request: {describe(exc)}") from exc
 
     def describe(self, item: Any) -> tuple[int, Hashable, int | None]:
         """The item's cost, bucket and length, for the batcher (which checks the cost)."""
@@ -78,24 +75,19 @@ class Steps:
                 self._length(item) if self._length is not None else None,
             )
         except Exception as exc:
-            raise InvalidInput(
-                f"{self._where}: could not size the request for batching: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise InvalidInput(f"could not size the request for batching: {describe(exc)}") from exc
 
     async def postprocess(self, output: Any, deadline: float | None) -> Any:
         """The response for ``output``; :class:`InferenceError` if postprocess fails."""
         if self.post is None:
             return output
         try:
-            return await _within(self.post, output, deadline, self._where, "postprocess")
+            return await _within(self.post, output, deadline, "postprocess")
         except MdsError:
             raise
         except Exception as exc:
-            logger.exception("%s: postprocess failed", self._where)
-            raise InferenceError(
-                f"{self._where}: postprocess failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            logger.exception("%s: postprocess failed", self._name)
+            raise InferenceError(f"postprocess failed: {describe(exc)}") from exc
 
     async def _collect(self, output: Any) -> list[Any]:
         """A streaming postprocess's chunks, all of them (for a plain ``infer``)."""
@@ -116,7 +108,7 @@ class Steps:
             try:
                 while True:
                     try:
-                        chunk = await _within(anext, agen, deadline, self._where, "postprocess")
+                        chunk = await _within(anext, agen, deadline, "postprocess")
                     except StopAsyncIteration:
                         return
                     except MdsError:
@@ -131,7 +123,7 @@ class Steps:
             try:
                 while True:
                     try:
-                        chunk = await _within(self._next, gen, deadline, self._where, "postprocess")
+                        chunk = await _within(self._next, gen, deadline, "postprocess")
                     except MdsError:
                         raise
                     except Exception as exc:
@@ -146,10 +138,8 @@ class Steps:
         return await self._threads.run(next, gen, _END)
 
     def _stream_failed(self, exc: Exception) -> InferenceError:
-        logger.error("%s: postprocess failed while streaming", self._where, exc_info=exc)
-        return InferenceError(
-            f"{self._where}: postprocess failed while streaming: {type(exc).__name__}: {exc}"
-        )
+        logger.error("%s: postprocess failed while streaming", self._name, exc_info=exc)
+        return InferenceError(f"postprocess failed while streaming: {describe(exc)}")
 
 
 _END = object()
@@ -160,11 +150,11 @@ def _close(gen: Any) -> None:
 
 
 async def _within(
-    step: Callable[[Any], Awaitable[Any]], arg: Any, deadline: float | None, where: str, name: str
+    step: Callable[[Any], Awaitable[Any]], arg: Any, deadline: float | None, name: str
 ) -> Any:
     """``await step(arg)``, bounded by ``deadline`` when there is one."""
     if deadline is None:
         return await step(arg)
     with anyio.move_on_at(deadline):
         return await step(arg)
-    raise DeadlineExceeded(f"{where}: the request's deadline passed in {name}")
+    raise DeadlineExceeded(f"the request's deadline passed in {name}")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from ._batching.fast import _asyncio_loop
+from . import _loop
 from ._deps import require
 from ._http.service import ROUTES, V2_ROUTES, Call, Reply, Service
 from ._runtime import Runtime
@@ -375,7 +375,7 @@ async def _watching(receive: Receive, work: Awaitable[Any]) -> Any:
     Returns its result, a :class:`_Failed` with what it raised, or
     ``_GONE`` when the client left.
     """
-    if _asyncio_loop() is None:
+    if _loop.asyncio_loop() is None:
         return await _watching_anyio(receive, work)
     # asyncio: one task waits for the disconnect and cancels ours; a task
     # group would cost several times as much on this per-request path.

@@ -22,11 +22,11 @@ import anyio
 import msgspec
 import numpy as np
 
+from ._bridge import process_portal
 from ._config import ModelConfig
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._model import ModelRuntime
 from ._status import ModelHealth
-from ._sync import process_portal
 
 __all__ = ["LifecycleReport", "assert_batch_invariant", "run_lifecycle"]
 
@@ -173,15 +173,14 @@ async def _run_lifecycle(
     model: ModelRuntime[Any, Any], requests: list[Any], size: int
 ) -> LifecycleReport[Any]:
     states: list[ModelState] = [model.state]
-    model._watchers.append(lambda state, reason: states.append(state))
+    model._watch(lambda state, reason: states.append(state))
     timings: dict[str, float] = {}
     outcomes: list[Any] = []
     batch_sizes: list[int] = []
     async with model:
         health = await model.health()
-        instance = model._instances[0]
         for chunk in _chunks(requests, size):
-            outcomes += await model._compute(instance, chunk, timings, batch_sizes)
+            outcomes += await model._run_batch(list(chunk), timings=timings, sizes=batch_sizes)
         began = anyio.current_time()
     stats = model.statistics()
     timings = {
@@ -205,11 +204,10 @@ async def _both_ways(
     model: ModelRuntime[Any, Any], requests: list[Any], size: int
 ) -> tuple[list[Any], list[Any]]:
     async with model:
-        instance = model._instances[0]
-        alone = [(await model._compute(instance, [r]))[0] for r in requests]
+        alone = [(await model._run_batch([r]))[0] for r in requests]
         batched: list[Any] = []
         for chunk in _chunks(requests, size):
-            batched += await model._compute(instance, chunk)
+            batched += await model._run_batch(list(chunk))
     return alone, batched
 
 

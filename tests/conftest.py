@@ -95,7 +95,7 @@ class Recorder(mds.ModelHandler[Any, Any]):
     async def busy(self, tasks: Any, model: Any, first: Any = 0) -> None:
         """Make ``model`` busy: ``first`` is being computed, held until ``release``."""
         self.hold()
-        tasks.start_soon(model.infer, first)
+        tasks.start_soon(model.serve, first)
         await self.started.wait()
 
     async def infer(self, batch: Sequence[Any]) -> list[Any]:
@@ -141,7 +141,7 @@ async def answers_to(
 
 @pytest.fixture(scope="session")
 def answers() -> Callable[..., Awaitable[list[Any]]]:
-    """``await answers(lambda: model.infer(x), give_up=0.1)``: see ``answers_to``."""
+    """``await answers(lambda: model.serve(x), give_up=0.1)``: see ``answers_to``."""
     return answers_to
 
 
@@ -224,7 +224,7 @@ async def serve_together(model: mds.ModelRuntime[Any, Any], requests: Sequence[A
 
     async def call(index: int) -> None:
         try:
-            results[index] = await model.infer(requests[index])
+            results[index] = await model.serve(requests[index])
         except mds.MdsError as exc:
             results[index] = exc
 

@@ -41,7 +41,10 @@ def test_quickstart() -> None:
     out = run("examples/quickstart.py")
     assert "one request: {'y': 9.0}" in out
     assert "f(9.9) = {'y': 275.23}" in out
-    assert "a bad request fails alone: model 'poly': preprocess rejected the request" in out
+    assert (
+        "a bad request fails alone: model 'poly' (version 1): preprocess rejected the request"
+        in out
+    )
     assert "completed 101, failed 1" in out
     assert "state after stop: stopped" in out
 
@@ -64,7 +67,7 @@ def test_the_demo() -> None:
     assert "model 'spiral': warming -> ready" in out
     assert re.search(r"latency p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms", out)
     assert re.search(r"throughput [\d,]+ requests/s", out)
-    assert "-> InvalidInput: model 'spiral': preprocess rejected the request" in out
+    assert "-> InvalidInput: model 'spiral' (version 1): preprocess rejected the request" in out
     in_flight = re.search(r"(\d+) requests were in flight at stop; (\d+) answered", out)
     assert in_flight is not None and in_flight[2] == "300"
     assert "state stopped" in out
@@ -161,7 +164,7 @@ def test_app_examples_over_http(example: str) -> None:
         assert all(abs(sum(a["scores"].values()) - 1) < 1e-5 for a in answers)
         bad = httpx.post(f"{url}/classify", json={"features": [1.0, 2.0]}, timeout=10)
         assert bad.status_code == 400
-        assert bad.json()["detail"] == "expected a list of 16 numbers"
+        assert bad.json()["detail"] == "model 'mlp' (version 1): expected a list of 16 numbers"
         # The bad request failed alone: the app goes on serving.
         assert [a["label"] for a in classify_all(url)] == expected_labels()
         # The routes mds added, through the example client.
@@ -181,7 +184,7 @@ def test_app_examples_over_http(example: str) -> None:
         assert json_values[2] == binary_values[2]
         assert lines["stream"].startswith("200 [")
         assert lines["stream"].count("'") == 8  # four labels, best first
-        assert lines["bad input"] == "400 expected a list of 16 numbers"
+        assert lines["bad input"] == "400 model 'mlp' (version 1): expected a list of 16 numbers"
         assert lines["unknown model"] == "404 ModelNotFound"
         assert lines["bad deadline header"].startswith("400 header Mds-Timeout")
         mds_headers = httpx.get(f"{url}/health/live", timeout=10).headers
@@ -260,7 +263,7 @@ def test_batching() -> None:
     out = run("examples/batching.py")
     assert "scored 400 background sentences" in out
     assert re.search(r"interactive request: score [-\d.]+, queue wait [\d.]+ ms", out)
-    assert "too long: model 'scorer': the request's cost is 100" in out
+    assert "too long: model 'scorer' (version 1): the request's cost is 100" in out
     assert re.search(r"\d+ batches, mean [\d.]+ requests and [\d.]+ tokens each", out)
 
 
@@ -270,7 +273,10 @@ def test_backends() -> None:
     out = run("examples/backends.py")
     assert "torch: 256 points in" in out and "onnx: 256 points in" in out
     assert "(0.2, 0.9) is above the line; torch and onnx agree: True" in out
-    assert "a bad request fails alone: input 'point': expected shape (2) per request" in out
+    assert (
+        "a bad request fails alone: model 'onnx' (version 1): input 'point': "
+        "expected shape (2) per request" in out
+    )
     assert "onnx: 257 completed, 1 failed" in out
 
 
@@ -281,7 +287,10 @@ def test_devices() -> None:
     cores = len(os.sched_getaffinity(0))
     assert f"on {[f'cores:{i}' for i in range(cores)]}" in out
     assert "served 200 requests in" in out
-    assert "cuda:3: model 'TorchHandler' failed to start: device cuda:3 is not there" in out
+    assert (
+        "cuda:3: model 'TorchHandler' (version 1): failed to start: device cuda:3 is not there"
+        in out
+    )
     assert "with cpu_fallback: on cpu" in out
 
 
@@ -338,7 +347,10 @@ def test_the_seeds_pipeline() -> None:
     assert "'awful food and rude staff' -> {'label': 'negative'" in out
     assert "path: m1 -> m3" in out
     assert "200 concurrent requests, all positive" in out
-    assert "a bad request fails alone: pipeline 'test_pipeline', node 'm1': expected" in out
+    assert (
+        "a bad request fails alone: pipeline 'test_pipeline', node 'm1', "
+        "model 'test_pipeline.m1' (version 1): expected" in out
+    )
 
 
 def test_the_ensemble_pipeline() -> None:
@@ -354,7 +366,10 @@ def test_the_router_pipeline() -> None:
     assert "text     -> by_type -> text: {'words': 6}" in out
     assert "numbers  -> by_type -> numbers: {'mean': 2.8, 'max': 5.0}" in out
     assert "image    -> by_type -> fallback: {'error': \"no model for type 'image'\"}" in out
-    assert "bad input fails alone: pipeline 'analyse', node 'numbers': 'values' is empty" in out
+    assert (
+        "bad input fails alone: pipeline 'analyse', node 'numbers', model 'analyse.numbers' "
+        "(version 1): 'values' is empty" in out
+    )
 
 
 def test_the_scoring_pipeline_from_yaml() -> None:

@@ -45,7 +45,7 @@ async def test_a_model_goes_through_every_state_in_order() -> None:
     assert model.state is ModelState.CREATED
     async with model:
         assert model.state is ModelState.READY
-        assert await model.infer(5) == 5
+        assert await model.serve(5) == 5
     assert model.state is ModelState.STOPPED
     assert log == [
         ("init", ModelState.LOADING),
@@ -67,7 +67,7 @@ class Probing(mds.ModelHandler[int, int]):
 
     async def _probe(self) -> None:
         with pytest.raises(mds.NotReady) as info:
-            await self.model.infer(1)
+            await self.model.serve(1)
         self.refusals.append(str(info.value))
         self.reasons.append((await self.model.health()).reason)
 
@@ -86,15 +86,15 @@ async def test_requests_before_ready_fail_at_once_naming_the_state() -> None:
     handler = Probing()
     model = mds.ModelRuntime(handler, name="probing")
     handler.model = model
-    with pytest.raises(mds.NotReady, match="'probing' is not ready: it is created"):
-        await model.infer(1)
+    with pytest.raises(mds.NotReady, match=r"model 'probing' .*: not ready: it is created"):
+        await model.serve(1)
     async with model:
-        assert await model.infer(1) == 2
+        assert await model.serve(1) == 2
     with pytest.raises(mds.NotReady, match="it is stopped"):
-        await model.infer(1)
+        await model.serve(1)
     assert handler.refusals == [
-        "model 'probing' is not ready: it is loading",
-        "model 'probing' is not ready: it is warming",
+        "model 'probing' (version 1): not ready: it is loading",
+        "model 'probing' (version 1): not ready: it is warming",
     ]
     assert handler.reasons == ["it is loading", "it is warming"]
     assert model.statistics().errors == {"NotReady": 4}
@@ -129,8 +129,7 @@ class Flaky(mds.ModelHandler[int, int]):
         (
             "warmup",
             "warm-up of instance 0 at batch size 4 failed on example 0: "
-            "InferenceError: model 'flaky' instance 0 (Handler on cpu): infer failed "
-            "on a batch of 4: MemoryError: batch of 4 does not fit",
+            "InferenceError: infer failed on a batch of 4: MemoryError: batch of 4 does not fit",
         ),
     ],
 )
@@ -140,31 +139,32 @@ async def test_a_failed_start_reports_its_cause_and_can_start_again(step: str, r
 
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4))
     model = mds.ModelRuntime(Handler, config, name="flaky")
-    with pytest.raises(mds.LifecycleError, match="'flaky' failed to start") as info:
+    with pytest.raises(mds.LifecycleError, match=r"model 'flaky' .*: failed to start") as info:
         async with model:
             pytest.fail("a failed model must not start")
     assert model.state is ModelState.FAILED
     assert model.failure == reason
-    assert str(info.value) == f"model 'flaky' failed to start: {reason}"
+    assert str(info.value) == f"model 'flaky' (version 1): failed to start: {reason}"
+    assert (info.value.model, info.value.version) == ("flaky", "1")
     assert info.value.__cause__ is not None
     # An instance whose init succeeded was torn down again.
     assert Handler.tore_down == (1 if step == "warmup" else 0)
     with pytest.raises(mds.NotReady, match=f"it is failed: {reason[:20]}"):
-        await model.infer(1)
+        await model.serve(1)
     health = await model.health()
     assert health.state is ModelState.FAILED and health.reason == f"it is failed: {reason}"
 
     Handler.fail_in = None
     async with model:
         assert model.failure is None
-        assert await model.infer(7) == 7
+        assert await model.serve(7) == 7
 
 
 async def test_a_model_can_be_started_again_after_a_stop(doubler: Any) -> None:
     model = mds.ModelRuntime(doubler, name="again")
     for _ in range(2):
         async with model:
-            assert await model.infer(1.5) == 3.0
+            assert await model.serve(1.5) == 3.0
         assert model.state is ModelState.STOPPED
 
 
@@ -287,7 +287,7 @@ async def test_plain_methods_run_off_the_loop_and_async_ones_on_it(
 ) -> None:
     handler = handler_class()
     async with mds.ModelRuntime(handler) as model:
-        assert await model.infer(2.0) == 29.0
+        assert await model.serve(2.0) == 29.0
         assert (await model.health()).ready
     loop_thread = threading.get_ident()
     steps = {"init", "warmup", "health", "preprocess", "infer", "postprocess", "teardown"}
@@ -356,7 +356,7 @@ async def test_teardown_errors_are_logged_and_the_model_still_stops(
 async def test_statistics_count_start_times_and_batches(doubler: Any) -> None:
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4))
     async with mds.ModelRuntime(doubler, config) as model:
-        await model.infer(1.0)
+        await model.serve(1.0)
         stats = model.statistics()
     assert stats.state is ModelState.READY
     assert (stats.requests, stats.completed, stats.failed, stats.rejected) == (1, 1, 0, 0)

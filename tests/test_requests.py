@@ -50,7 +50,7 @@ async def test_failing_requests_fail_alone_among_many_that_succeed() -> None:
 
         async def call(i: int) -> None:
             try:
-                answers[i] = await model.infer({"x": i, "fail": fails.get(i)})
+                answers[i] = await model.serve({"x": i, "fail": fails.get(i)})
             except mds.MdsError as exc:
                 answers[i] = exc
 
@@ -63,12 +63,16 @@ async def test_failing_requests_fail_alone_among_many_that_succeed() -> None:
             assert answers[i] == 2.0 * i
     assert isinstance(answers[3], mds.InvalidInput)
     assert str(answers[3]) == (
-        "model 'picky': preprocess rejected the request: ValueError: x must be a number, got 3"
+        "model 'picky' (version 1): preprocess rejected the request: "
+        "ValueError: x must be a number, got 3"
     )
     assert isinstance(answers[10], mds.InvalidInput)
-    assert str(answers[10]) == "x is out of range"
+    # An error the handler raises gets the same context as one mds raises.
+    assert str(answers[10]) == "model 'picky' (version 1), instance 0: x is out of range"
+    assert answers[10].message == "x is out of range"
+    assert (answers[10].model, answers[10].version, answers[10].instance) == ("picky", "1", 0)
     assert isinstance(answers[17], mds.InferenceError)
-    assert str(answers[17]) == "model 'picky': postprocess failed: KeyError: 'label'"
+    assert str(answers[17]) == "model 'picky' (version 1): postprocess failed: KeyError: 'label'"
     assert (stats.completed, stats.failed) == (37, 3)
     assert stats.errors == {"InvalidInput": 2, "InferenceError": 1}
 
@@ -82,13 +86,13 @@ async def test_infer_that_raises_fails_its_batch_and_the_model_serves_on() -> No
 
     async with mds.ModelRuntime(Fragile()) as model:
         with pytest.raises(mds.InferenceError) as info:
-            await model.infer(13)
+            await model.serve(13)
         assert str(info.value) == (
-            "model 'Fragile' instance 0 (Fragile on cpu): infer failed on a batch of 1: "
+            "model 'Fragile' (version 1), instance 0: infer failed on a batch of 1: "
             "RuntimeError: CUDA error: device-side assert triggered"
         )
         assert isinstance(info.value.__cause__, RuntimeError)
-        assert await model.infer(12) == 12
+        assert await model.serve(12) == 12
 
 
 @pytest.mark.parametrize(
@@ -114,7 +118,8 @@ async def test_a_wrong_number_of_outputs_names_the_handler_and_both_counts(
     with pytest.raises(mds.LifecycleError) as info:
         async with mds.ModelRuntime(Miscounted(), config, name="counted"):
             pass
-    assert "model 'counted' instance 0 (Miscounted on cpu): " + problem in str(info.value)
+    assert str(info.value).startswith("model 'counted' (version 1): failed to start: warm-up")
+    assert problem in str(info.value)
 
 
 async def test_an_array_output_is_split_into_rows() -> None:
@@ -130,7 +135,7 @@ async def test_an_array_output_is_split_into_rows() -> None:
         results: dict[int, list[float]] = {}
 
         async def call(i: int) -> None:
-            results[i] = await model.infer([float(i), 1.0])
+            results[i] = await model.serve([float(i), 1.0])
 
         async with anyio.create_task_group() as tasks:
             for i in range(20):
@@ -157,12 +162,12 @@ async def test_a_deadline_answers_in_time_and_an_expired_queued_item_is_never_co
     handler = Held()
     async with mds.ModelRuntime(handler) as model:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(model.infer, 1)  # occupies the only instance
+            tasks.start_soon(model.serve, 1)  # occupies the only instance
             await handler.started.wait()
             with pytest.raises(mds.DeadlineExceeded, match="passed while it waited in the queue"):
-                await model.infer(2, timeout=0.05)
+                await model.serve(2, timeout=0.05)
             handler.gate.set()
-        assert await model.infer(3, timeout=5) == 3
+        assert await model.serve(3, timeout=5) == 3
         stats = model.statistics()
     assert handler.computed == [1, 3]
     assert stats.errors == {"DeadlineExceeded": 1}
@@ -171,17 +176,17 @@ async def test_a_deadline_answers_in_time_and_an_expired_queued_item_is_never_co
 async def test_the_models_default_timeout_applies() -> None:
     async with mds.ModelRuntime(Held(), mds.ModelConfig(timeout=0.05)) as model:
         with pytest.raises(mds.DeadlineExceeded, match="passed while its batch was computed"):
-            await model.infer(1)
+            await model.serve(1)
 
 
 async def test_a_cancelled_caller_takes_its_item_out_of_the_queue() -> None:
     handler = Held()
     async with mds.ModelRuntime(handler) as model:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(model.infer, 1)
+            tasks.start_soon(model.serve, 1)
             await handler.started.wait()
             with anyio.move_on_after(0.05):
-                await model.infer(2)  # the client goes away while it is queued
+                await model.serve(2)  # the client goes away while it is queued
             assert model.statistics().queued == 0
             handler.gate.set()
         stats = model.statistics()
@@ -194,14 +199,14 @@ async def test_a_full_queue_rejects_at_once() -> None:
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_queue_size=2))
     async with mds.ModelRuntime(handler, config) as model:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(model.infer, 0)
+            tasks.start_soon(model.serve, 0)
             await handler.started.wait()
-            tasks.start_soon(model.infer, 1)
-            tasks.start_soon(model.infer, 2)
+            tasks.start_soon(model.serve, 1)
+            tasks.start_soon(model.serve, 2)
             await anyio.wait_all_tasks_blocked()
             assert model.statistics().queued == 2
             with pytest.raises(mds.Overloaded, match="queue is full \\(2 requests waiting\\)"):
-                await model.infer(3)
+                await model.serve(3)
             handler.gate.set()
         stats = model.statistics()
     assert sorted(handler.computed) == [0, 1, 2]
@@ -237,7 +242,7 @@ async def test_shutdown_answers_every_request_in_flight() -> None:
             # Leaving the block drains: a late request is refused, then the
             # gate opens and every admitted request is computed.
             tasks.start_soon(_open_when_draining, model, gate, call)
-    assert answers.pop(-1).args[0] == "model 'held' is not ready: it is draining"
+    assert str(answers.pop(-1)) == "model 'held' (version 1): not ready: it is draining"
     assert answers == {i: i * 10 for i in range(50)}
     assert model.state is mds.ModelState.STOPPED
 
@@ -259,7 +264,7 @@ async def test_a_drain_that_times_out_still_answers_everyone() -> None:
 
     async def call(model: mds.ModelRuntime[int, int], i: int) -> None:
         try:
-            answers.append(await model.infer(i))
+            answers.append(await model.serve(i))
         except mds.MdsError as exc:
             answers.append(exc)
 
@@ -272,8 +277,8 @@ async def test_a_drain_that_times_out_still_answers_everyone() -> None:
     assert all(isinstance(a, mds.Unavailable) for a in answers)
     messages = sorted({str(a) for a in answers})
     assert messages == [
-        "model 'Held': stopped while computing this request",
-        "model 'Held': the model stopped before this request was computed",
+        "model 'Held' (version 1): the model stopped before this request was computed",
+        "model 'Held' (version 1): the model stopped while computing this request",
     ]
     assert 1 <= len(handler.computed) <= 2  # one batch ran; trio may form it early
 

@@ -103,7 +103,7 @@ async def test_serve_without_a_running_runtime_says_so(doubler: Any) -> None:
     runtime = make_runtime(doubler)
     with pytest.raises(mds.NotReady, match="no mds runtime is running"):
         await mds.serve("doubler", 1.0)
-    with pytest.raises(mds.NotReady, match="'doubler' is not ready: it is created"):
+    with pytest.raises(mds.NotReady, match=r"model 'doubler' .*: not ready: it is created"):
         await runtime.serve("doubler", 1.0)
     with pytest.raises(mds.NotReady, match="not running; start it first"):
         runtime.serve_sync("doubler", 1.0)

@@ -54,7 +54,7 @@ async def test_chunks_come_in_order_and_serve_gives_them_all() -> None:
     async with mds.ModelRuntime(handler, name="words") as model:
         assert model.streams
         assert [c async for c in model.stream("one two three")] == ["ONE", "TWO", "THREE"]
-        assert await model.infer("a b") == ["A", "B"]
+        assert await model.serve("a b") == ["A", "B"]
         stats = model.statistics()
         assert (stats.requests, stats.completed, stats.in_flight) == (2, 2, 0)
     assert handler.closed == 2

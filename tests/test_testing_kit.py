@@ -132,9 +132,8 @@ def test_batch_invariance_compares_structures_and_failures() -> None:
         mds.testing.assert_batch_invariant(Counter, [1, 2, 3], atol=0)
     assert str(info.value).splitlines()[1:] == [
         "  item 0: at ['n']: batched 3 vs alone 1",
-        "  item 1: failed in a batch (InferenceError: model 'Counter' instance 0 "
-        "(Counter on cpu): infer failed for this item: ValueError: two is unlucky in company) "
-        "but not alone",
+        "  item 1: failed in a batch (InferenceError: model 'Counter' (version 1), instance 0: "
+        "infer failed for this item: ValueError: two is unlucky in company) but not alone",
         "  item 2: at ['n']: batched 3 vs alone 1",
     ]
 

@@ -1,6 +1,6 @@
 """The threads that run plain handler methods: order, limits, cancellation, exit.
 
-On asyncio these are mds's own threads (``fast.threads``); on trio, anyio's.
+On asyncio these are mds's own threads (``mds._threads``); on trio, anyio's.
 Both must behave the same for the callers.
 """
 
@@ -17,7 +17,7 @@ import time
 import anyio
 import pytest
 
-from mds._batching import fast
+from mds import _loop, _threads
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +32,7 @@ async def wait_for(flag: threading.Event) -> None:
 async def test_one_thread_runs_calls_one_at_a_time_in_the_order_made(
     anyio_backend_name: str,
 ) -> None:
-    threads = fast.threads(1, "test-one")
+    threads = _threads.threads(1, "test-one")
     running = threading.Lock()
     order: list[int] = []
 
@@ -64,7 +64,7 @@ async def test_one_thread_runs_calls_one_at_a_time_in_the_order_made(
 
 
 async def test_never_more_calls_at_once_than_threads() -> None:
-    threads = fast.threads(3, "test-three")
+    threads = _threads.threads(3, "test-three")
     lock = threading.Lock()
     now = most = 0
 
@@ -87,7 +87,7 @@ async def test_never_more_calls_at_once_than_threads() -> None:
 
 
 async def test_errors_and_context_variables_reach_across() -> None:
-    threads = fast.threads(2, "test-context")
+    threads = _threads.threads(2, "test-context")
 
     def seen() -> str:
         return who.get()
@@ -111,7 +111,7 @@ async def test_errors_and_context_variables_reach_across() -> None:
 async def test_a_cancelled_caller_waits_until_its_call_ends() -> None:
     # The call cannot be stopped: the caller waits for it, so that nothing
     # else starts on an instance whose last call is still running.
-    threads = fast.threads(1, "test-cancel")
+    threads = _threads.threads(1, "test-cancel")
     started, release = threading.Event(), threading.Event()
     left: list[str] = []
 
@@ -143,7 +143,7 @@ async def test_a_cancelled_caller_waits_until_its_call_ends() -> None:
 
 def test_a_task_cancelled_twice_still_waits_for_its_call() -> None:
     async def main() -> None:
-        threads = fast.threads(1, "test-twice")
+        threads = _threads.threads(1, "test-twice")
         started, release = threading.Event(), threading.Event()
         ended: list[float] = []
 
@@ -168,10 +168,10 @@ def test_a_task_cancelled_twice_still_waits_for_its_call() -> None:
 
 
 async def test_after_close_a_call_is_refused_clearly() -> None:
-    threads = fast.threads(1, "test-closed")
+    threads = _threads.threads(1, "test-closed")
     assert await threads.run(lambda: 1) == 1
     threads.close()
-    if fast._asyncio_loop() is not None:
+    if _loop.asyncio_loop() is not None:
         with pytest.raises(RuntimeError, match="test-closed: cannot run calls after"):
             await threads.run(lambda: 2)
 
@@ -192,7 +192,7 @@ def test_at_exit_a_call_in_a_thread_ends_before_the_process_does() -> None:
     done = run_script(
         """
         import asyncio, threading, time
-        from mds._batching import fast
+        from mds import _loop, _threads
 
         def slow():
             time.sleep(0.3)
@@ -202,7 +202,7 @@ def test_at_exit_a_call_in_a_thread_ends_before_the_process_does() -> None:
 
         def loop_thread():
             async def main():
-                threads = fast.threads(1, "exiting")
+                threads = _threads.threads(1, "exiting")
                 task = asyncio.ensure_future(threads.run(slow))
                 await asyncio.sleep(0.05)
                 handed_over.set()

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import numpy as np
 
-from .._batching.collate import Collator, Stack
+from .._collate import Collator, Stack
 from .._deps import require
 from .._devices.device import Device
 from .._errors import ConfigError, DeviceError, InvalidInput
@@ -118,12 +118,13 @@ class OnnxHandler(ModelHandler[Any, Any]):
     Example:
         >>> handler = mds.OnnxHandler("model.onnx", examples=[{"x": np.zeros(4, np.float32)}])
         >>> async with mds.ModelRuntime(handler) as model:
-        ...     result = await model.infer({"x": np.ones(4, np.float32)})
+        ...     result = await model.serve({"x": np.ones(4, np.float32)})
 
     Added in 0.2.
     """
 
     collator: ClassVar[Collator | None] = Stack()
+    platform: ClassVar[str] = "onnxruntime_onnx"
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 
-from .._batching.collate import Collator, Padded, Stack, _WithLengths
+from .._collate import Collator, Padded, Stack, _WithLengths
 from .._deps import require
 from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
@@ -76,12 +76,13 @@ class TorchHandler(ModelHandler[Any, Any]):
         >>> handler = mds.TorchHandler(make_mlp, weights="mlp.pt",
         ...                            examples=[np.zeros(16, np.float32)])
         >>> async with mds.ModelRuntime(handler) as model:
-        ...     scores = await model.infer(np.ones(16, np.float32))
+        ...     scores = await model.serve(np.ones(16, np.float32))
 
     Added in 0.2.
     """
 
     collator: ClassVar[Collator | None] = Stack()
+    platform: ClassVar[str] = "pytorch"
 
     def __init__(
         self,

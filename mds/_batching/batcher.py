@@ -29,9 +29,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
+from .. import _loop
 from .._config import BatchingConfig
-from .._errors import DeadlineExceeded, InvalidInput, Overloaded, Unavailable
-from . import fast
+from .._errors import ConfigError, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 from .queue import DONE, QUEUED, RUNNING, BatchInfo, Item, RequestQueue
 
 __all__ = ["BatchStats", "Batcher", "Worker"]
@@ -53,8 +53,11 @@ class Worker(Protocol):
     #: while one computes.
     queues_batches: bool
 
-    async def compute(self, values: list[Any]) -> list[Any]:
-        """Per item, its output or an exception instance; raise if the batch failed."""
+    async def compute_items(self, items: list[Item]) -> list[Any]:
+        """Per item, its output or an exception instance; raise if the batch failed.
+
+        Items answered before the batch starts (``DONE``) are not computed.
+        """
         ...
 
     def failure(self, exc: Exception, size: int) -> list[Any]:
@@ -105,22 +108,22 @@ class Batcher(Generic[W]):
 
     Args:
         config: batching policy; replace it at run time with :meth:`configure`.
-        where: names the model in messages.
+        name: names the model in logs (errors get their context from the model).
         stats: where to count (kept by the model across restarts).
     """
 
-    def __init__(self, config: BatchingConfig, *, where: str, stats: BatchStats) -> None:
-        self._where = where
+    def __init__(self, config: BatchingConfig, *, name: str, stats: BatchStats) -> None:
+        self._name = name
         self.stats = stats
-        self._clock = fast.clock()
-        self._new_waiter = fast.waiter_factory()
+        self._clock = _loop.clock()
+        self._new_waiter = _loop.waiter_factory()
         self._seq = 0
         self._closed = False
         self._busy = 0  # workers computing a batch
         self._running = 0  # items in the batches being computed
-        self._idle: list[fast.Waiter] = []  # workers waiting for any item
-        self._delaying: list[fast.Waiter] = []  # workers waiting for a batch to grow
-        self._want_full: list[fast.Waiter] = []  # busy workers waiting for a full batch
+        self._idle: list[_loop.Waiter] = []  # workers waiting for any item
+        self._delaying: list[_loop.Waiter] = []  # workers waiting for a batch to grow
+        self._want_full: list[_loop.Waiter] = []  # busy workers waiting for a full batch
         self._deadlines: list[tuple[float, int, Item]] = []  # out-of-order ones
         self._running_batches: dict[int, list[Item]] = {}
         self._watch_until = math.inf
@@ -132,9 +135,12 @@ class Batcher(Generic[W]):
         """Use ``config`` from the next batch on.
 
         The number of priority levels is fixed for the batcher's lifetime.
+
+        Raises:
+            ConfigError: ``config`` changes the number of priority levels.
         """
         if config.priority_levels != len(self.queue.counts):
-            raise ValueError(
+            raise ConfigError(
                 f"priority_levels cannot change while the model runs "
                 f"({len(self.queue.counts)} -> {config.priority_levels})"
             )
@@ -176,31 +182,27 @@ class Batcher(Generic[W]):
             level = priority
         else:
             raise InvalidInput(
-                f"{self._where}: priority {priority} is not a level of this model "
+                f"priority {priority} is not a level of this model "
                 f"(0, the highest, to {len(limits) - 1})"
             )
         if queue.counts[level] >= limits[level]:
             if self._closed:
-                raise Unavailable(
-                    f"{self._where}: the model stopped before this request was queued"
-                )
+                raise Unavailable("the model stopped before this request was queued")
             raise Overloaded(
-                f"{self._where}: the queue is full ({limits[level]} requests waiting"
+                f"the queue is full ({limits[level]} requests waiting"
                 + (f" at priority {level}" if len(limits) > 1 else "")
                 + "); try again later"
             )
         if cost != 1 and not (type(cost) is int and 1 <= cost <= self._max_cost):
             raise InvalidInput(
-                f"{self._where}: the request's cost is {cost!r}; it must be a whole number "
+                f"the request's cost is {cost!r}; it must be a whole number "
                 f"from 1 to the batch limit ({self._max_cost})"
             )
         if now is None:
             now = self._clock()
         if deadline is not None and deadline <= now:
             self.stats.deadline_misses += 1
-            raise DeadlineExceeded(
-                f"{self._where}: the request's deadline passed before it was queued"
-            )
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
         seq = self._seq = self._seq + 1
         item = Item(value, self._new_waiter(), now, seq, deadline, level, cost, key, length)
         if key is None and level == 0:  # the common lane (RequestQueue.put, inline)
@@ -244,7 +246,7 @@ class Batcher(Generic[W]):
     def fail_queued(self, message: str) -> None:
         """Answer every queued item with :class:`Unavailable`."""
         for item in self.queue.drain():
-            item.settle(Unavailable(f"{self._where}: {message}"))
+            item.settle(Unavailable(message))
 
     # -- deadlines ------------------------------------------------------------
 
@@ -313,7 +315,7 @@ class Batcher(Generic[W]):
         else:
             return
         self.stats.deadline_misses += 1
-        item.settle(DeadlineExceeded(f"{self._where}: {message}"))
+        item.settle(DeadlineExceeded(message))
 
     # -- workers --------------------------------------------------------------
 
@@ -379,7 +381,7 @@ class Batcher(Generic[W]):
                 continue
             lane = queue.next_lane()
             if lane is None:  # pragma: no cover - a miscount; never loop on it
-                logger.error("%s: queue counts disagreed with its lanes; recounted", self._where)
+                logger.error("%s: queue counts disagreed with its lanes; recounted", self._name)
                 queue.recount()
                 continue
             now = self._clock()
@@ -418,15 +420,15 @@ class Batcher(Generic[W]):
             self.stats.deadline_misses += 1
             item.settle(
                 DeadlineExceeded(
-                    f"{self._where}: the request's deadline passed while it waited "
-                    "in the queue; it was not computed"
+                    "the request's deadline passed while it waited in the queue; "
+                    "it was not computed"
                 )
             )
         else:
             item.settle(
                 InvalidInput(
-                    f"{self._where}: the request's cost {item.cost} is more than the "
-                    f"batch limit ({max_cost}), lowered after it was queued"
+                    f"the request's cost {item.cost} is more than the batch limit "
+                    f"({max_cost}), lowered after it was queued"
                 )
             )
 
@@ -482,7 +484,7 @@ class Batcher(Generic[W]):
         self._wake_all(self._delaying)
 
     @staticmethod
-    def _wake_all(waiters: list[fast.Waiter]) -> None:
+    def _wake_all(waiters: list[_loop.Waiter]) -> None:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -503,7 +505,7 @@ class Batcher(Generic[W]):
         except BaseException:
             # Cancelled (a stop that could not wait): nobody is left waiting.
             for item in batch:
-                item.settle(Unavailable(f"{self._where}: stopped while computing this request"))
+                item.settle(Unavailable("the model stopped while computing this request"))
             raise
         finally:
             # A batch handed over early started when the one before it ended.
@@ -547,7 +549,7 @@ class Batcher(Generic[W]):
         ):
             return await self._halves(worker, items)
         try:
-            return await worker.compute([item.value for item in items])
+            return await worker.compute_items(items)
         except Exception as exc:
             out_of_memory = worker.is_out_of_memory(exc)
             if out_of_memory:
@@ -559,7 +561,7 @@ class Batcher(Generic[W]):
                 logger.warning(
                     "%s: a batch of %d failed (%s: %s); retrying its halves to find "
                     "the items at fault",
-                    self._where,
+                    self._name,
                     len(items),
                     type(exc).__name__,
                     exc,
@@ -581,7 +583,7 @@ class Batcher(Generic[W]):
             logger.warning(
                 "%s: out of device memory with a batch of %d (cost %d); the batch limit "
                 "is now %d (was max_batch_size %d) until set_batching resets it: %s",
-                self._where,
+                self._name,
                 len(items),
                 cost,
                 limit,

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
-from .fast import Waiter
+from .._loop import Waiter
 
 __all__ = ["DONE", "QUEUED", "RUNNING", "BatchInfo", "Item", "RequestQueue"]
 

@@ -144,7 +144,7 @@ class DeviceManager:
     # -- placement ------------------------------------------------------------
 
     def placer(self, config: ModelConfig, *, where: str) -> Placer:
-        """Plan where the instances of a model with ``config`` go.
+        """Plan where the instances of a model with ``config`` go; ``where`` names it in logs.
 
         Raises:
             DeviceError: a named device is not there (and ``cpu_fallback`` is off).
@@ -178,18 +178,18 @@ class DeviceManager:
             else:
                 matches = [info for info in visible if info.device == wanted]
             if not matches:
-                raise DeviceError(f"{where}: {self._missing(wanted, visible)}")
+                raise DeviceError(self._missing(wanted, visible))
             failed = [info for info in matches if self._failed.get(info.device)]
             if failed and len(failed) == len(matches):
                 info = failed[0]
                 raise DeviceError(
-                    f"{where}: device {info.device} failed earlier "
+                    f"device {info.device} failed earlier "
                     f"({self._failed[info.device]}); it takes no new instances"
                 )
         except DeviceError as exc:
             if not fallback or wanted.kind == "cpu":
                 raise
-            logger.warning("%s; cpu_fallback is on, so it runs on the CPU instead", exc)
+            logger.warning("%s: %s; cpu_fallback is on, so it runs on the CPU instead", where, exc)
             return [cpu]
         return [info.device for info in matches if info.device not in self._failed]
 
@@ -234,7 +234,15 @@ class DeviceManager:
             error=reason,
         )
 
-    def _mark_failed(self, device: Device, reason: str) -> None:
+    def mark_failed(self, device: Device, reason: str) -> None:
+        """Mark ``device`` failed: it reports unhealthy and takes no new instances.
+
+        mds calls it when ``infer`` raises an error that the device's kind
+        says means the device failed (:meth:`DeviceKind.is_device_failure`).
+        The first reason given is kept.
+
+        Added in 0.3.
+        """
         if device not in self._failed:
             logger.error("device %s failed: %s", device, reason)
             self._failed[device] = reason
@@ -246,7 +254,8 @@ class Placer:
     def __init__(
         self, manager: DeviceManager, config: ModelConfig, candidates: list[Device], where: str
     ) -> None:
-        self._manager = manager
+        #: The device manager it places with.
+        self.manager = manager
         self._config = config
         self._candidates = candidates
         self._where = where
@@ -272,7 +281,7 @@ class Placer:
         if self._config.placement == "memory":
             device = self._by_memory()
         else:
-            offset = self._manager.worker_index * self._config.instances
+            offset = self.manager.worker_index * self._config.instances
             device = self._candidates[(offset + len(self._order)) % len(self._candidates)]
         self._placed[device] += 1
         self._order.append(device)
@@ -283,7 +292,7 @@ class Placer:
         return [self.next() for _ in range(self._config.instances - len(self._order))]
 
     def _by_memory(self) -> Device:
-        infos = {info.device: info for info in self._manager.devices() if info.healthy}
+        infos = {info.device: info for info in self.manager.devices() if info.healthy}
         best: tuple[float, int, int] | None = None
         chosen = self._candidates[0]
         most_free: int | None = None
@@ -305,7 +314,7 @@ class Placer:
         if need is not None and most_free is not None and most_free < need:
             how = "stated in instance_memory" if self._config.instance_memory else "measured"
             raise DeviceError(
-                f"{self._where}: instance {len(self._order)} needs about {_size(need)} "
+                f"instance {len(self._order)} needs about {_size(need)} "
                 f"({how}); the most free on {', '.join(map(str, self._candidates))} "
                 f"is {_size(most_free)}"
             )
@@ -317,7 +326,7 @@ class Placer:
         """The instance last placed on ``device`` has loaded: measure what it took."""
         if not self.sequential or self._free_before is None:
             return
-        after = self._manager.info(device).free_memory
+        after = self.manager.info(device).free_memory
         if after is None:
             return
         used = self._free_before - after
@@ -326,7 +335,7 @@ class Placer:
             logger.info("%s: an instance takes about %s on %s", self._where, _size(used), device)
 
     def cpu_threads(self) -> int:
-        return self._manager._cpu_threads(self._config, self._predicted())
+        return self.manager._cpu_threads(self._config, self._predicted())
 
     def _predicted(self) -> list[Device]:
         """The devices of every instance, assuming the rest follow round-robin."""

@@ -18,8 +18,8 @@ import numpy as np
 from .._errors import DecodeError
 
 __all__ = [
+    "BINARY_HEADER",
     "DATATYPES",
-    "BinaryHeader",
     "InferRequest",
     "InferResponse",
     "ModelMetadata",
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: The header that says how long the JSON part of a binary body is.
-BinaryHeader = "Inference-Header-Content-Length"
+BINARY_HEADER = "Inference-Header-Content-Length"
 
 #: Protocol datatype -> the numpy dtype its values travel as (little-endian).
 #: BF16 has no numpy dtype: it travels as 16-bit words and arrives as float32.
@@ -154,10 +154,10 @@ def decode_request(
             size = int(header_length)
         except ValueError:
             raise DecodeError(
-                f"{BinaryHeader} must be a whole number of bytes, not {header_length!r}"
+                f"{BINARY_HEADER} must be a whole number of bytes, not {header_length!r}"
             ) from None
         if not 0 <= size <= len(body):
-            raise DecodeError(f"{BinaryHeader} is {size}, but the body has only {len(body)} bytes")
+            raise DecodeError(f"{BINARY_HEADER} is {size}, but the body has only {len(body)} bytes")
         view = memoryview(body)
         head, binary = view[:size], view[size:]
     try:

@@ -26,9 +26,8 @@ from .._errors import (
     RequestError,
     Unavailable,
 )
-from .._model import ModelRuntime
-from .._pipeline.running import PipelineRuntime
 from .._runtime import Runtime
+from .._servable import Servable
 from .._status import RuntimeHealth
 from .._tensors import TensorSpec
 from .._version import __version__
@@ -40,7 +39,7 @@ __all__ = ["ERROR_STATUS", "ROUTES", "V2_ROUTES", "Call", "Reply", "Service", "V
 logger = logging.getLogger("mds.http")
 
 JSON = "application/json"
-BINARY_HEADER = protocol.BinaryHeader.lower()
+BINARY_HEADER = protocol.BINARY_HEADER.lower()
 EVENT_STREAM = "text/event-stream"
 
 #: Error class -> HTTP status, most specific first: the one table both adapters use.
@@ -103,7 +102,7 @@ class Call(NamedTuple):
 class V2Call(NamedTuple):
     """A decoded Open Inference Protocol request, ready to serve."""
 
-    target: ModelRuntime[Any, Any] | PipelineRuntime
+    target: Servable
     request: InferRequest
     inputs: dict[str, np.ndarray]
 
@@ -199,15 +198,9 @@ class Service:
         ready = health.ready and all(p.ready for p in health.pipelines.values())
         return Reply(200 if ready else 503, _encoder.encode(health), JSON, self._unless(ready))
 
-    def target(
-        self, name: str, version: str | None = None
-    ) -> ModelRuntime[Any, Any] | PipelineRuntime:
+    def target(self, name: str, version: str | None = None) -> Servable:
         """The model or pipeline called ``name`` (at ``version``, if given)."""
-        target = self.runtime._servable(name)
-        have = target.version if isinstance(target, ModelRuntime) else "1"
-        if version is not None and version != have:
-            raise ModelNotFound(f"model {name!r} has version {have!r}, not {version!r}")
-        return target
+        return self.runtime.servable(name, version)
 
     def model_ready(self, name: str, health: RuntimeHealth, v2: bool = False) -> Reply:
         report = health.models.get(name) or health.pipelines.get(name)
@@ -242,16 +235,12 @@ class Service:
         names = sorted([*runtime.models, *runtime.pipelines])
         return Reply(200, _encoder.encode([self.metadata(self.target(n)) for n in names]))
 
-    def metadata(self, target: ModelRuntime[Any, Any] | PipelineRuntime) -> ModelMetadata:
-        if isinstance(target, PipelineRuntime):
-            return ModelMetadata(
-                name=target.name, versions=["1"], platform="ensemble", inputs=[], outputs=[]
-            )
-        inputs, outputs = _signature(target) or ({}, {})
+    def metadata(self, target: Servable) -> ModelMetadata:
+        inputs, outputs = target.signature() or ({}, {})
         return ModelMetadata(
             name=target.name,
-            versions=[target.version],
-            platform=_platform(target),
+            versions=list(target.versions),
+            platform=target.platform,
             inputs=[_tensor(spec) for spec in inputs.values()],
             outputs=[_tensor(spec) for spec in outputs.values()],
         )
@@ -310,9 +299,7 @@ class Service:
             target, payload = v2_call.target, v2_call.inputs
         else:
             target, payload = self.target(name), self.json_request(body)
-        streams = (isinstance(target, ModelRuntime) and target.streams) or (
-            EVENT_STREAM in headers.get("accept", "")
-        )
+        streams = target.streams or EVENT_STREAM in headers.get("accept", "")
         return Call(name, payload, timeout, priority, streams, v2_call)
 
     def reply(self, call: Call, result: Any) -> Reply:
@@ -334,13 +321,12 @@ class Service:
         target = self.target(name, version)
         request, binary = protocol.decode_request(body, header_length)
         inputs = protocol.decode_inputs(request, binary)
-        if isinstance(target, ModelRuntime):
-            signature = _signature(target)
-            if signature is not None:
-                _check_names(target.name, "input", inputs, signature[0], missing=True)
-                if request.outputs:
-                    asked = {o.name: None for o in request.outputs}
-                    _check_names(target.name, "output", asked, signature[1], missing=False)
+        signature = target.signature()
+        if signature is not None:
+            _check_names(target.name, "input", inputs, signature[0], missing=True)
+            if request.outputs:
+                asked = {o.name: None for o in request.outputs}
+                _check_names(target.name, "output", asked, signature[1], missing=False)
         return V2Call(target, request, inputs)
 
     def v2_reply(self, call: V2Call, result: Any, *, binary_ok: bool = True) -> Reply:
@@ -369,9 +355,11 @@ class Service:
             outputs, chunks = protocol.encode_outputs(values, binary)
         except ValueError as exc:
             raise InferenceError(f"model {call.target.name!r}: {exc}") from exc
-        version = call.target.version if isinstance(call.target, ModelRuntime) else "1"
         response = protocol.InferResponse(
-            model_name=call.target.name, model_version=version, id=request.id, outputs=outputs
+            model_name=call.target.name,
+            model_version=call.target.version,
+            id=request.id,
+            outputs=outputs,
         )
         head = _encoder.encode(response)
         if not chunks:
@@ -380,24 +368,16 @@ class Service:
             200,
             b"".join([head, *chunks]),
             "application/octet-stream",
-            ((protocol.BinaryHeader, str(len(head))),),
+            ((protocol.BINARY_HEADER, str(len(head))),),
         )
 
     def _named_outputs(self, call: V2Call, result: Any) -> dict[str, Any]:
         if isinstance(result, Mapping):
             return {str(k): v for k, v in result.items()}
-        target = call.target
-        signature = _signature(target) if isinstance(target, ModelRuntime) else None
+        signature = call.target.signature()
         if signature is not None and len(signature[1]) == 1:
             return {next(iter(signature[1])): result}
         return {"output0": result}
-
-
-def _signature(
-    model: ModelRuntime[Any, Any],
-) -> tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]] | None:
-    instances = model._instances
-    return instances[0].handler.signature() if instances else None
 
 
 def _check_names(
@@ -429,15 +409,3 @@ def _tensor(spec: TensorSpec) -> TensorMetadata:
         datatype = spec.dtype
     shape = [d if isinstance(d, int) else -1 for d in spec.shape]
     return TensorMetadata(name=spec.name, datatype=datatype, shape=shape)
-
-
-def _platform(model: ModelRuntime[Any, Any]) -> str:
-    instances = model._instances
-    if not instances:
-        return "mds"
-    names = {cls.__name__ for cls in type(instances[0].handler).__mro__}
-    if "OnnxHandler" in names:
-        return "onnxruntime_onnx"
-    if "TorchHandler" in names:
-        return "pytorch"
-    return "python"

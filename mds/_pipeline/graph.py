@@ -5,16 +5,13 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, cast
 
-from .._config import ModelConfig
+from .._config import ModelConfig, check_name
 from .._errors import ConfigError
 from .._handler import ModelHandler
-from .._model import check_name
 
-__all__ = ["Node", "Pipeline"]
-
-NodeKind = Literal["model", "function", "router", "fan_out"]
+__all__ = ["FanOutNode", "FunctionNode", "ModelNode", "Node", "Pipeline", "RouterNode"]
 
 
 class _Following:
@@ -43,45 +40,26 @@ class Node:
 
     ``next`` names the node that follows. Left out, it is the next node in
     the pipeline's list that is not a fan-out's branch (and the end after
-    the last); ``None`` ends the pipeline at this node.
+    the last); ``None`` ends the pipeline at this node. Each kind of node is
+    a class of its own; ``kind`` names it.
 
     Added in 0.2.
     """
 
-    __slots__ = (
-        "branches",
-        "config",
-        "default",
-        "fn",
-        "handler",
-        "join",
-        "kind",
-        "model_name",
-        "name",
-        "next",
-        "on",
-        "origin",
-        "routes",
-        "version",
-    )
+    __slots__ = ("name", "next", "origin", "unloaded")
 
-    def __init__(self, name: str, kind: NodeKind, *, next: Any = _FOLLOWING) -> None:
+    #: ``"model"``, ``"function"``, ``"router"`` or ``"fan_out"``.
+    kind: ClassVar[str] = ""
+
+    def __init__(self, name: str, *, next: Any = _FOLLOWING) -> None:
         self.name = name
-        self.kind: NodeKind = kind
         self.next: str | None = next
-        self.handler: ModelHandler[Any, Any] | Callable[[], ModelHandler[Any, Any]] | None = None
-        self.config: ModelConfig | None = None
-        self.version = "1"
-        self.model_name: str | None = None
-        self.fn: Callable[..., Any] | None = None
-        self.on: str | Callable[[Any, Any], Any] | None = None
-        self.routes: dict[str, str] = {}
-        self.default: str | None = None
-        self.branches: tuple[str, ...] = ()
-        self.join: Callable[[dict[str, Any]], Any] | None = None
         #: Where the node came from, for messages: the document path
         #: (``pipeline.nodes[2]``) or what it runs (``m1.model:Handler``).
         self.origin = ""
+        #: What a node of a pipeline file would import, while it is not
+        #: loaded (a node that cannot be reached is never imported).
+        self.unloaded: str | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.name!r} {self.kind}>"
@@ -110,9 +88,9 @@ class Node:
         """
         if (handler is None) == (model is None):
             raise ConfigError(f"model node {name!r}: give either a handler or a model name")
-        node = cls(name, "model", next=next)
-        node.handler, node.config, node.version, node.model_name = handler, config, version, model
-        return node
+        return ModelNode(
+            name, handler=handler, config=config, version=version, model=model, next=next
+        )
 
     @classmethod
     def function(cls, name: str, fn: Callable[..., Any], *, next: str | None = _FOLLOWING) -> Node:
@@ -124,9 +102,7 @@ class Node:
         """
         if not callable(fn):
             raise ConfigError(f"function node {name!r}: {fn!r} is not callable")
-        node = cls(name, "function", next=next)
-        node.fn = fn
-        return node
+        return FunctionNode(name, fn, next=next)
 
     @classmethod
     def router(
@@ -154,11 +130,7 @@ class Node:
                 cannot be read; without one, such a request fails with
                 :class:`mds.InvalidInput`.
         """
-        node = cls(name, "router", next=None)
-        node.on = by
-        node.routes = {str(key): target for key, target in routes.items()}
-        node.default = default
-        return node
+        return RouterNode(name, by, routes, default=default)
 
     @classmethod
     def fan_out(
@@ -177,31 +149,127 @@ class Node:
         the mapping itself goes on. If a branch fails, the others are
         cancelled and the call fails with that branch's error.
         """
-        node = cls(name, "fan_out", next=next)
-        node.branches = tuple(branches)
-        node.join = join
-        return node
+        return FanOutNode(name, branches, join=join, next=next)
 
     def targets(self) -> list[tuple[str, str]]:
         """``(label, node)`` for each edge out of this node (resolved ``next`` only)."""
-        if self.kind == "router":
-            edges = [(str(key), target) for key, target in self.routes.items()]
-            if self.default is not None:
-                edges.append(("default", self.default))
-            return edges
         return [("", self.next)] if self.next is not None else []
+
+    def children(self) -> tuple[str, ...]:
+        """The nodes this node runs itself (a fan-out's branches)."""
+        return ()
 
     def describe(self) -> str:
         """What the node runs, in a few words."""
-        if self.kind == "model":
-            what = f"model {self.model_name!r}" if self.model_name else _name_of(self.handler)
-            return f"model {what}"
-        if self.kind == "function":
-            return f"function {_name_of(self.fn)}"
-        if self.kind == "router":
-            by = self.on if isinstance(self.on, str) else _name_of(self.on)
-            return f"router by {by}"
-        join = _name_of(self.join) if self.join is not None else "a mapping by node name"
+        raise NotImplementedError
+
+
+class ModelNode(Node):
+    """A model node: a handler served as a model, or a model the runtime serves."""
+
+    __slots__ = ("config", "handler", "model_name", "version")
+    kind = "model"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        handler: ModelHandler[Any, Any] | Callable[[], ModelHandler[Any, Any]] | None = None,
+        config: ModelConfig | None = None,
+        version: str = "1",
+        model: str | None = None,
+        next: Any = _FOLLOWING,
+    ) -> None:
+        super().__init__(name, next=next)
+        self.handler = handler
+        self.config = config
+        self.version = version
+        self.model_name = model
+
+    def describe(self) -> str:
+        if self.model_name is not None:
+            return f"model {self.model_name!r} of the runtime"
+        if self.unloaded is not None:
+            return f"model {self.unloaded} (not loaded)"
+        return f"model {_name_of(self.handler)}"
+
+
+class FunctionNode(Node):
+    """A function node: business logic, feature extraction, preprocessing."""
+
+    __slots__ = ("fn",)
+    kind = "function"
+
+    def __init__(self, name: str, fn: Callable[..., Any] | None, *, next: Any = _FOLLOWING) -> None:
+        super().__init__(name, next=next)
+        self.fn = fn
+
+    def describe(self) -> str:
+        if self.unloaded is not None:
+            return f"function {self.unloaded} (not loaded)"
+        return f"function {_name_of(self.fn)}"
+
+
+class RouterNode(Node):
+    """A router: forwards its input to the node its routes name."""
+
+    __slots__ = ("default", "on", "routes")
+    kind = "router"
+
+    def __init__(
+        self,
+        name: str,
+        by: str | Callable[[Any, Any], Any],
+        routes: Mapping[Any, str],
+        *,
+        default: str | None = None,
+    ) -> None:
+        super().__init__(name, next=None)
+        self.on = by
+        self.routes: dict[str, str] = {str(key): target for key, target in routes.items()}
+        self.default = default
+
+    def targets(self) -> list[tuple[str, str]]:
+        edges = [(str(key), target) for key, target in self.routes.items()]
+        if self.default is not None:
+            edges.append(("default", self.default))
+        return edges
+
+    def describe(self) -> str:
+        if self.unloaded is not None:
+            return f"router by {self.unloaded} (not loaded)"
+        by = self.on if isinstance(self.on, str) else _name_of(self.on)
+        return f"router by {by}"
+
+
+class FanOutNode(Node):
+    """A fan-out: runs its branches at once on its input and joins their outputs."""
+
+    __slots__ = ("branches", "join")
+    kind = "fan_out"
+
+    def __init__(
+        self,
+        name: str,
+        branches: Sequence[str],
+        *,
+        join: Callable[[dict[str, Any]], Any] | None = None,
+        next: Any = _FOLLOWING,
+    ) -> None:
+        super().__init__(name, next=next)
+        self.branches = tuple(branches)
+        self.join = join
+
+    def children(self) -> tuple[str, ...]:
+        return self.branches
+
+    def describe(self) -> str:
+        if self.unloaded is not None:
+            join = f"{self.unloaded} (not loaded)"
+        elif self.join is not None:
+            join = _name_of(self.join)
+        else:
+            join = "a mapping by node name"
         return f"fan-out to {', '.join(self.branches)}, joined by {join}"
 
 
@@ -234,6 +302,7 @@ class Pipeline:
             next one listed.
         start: the first node's name; defaults to the first listed.
         timeout: a default deadline, in seconds, for the whole call.
+        version: the pipeline's version, as its metadata reports it (added in 0.3).
         source: where the pipeline was defined (a file), for messages.
 
     Raises:
@@ -257,11 +326,13 @@ class Pipeline:
         *,
         start: str | None = None,
         timeout: float | None = None,
+        version: str = "1",
         source: str | None = None,
     ) -> None:
         self.name = name
         self.source = source
         self.timeout = timeout
+        self.version = version
         listed = list(nodes)
         problems: list[str] = []
         try:
@@ -345,7 +416,7 @@ class Pipeline:
         return f"node {node.name!r}" + (f" ({node.origin})" if node.origin else "")
 
     def _resolve_following(self, listed: list[Node]) -> None:
-        branch_nodes = {b for node in listed if node.kind == "fan_out" for b in node.branches}
+        branch_nodes = {b for node in listed for b in node.children()}
         for index, node in enumerate(listed):
             if node.next is not _FOLLOWING:
                 continue
@@ -374,12 +445,12 @@ class Pipeline:
         for node in self.nodes.values():
             at = self._at(node)
             for label, target in node.targets():
-                what = "next" if node.kind != "router" else f"route {label!r} ->"
+                what = f"route {label!r} ->" if isinstance(node, RouterNode) else "next"
                 if target not in self.nodes:
                     problems.append(f"{at}: " + self._unknown(what, target))
-            if node.kind == "router" and not node.routes:
+            if isinstance(node, RouterNode) and not node.routes:
                 problems.append(f"{at}: a router needs at least one route")
-            if node.kind == "fan_out":
+            if isinstance(node, FanOutNode):
                 if len(node.branches) < 1:
                     problems.append(f"{at}: a fan-out needs at least one branch")
                 for branch in node.branches:
@@ -392,7 +463,7 @@ class Pipeline:
                         )
                     owner[branch] = node.name
                     branch_node = self.nodes[branch]
-                    if branch_node.kind not in ("model", "function"):
+                    if not isinstance(branch_node, ModelNode | FunctionNode):
                         problems.append(
                             f"{at}: branch {branch!r} is a {branch_node.kind} node; branches "
                             "must be model or function nodes"
@@ -449,7 +520,7 @@ class Pipeline:
             seen.add(name)
             node = self.nodes[name]
             todo += [target for _, target in node.targets()]
-            todo += list(node.branches)
+            todo += list(node.children())
         return seen
 
     # -- drawings -----------------------------------------------------------------
@@ -459,12 +530,13 @@ class Pipeline:
         lines = [f"pipeline {self.name} (start: {self.start})"]
         reachable = self.reachable()
         width = max(len(name) for name in self.nodes)
+        branches = self._branches()
         for node in self.nodes.values():
-            if node.kind == "router":
+            if isinstance(node, RouterNode):
                 leads = ", ".join(f"{label} -> {target}" for label, target in node.targets())
-            elif node.kind == "fan_out":
+            elif isinstance(node, FanOutNode):
                 leads = f"join -> {node.next or 'end'}"
-            elif any(node.name in n.branches for n in self.nodes.values()):
+            elif node.name in branches:
                 leads = "-> join"
             else:
                 leads = f"-> {node.next or 'end'}"
@@ -486,7 +558,7 @@ class Pipeline:
             left, right = shapes[node.kind]
             lines.append(f'  {ids[name]}{left}"{name}<br/><small>{node.kind}</small>"{right}')
         for name, node in self.nodes.items():
-            if node.kind == "fan_out":
+            if isinstance(node, FanOutNode):
                 lines.append(f"  {ids[name]}_join((join))")
 
         def mermaid_id(end: str | None) -> str:
@@ -513,7 +585,7 @@ class Pipeline:
         ]
         for name, node in self.nodes.items():
             lines.append(f'  "{name}" [shape={shapes[node.kind]}, label="{name}\\n{node.kind}"];')
-            if node.kind == "fan_out":
+            if isinstance(node, FanOutNode):
                 lines.append(f'  "{name}_join" [shape=point, label="join"];')
 
         def dot_id(end: str | None) -> str:
@@ -534,19 +606,24 @@ class Pipeline:
     def _edges(self) -> list[tuple[str | None, str | None, str]]:
         """Edges for drawing: node to node, node to end (``None``), and joins."""
         edges: list[tuple[str | None, str | None, str]] = []
+        branches = self._branches()
         for name, node in self.nodes.items():
-            if node.kind == "fan_out":
+            if isinstance(node, FanOutNode):
                 join = _JOIN + name
                 for branch in node.branches:
                     edges.append((name, branch, ""))
                     edges.append((branch, join, ""))
                 edges.append((join, node.next, ""))
                 continue
-            if any(name in n.branches for n in self.nodes.values()):
+            if name in branches:
                 continue
             targets = node.targets()
             for label, target in targets:
                 edges.append((name, target, label))
-            if not targets and node.kind != "router":
+            if not targets and not isinstance(node, RouterNode):
                 edges.append((name, None, ""))
         return edges
+
+    def _branches(self) -> set[str]:
+        """Every node that is a fan-out's branch."""
+        return {branch for node in self.nodes.values() for branch in node.children()}

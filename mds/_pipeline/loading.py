@@ -17,7 +17,7 @@ import msgspec.yaml
 from .._config import ModelConfig
 from .._errors import ConfigError
 from .._handler import ModelHandler
-from .graph import _FOLLOWING, Node, Pipeline
+from .graph import _FOLLOWING, FanOutNode, FunctionNode, ModelNode, Node, Pipeline, RouterNode
 
 __all__ = ["from_document", "load_file"]
 
@@ -58,6 +58,7 @@ class PipelineSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True)
     nodes: list[NodeSpec]
     start_node_name: str | None = None
     timeout: float | None = None
+    version: str = "1"
 
 
 class Document(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -82,7 +83,12 @@ def load_file(path: Any) -> Pipeline:
 
 
 def from_document(document: Any, source: str, folder: Path | None) -> Pipeline:
-    """Check ``document`` against the format and build its pipeline."""
+    """Check ``document`` against the format and build its pipeline.
+
+    The graph is checked first, with nothing imported; then the nodes a call
+    can reach import their handlers and functions. A node that cannot be
+    reached is never imported (its drawing says it is not loaded).
+    """
     if not isinstance(document, Mapping):
         raise ConfigError(
             f"{source}: a pipeline document is a mapping with a 'pipeline' key, "
@@ -92,31 +98,45 @@ def from_document(document: Any, source: str, folder: Path | None) -> Pipeline:
         spec = msgspec.convert(document, Document)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(str(exc), document)}") from None
-    if folder is not None and str(folder) not in sys.path:
-        # Handler modules sit next to the file (the seed's m1/, m2/, ...).
-        sys.path.insert(0, str(folder))
-    spec_nodes = spec.pipeline.nodes
+    where = f"{source}: pipeline {spec.pipeline.name!r}"
     problems: list[str] = []
-    nodes = []
-    for index, node_spec in enumerate(spec_nodes):
+    nodes: list[Node] = []
+    specs: dict[str, tuple[NodeSpec, str]] = {}
+    for index, node_spec in enumerate(spec.pipeline.nodes):
         at = f"node {node_spec.name!r} (pipeline.nodes[{index}])"
         try:
-            node = _build(node_spec, at)
+            node = _skeleton(node_spec, at)
         except ConfigError as exc:
             problems.append(str(exc))
             continue
         node.origin = f"pipeline.nodes[{index}]"
         nodes.append(node)
-    where = f"{source}: pipeline {spec.pipeline.name!r}"
+        specs.setdefault(node_spec.name, (node_spec, at))
     if problems:
         raise ConfigError(where + ":\n" + "\n".join(f"  - {p}" for p in problems))
-    return Pipeline(
+    pipeline = Pipeline(
         spec.pipeline.name,
         nodes,
         start=spec.pipeline.start_node_name,
         timeout=spec.pipeline.timeout,
+        version=spec.pipeline.version,
         source=source,
     )
+    if folder is not None and str(folder) not in sys.path:
+        # Handler modules sit next to the file (the seed's m1/, m2/, ...).
+        sys.path.insert(0, str(folder))
+    reachable = pipeline.reachable()
+    for node in pipeline.nodes.values():
+        if node.name not in reachable or node.unloaded is None:
+            continue
+        node_spec, at = specs[node.name]
+        try:
+            _load(node, node_spec, at)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(where + ":\n" + "\n".join(f"  - {p}" for p in problems))
+    return pipeline
 
 
 def _explain(message: str, document: Any) -> str:
@@ -132,37 +152,58 @@ def _explain(message: str, document: Any) -> str:
     return message
 
 
-def _build(spec: NodeSpec, at: str) -> Node:
+def _skeleton(spec: NodeSpec, at: str) -> Node:
+    """The node, with what it would import named but not imported yet."""
     kinds = [kind for kind in _KINDS if getattr(spec, kind) is not None]
     if len(kinds) != 1:
         given = ", ".join(kinds) if kinds else "none"
         raise ConfigError(f"{at}: a node needs exactly one of {', '.join(_KINDS)} (it has {given})")
     nxt = _FOLLOWING if spec.next is msgspec.UNSET else spec.next
     kind = kinds[0]
+    node: Node
+    unloaded: str | None = None
     if kind == "model_load_meta":
         meta = spec.model_load_meta
         assert meta is not None
-        handler = resolve_handler(meta.handler_module, at)
-        return Node.model(spec.name, handler, meta.config, version=meta.version, next=nxt)
-    if kind == "model":
+        node = ModelNode(spec.name, config=meta.config, version=meta.version, next=nxt)
+        unloaded = meta.handler_module
+    elif kind == "model":
         assert spec.model is not None
-        return Node.model(spec.name, model=spec.model, next=nxt)
-    if kind == "function":
+        node = ModelNode(spec.name, model=spec.model, next=nxt)
+    elif kind == "function":
         assert spec.function is not None
-        return Node.function(spec.name, resolve_object(spec.function, at, "function"), next=nxt)
-    if kind == "router":
+        node = FunctionNode(spec.name, None, next=nxt)
+        unloaded = spec.function
+    elif kind == "router":
         router = spec.router
         assert router is not None
         if spec.next is not msgspec.UNSET:
             raise ConfigError(f"{at}: a router has no next; its routes and default lead on")
-        by: Any = router.by
+        node = RouterNode(spec.name, router.by, router.routes, default=router.default)
         if not re.match(r"^(request|input)(\.|$)", router.by):
-            by = resolve_object(router.by, at, "router function")
-        return Node.router(spec.name, by, router.routes, default=router.default)
-    fan_out = spec.fan_out
-    assert fan_out is not None
-    join = resolve_object(fan_out.join, at, "join function") if fan_out.join else None
-    return Node.fan_out(spec.name, fan_out.nodes, join=join, next=nxt)
+            unloaded = router.by
+    else:
+        fan_out = spec.fan_out
+        assert fan_out is not None
+        node = FanOutNode(spec.name, fan_out.nodes, next=nxt)
+        unloaded = fan_out.join
+    node.unloaded = unloaded
+    return node
+
+
+def _load(node: Node, spec: NodeSpec, at: str) -> None:
+    """Import what ``node`` runs (its handler, function, router function or join)."""
+    path = node.unloaded
+    assert path is not None
+    if isinstance(node, ModelNode):
+        node.handler = resolve_handler(path, at)
+    elif isinstance(node, FunctionNode):
+        node.fn = resolve_object(path, at, "function")
+    elif isinstance(node, RouterNode):
+        node.on = resolve_object(path, at, "router function")
+    elif isinstance(node, FanOutNode):
+        node.join = resolve_object(path, at, "join function")
+    node.unloaded = None
 
 
 def _import(module_name: str, at: str) -> Any:

@@ -5,42 +5,36 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import anyio
 
-from .._batching import fast
-from .._calls import is_async
-from .._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, NotReady
+from .. import _loop
+from .._bridge import Home
+from .._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, NotReady, describe
+from .._handler import ModelState
 from .._model import ModelRuntime
-from .._status import NodeTrace, PipelineHealth, PipelineTrace, Traced
-from .graph import Node, Pipeline
+from .._servable import Signature
+from .._status import ModelHealth, NodeTrace, PipelineHealth, PipelineTrace, Traced
+from .._threads import is_async
+from .graph import FanOutNode, FunctionNode, ModelNode, Node, Pipeline, RouterNode
 
 __all__ = ["PipelineRuntime"]
 
 logger = logging.getLogger(__name__)
 
 
-def _renamed(exc: MdsError, where: str) -> MdsError:
-    """The same kind of error, its message led by the pipeline and node."""
-    try:
-        error = type(exc)(f"{where}: {exc}")
-    except Exception:  # pragma: no cover - an error class with its own signature
-        return exc
-    error.__cause__ = exc
-    return error
+class _Runner:
+    """A node, compiled. ``run`` returns the value and the runner that follows."""
 
-
-class _Step:
-    """A compiled node. ``run`` returns the value and the step that follows."""
-
-    next: _Step | None = None
+    next: _Runner | None = None
 
     def __init__(self, pipeline: str, node: Node) -> None:
         self.name = node.name
         self.kind = node.kind
-        self.where = f"pipeline {pipeline!r}, node {node.name!r}"
+        self.pipeline = pipeline
+        self.where = f"pipeline {pipeline!r}, node {node.name!r}"  # for logs
 
     async def run(
         self,
@@ -49,14 +43,14 @@ class _Step:
         deadline: float | None,
         priority: int | None,
         traces: list[NodeTrace] | None,
-    ) -> tuple[Any, _Step | None]:
+    ) -> tuple[Any, _Runner | None]:
         raise NotImplementedError
 
     def _late(self) -> DeadlineExceeded:
-        return DeadlineExceeded(f"{self.where}: the pipeline's deadline passed before this node")
+        return DeadlineExceeded("the pipeline's deadline passed before this node")
 
 
-class _ModelStep(_Step):
+class _ModelRunner(_Runner):
     def __init__(self, pipeline: str, node: Node, model: ModelRuntime[Any, Any]) -> None:
         super().__init__(pipeline, node)
         self.model = model
@@ -68,24 +62,21 @@ class _ModelStep(_Step):
         deadline: float | None,
         priority: int | None,
         traces: list[NodeTrace] | None,
-    ) -> tuple[Any, _Step | None]:
+    ) -> tuple[Any, _Runner | None]:
         model = self.model
-        clock = fast.clock()
+        clock = _loop.clock()
         began = clock()
         timeout = None
         if deadline is not None:
             timeout = deadline - began
             if timeout <= 0:
                 raise self._late()
-            own = model._default_timeout
+            own = model.config.timeout
             if own is not None and own < timeout:
                 timeout = own
-        try:
-            if traces is None:
-                return await model.infer(value, timeout=timeout, priority=priority), self.next
-            traced = await model.infer(value, timeout=timeout, priority=priority, trace=True)
-        except MdsError as exc:
-            raise _renamed(exc, self.where) from exc
+        if traces is None:
+            return await model.serve(value, timeout=timeout, priority=priority), self.next
+        traced = await model.serve(value, timeout=timeout, priority=priority, trace=True)
         traces.append(
             NodeTrace(
                 node=self.name,
@@ -98,11 +89,11 @@ class _ModelStep(_Step):
         return traced.value, self.next
 
 
-class _FunctionStep(_Step):
-    def __init__(self, pipeline: str, node: Node) -> None:
+class _FunctionRunner(_Runner):
+    def __init__(self, pipeline: str, node: FunctionNode) -> None:
         super().__init__(pipeline, node)
         fn = node.fn
-        assert fn is not None
+        assert fn is not None  # reachable nodes are loaded
         try:
             # Beyond the first: a first parameter named "request" is the value.
             wants_request = "request" in list(inspect.signature(fn).parameters)[1:]
@@ -119,8 +110,8 @@ class _FunctionStep(_Step):
         deadline: float | None,
         priority: int | None,
         traces: list[NodeTrace] | None,
-    ) -> tuple[Any, _Step | None]:
-        clock = fast.clock()
+    ) -> tuple[Any, _Runner | None]:
+        clock = _loop.clock()
         began = clock()
         fn = self._fn
         call = functools.partial(fn, value, request=request) if self._wants_request else None
@@ -140,12 +131,12 @@ class _FunctionStep(_Step):
                         )
                     )
                 return result, self.next
-        except MdsError as exc:
-            raise _renamed(exc, self.where) from exc
+        except MdsError:
+            raise
         except Exception as exc:
             logger.exception("%s failed", self.where)
-            raise InferenceError(f"{self.where}: {type(exc).__name__}: {exc}") from exc
-        raise DeadlineExceeded(f"{self.where}: the pipeline's deadline passed in this function")
+            raise InferenceError(describe(exc)) from exc
+        raise DeadlineExceeded("the pipeline's deadline passed in this function")
 
 
 class _Missing:
@@ -172,8 +163,8 @@ def _read(obj: Any, path: Sequence[str]) -> Any:
     return obj
 
 
-class _RouterStep(_Step):
-    def __init__(self, pipeline: str, node: Node) -> None:
+class _RouterRunner(_Runner):
+    def __init__(self, pipeline: str, node: RouterNode) -> None:
         super().__init__(pipeline, node)
         on = node.on
         self._fn: Callable[[Any, Any], Any] | None = None
@@ -182,11 +173,10 @@ class _RouterStep(_Step):
             self._from_request = source == "request"
             self._path = rest.split(".") if rest else []
         else:
-            assert on is not None
             self._fn = on
         self.on = on if isinstance(on, str) else getattr(on, "__qualname__", repr(on))
-        self.routes: dict[str, _Step] = {}
-        self.default: _Step | None = None
+        self.routes: dict[str, _Runner] = {}
+        self.default: _Runner | None = None
 
     async def run(
         self,
@@ -195,17 +185,15 @@ class _RouterStep(_Step):
         deadline: float | None,
         priority: int | None,
         traces: list[NodeTrace] | None,
-    ) -> tuple[Any, _Step | None]:
-        began = fast.clock()() if traces is not None else 0.0
+    ) -> tuple[Any, _Runner | None]:
+        began = _loop.clock()() if traces is not None else 0.0
         if self._fn is not None:
             try:
                 key = self._fn(value, request)
-            except MdsError as exc:
-                raise _renamed(exc, self.where) from exc
+            except MdsError:
+                raise
             except Exception as exc:
-                raise InvalidInput(
-                    f"{self.where}: the router's function failed: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise InvalidInput(f"the router's function failed: {describe(exc)}") from exc
         else:
             key = _read(request if self._from_request else value, self._path)
         target = self.routes.get(str(key)) if key is not _MISSING else None
@@ -214,7 +202,7 @@ class _RouterStep(_Step):
             if target is None:
                 got = f"no value at {self.on}" if key is _MISSING else f"{self.on} is {key!r}"
                 raise InvalidInput(
-                    f"{self.where}: no route for this request ({got}); routes: "
+                    f"no route for this request ({got}); routes: "
                     + ", ".join(repr(k) for k in self.routes)
                 )
         if traces is not None:
@@ -223,17 +211,17 @@ class _RouterStep(_Step):
                     node=self.name,
                     kind="router",
                     started=began,
-                    seconds=fast.clock()() - began,
+                    seconds=_loop.clock()() - began,
                     route=None if key is _MISSING else str(key),
                 )
             )
         return value, target
 
 
-class _FanOutStep(_Step):
-    def __init__(self, pipeline: str, node: Node) -> None:
+class _FanOutRunner(_Runner):
+    def __init__(self, pipeline: str, node: FanOutNode) -> None:
         super().__init__(pipeline, node)
-        self.branches: list[_Step] = []
+        self.branches: list[_Runner] = []
         self._join = node.join
 
     async def run(
@@ -243,46 +231,46 @@ class _FanOutStep(_Step):
         deadline: float | None,
         priority: int | None,
         traces: list[NodeTrace] | None,
-    ) -> tuple[Any, _Step | None]:
-        clock = fast.clock()
+    ) -> tuple[Any, _Runner | None]:
+        clock = _loop.clock()
         began = clock()
         outputs: dict[str, Any] = {}
         nested: dict[str, list[NodeTrace]] = {}
         failure: list[BaseException] = []
 
-        async def branch(step: _Step, scope: anyio.CancelScope) -> None:
+        async def branch(runner: _Runner, scope: anyio.CancelScope) -> None:
             mine: list[NodeTrace] | None = [] if traces is not None else None
             try:
-                outputs[step.name], _ = await step.run(value, request, deadline, priority, mine)
+                outputs[runner.name], _ = await runner.run(value, request, deadline, priority, mine)
             except Exception as exc:
+                if isinstance(exc, MdsError):
+                    exc.add_context(pipeline=runner.pipeline, node=runner.name)
                 if not failure:
                     failure.append(exc)
                 scope.cancel()  # the other branches are no use now
             if mine is not None:
-                nested[step.name] = mine
+                nested[runner.name] = mine
 
         async with anyio.create_task_group() as tasks:
-            for step in self.branches:
-                tasks.start_soon(branch, step, tasks.cancel_scope)
+            for runner in self.branches:
+                tasks.start_soon(branch, runner, tasks.cancel_scope)
         if failure:
             raise failure[0]
         if len(outputs) != len(self.branches):  # pragma: no cover - cancelled from outside
             raise anyio.get_cancelled_exc_class()()
-        ordered = {step.name: outputs[step.name] for step in self.branches}
+        ordered = {runner.name: outputs[runner.name] for runner in self.branches}
         if self._join is None:
             result: Any = ordered
         else:
             try:
                 result = self._join(ordered)
-            except MdsError as exc:
-                raise _renamed(exc, self.where) from exc
+            except MdsError:
+                raise
             except Exception as exc:
                 logger.exception("%s: join failed", self.where)
-                raise InferenceError(
-                    f"{self.where}: the join failed: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise InferenceError(f"the join failed: {describe(exc)}") from exc
         if traces is not None:
-            branch_traces = tuple(t for step in self.branches for t in nested.get(step.name, []))
+            branch_traces = tuple(t for r in self.branches for t in nested.get(r.name, []))
             traces.append(
                 NodeTrace(
                     node=self.name,
@@ -299,85 +287,146 @@ class PipelineRuntime:
     """A pipeline as a runtime serves it: its nodes bound to the runtime's models.
 
     Made by :meth:`Runtime.add_pipeline`; serve it with :func:`mds.serve`,
-    :meth:`Runtime.serve` or :meth:`infer`. Model nodes are the runtime's
+    :meth:`Runtime.serve` or :meth:`serve`. Model nodes are the runtime's
     models (``<pipeline>.<node>``, or the model a node names), so they start,
     stop and report with the runtime.
 
     Added in 0.2.
     """
 
-    def __init__(self, pipeline: Pipeline, models: Mapping[str, ModelRuntime[Any, Any]]) -> None:
+    #: What the Open Inference Protocol's metadata calls a graph of models.
+    platform = "ensemble"
+    #: A pipeline gives its whole response at once.
+    streams = False
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        models: Mapping[str, ModelRuntime[Any, Any]],
+        *,
+        home: Home | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.name = pipeline.name
+        self.version = pipeline.version
         self.timeout = pipeline.timeout
         #: The model serving each model node, by node name.
         self.models: dict[str, ModelRuntime[Any, Any]] = dict(models)
-        steps: dict[str, _Step] = {}
+        self._home = home if home is not None else Home(self._not_running)
+        runners: dict[str, _Runner] = {}
         reachable = pipeline.reachable()
         for name, node in pipeline.nodes.items():
             if name not in reachable:
                 continue  # never runs: not compiled (nor loaded)
-            if node.kind == "model":
-                steps[name] = _ModelStep(self.name, node, self.models[name])
-            elif node.kind == "function":
-                steps[name] = _FunctionStep(self.name, node)
-            elif node.kind == "router":
-                steps[name] = _RouterStep(self.name, node)
-            else:
-                steps[name] = _FanOutStep(self.name, node)
-        for name, step in steps.items():
+            if isinstance(node, ModelNode):
+                runners[name] = _ModelRunner(self.name, node, self.models[name])
+            elif isinstance(node, FunctionNode):
+                runners[name] = _FunctionRunner(self.name, node)
+            elif isinstance(node, RouterNode):
+                runners[name] = _RouterRunner(self.name, node)
+            elif isinstance(node, FanOutNode):
+                runners[name] = _FanOutRunner(self.name, node)
+        for name, runner in runners.items():
             node = pipeline.nodes[name]
-            step.next = steps[node.next] if node.next is not None else None
-            if isinstance(step, _RouterStep):
-                step.routes = {key: steps[target] for key, target in node.routes.items()}
-                step.default = steps[node.default] if node.default is not None else None
-            elif isinstance(step, _FanOutStep):
-                step.branches = [steps[branch] for branch in node.branches]
-        self._start = steps[pipeline.start]
-        self._ready_models = list(self.models.items())
+            runner.next = runners[node.next] if node.next is not None else None
+            if isinstance(runner, _RouterRunner) and isinstance(node, RouterNode):
+                runner.routes = {key: runners[target] for key, target in node.routes.items()}
+                runner.default = runners[node.default] if node.default is not None else None
+            elif isinstance(runner, _FanOutRunner):
+                runner.branches = [runners[branch] for branch in node.children()]
+        self._start = runners[pipeline.start]
 
     def __repr__(self) -> str:
         return f"<PipelineRuntime {self.name!r} nodes={list(self.pipeline.nodes)}>"
 
+    def _not_running(self) -> NotReady:
+        return NotReady("not ready: its runtime is not running", pipeline=self.name)
+
+    # -- the servable contract ------------------------------------------------
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions requests may name: the pipeline's one.
+
+        Added in 0.3.
+        """
+        return (self.version,)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every model node takes requests now.
+
+        Added in 0.3.
+        """
+        return all(model.ready for model in self.models.values())
+
+    @property
+    def state(self) -> ModelState:
+        """``READY`` when every model node is; else the state of the first that is not.
+
+        Added in 0.3.
+        """
+        for model in self.models.values():
+            if not model.ready:
+                return model.state
+        return ModelState.READY
+
+    def signature(self) -> Signature | None:
+        """``None``: a pipeline does not declare its tensors."""
+        return None
+
+    def from_tensors(self, tensors: dict[str, Any]) -> Any:
+        """A protocol request's tensors are the pipeline's request as they are."""
+        return tensors
+
+    def to_tensors(self, response: Any) -> Any:
+        """The response is the output tensors as it is."""
+        return response
+
+    # -- requests ---------------------------------------------------------------
+
     @overload
-    async def infer(
+    def serve(
         self,
         request: Any,
         *,
         timeout: float | None = None,
         priority: int | None = None,
         trace: Literal[False] = False,
-    ) -> Any: ...
+    ) -> Coroutine[Any, Any, Any]: ...
 
     @overload
-    async def infer(
+    def serve(
         self,
         request: Any,
         *,
         timeout: float | None = None,
         priority: int | None = None,
         trace: Literal[True],
-    ) -> Traced[Any, PipelineTrace]: ...
+    ) -> Coroutine[Any, Any, Traced[Any, PipelineTrace]]: ...
 
     @overload
-    async def infer(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool,
-    ) -> Any: ...
-
-    async def infer(
+    def serve(
         self,
         request: Any,
         *,
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
-    ) -> Any:
-        """Serve one request through the pipeline; call it on the runtime's loop.
+    ) -> Coroutine[Any, Any, Any]: ...
+
+    def serve(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Coroutine[Any, Any, Any]:
+        """Serve one request through the pipeline. Await it.
+
+        Callable from any thread or event loop (forwarded to the runtime's
+        loop when needed).
 
         Args:
             request: the first node's input.
@@ -389,25 +438,56 @@ class PipelineRuntime:
 
         Raises:
             NotReady: a model node is not ready; the message names it.
-            MdsError: a node's error, of the same class, its message led by
-                ``pipeline '<name>', node '<node>'``.
+            MdsError: a node's error, of the same class, with the pipeline
+                and the node in its context (and so in its message).
+
+        Added in 0.3 (the name; ``infer`` before).
         """
-        for name, model in self._ready_models:
-            if not model._ready:
+        return self._home.call(self._serve, request, timeout, priority, trace)
+
+    def infer(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Coroutine[Any, Any, Any]:
+        """Deprecated since 0.3: use :meth:`serve`."""
+        import warnings
+
+        warnings.warn(
+            "PipelineRuntime.infer is deprecated since mds 0.3 and goes in 0.4; use "
+            "PipelineRuntime.serve",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.serve(request, timeout=timeout, priority=priority, trace=trace)
+
+    async def _serve(
+        self, request: Any, timeout: float | None, priority: int | None, trace: bool
+    ) -> Any:
+        for node, model in self.models.items():
+            if not model.ready:
                 raise NotReady(
-                    f"pipeline {self.name!r} is not ready: node {name!r} "
-                    f"(model {model.name!r}) is {model.state.value}"
+                    f"not ready: node {node!r} (model {model.name!r}) is {model.state.value}",
+                    pipeline=self.name,
                 )
-        clock = fast.clock()
+        clock = _loop.clock()
         began = clock()
         if timeout is None:
             timeout = self.timeout
         deadline = None if timeout is None else began + timeout
         traces: list[NodeTrace] | None = [] if trace else None
-        step: _Step | None = self._start
+        runner: _Runner | None = self._start
         value = request
-        while step is not None:
-            value, step = await step.run(value, request, deadline, priority, traces)
+        while runner is not None:
+            try:
+                value, following = await runner.run(value, request, deadline, priority, traces)
+            except MdsError as exc:
+                exc.add_context(pipeline=self.name, node=runner.name)
+                raise
+            runner = following
         if traces is None:
             return value
         nodes = tuple(_shifted(t, began) for t in traces)
@@ -421,7 +501,49 @@ class PipelineRuntime:
             ),
         )
 
-    def health(self, reports: Mapping[str, Any]) -> PipelineHealth:
+    def serve_sync(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Any:
+        """Blocking form of :meth:`serve`, for threads with no event loop.
+
+        Added in 0.3.
+        """
+        return self._home.call_sync(self._serve, request, timeout, priority, trace)
+
+    async def stream(
+        self, request: Any, *, timeout: float | None = None, priority: int | None = None
+    ) -> AsyncIterator[Any]:
+        """The whole response as one chunk (a pipeline does not stream).
+
+        Added in 0.3.
+        """
+        yield await self.serve(request, timeout=timeout, priority=priority)
+
+    def stream_sync(
+        self, request: Any, *, timeout: float | None = None, priority: int | None = None
+    ) -> Iterator[Any]:
+        """Blocking form of :meth:`stream`.
+
+        Added in 0.3.
+        """
+        yield self.serve_sync(request, timeout=timeout, priority=priority)
+
+    # -- health -----------------------------------------------------------------
+
+    async def health(self) -> PipelineHealth:
+        """Readiness: every model node's, together.
+
+        Added in 0.3 (before, the runtime's health only).
+        """
+        reports = {model.name: await model.health() for model in self.models.values()}
+        return self.health_from(reports)
+
+    def health_from(self, reports: Mapping[str, ModelHealth]) -> PipelineHealth:
         """Readiness from the model nodes' health ``reports`` (by model name)."""
         nodes: dict[str, bool] = {}
         reason = None

@@ -126,7 +126,7 @@ async def test_bad_requests_fail_alone_naming_the_input(onnx_model: bytes, serve
 
 async def test_lists_become_arrays_of_the_inputs_dtype(onnx_model: bytes) -> None:
     async with mds.ModelRuntime(mds.OnnxHandler(onnx_model)) as model:
-        result = await model.infer({"x": [1, 2, 3, 4], "ids": 2})
+        result = await model.serve({"x": [1, 2, 3, 4], "ids": 2})
     x = np.array([[1, 2, 3, 4]], np.float32)
     assert_allclose(result["scores"], expected(x, np.array([2]))[0], rtol=1e-5)
 
@@ -138,7 +138,7 @@ async def test_a_model_without_a_batch_axis_cannot_batch() -> None:
         async with mds.ModelRuntime(mds.OnnxHandler(fixed), BATCHED):
             pass
     async with mds.ModelRuntime(mds.OnnxHandler(fixed)) as model:
-        result = await model.infer({"x": np.ones((1, 4), np.float32), "ids": np.zeros(1, np.int64)})
+        result = await model.serve({"x": np.ones((1, 4), np.float32), "ids": np.zeros(1, np.int64)})
     assert result["scores"].shape == (1, 2)
 
 
@@ -154,7 +154,7 @@ async def test_instances_on_one_device_share_a_session(onnx_model: bytes) -> Non
         assert handlers[0].session is handlers[1].session is handlers[2].session
         options = handlers[0].session.get_session_options()
         assert options.intra_op_num_threads == 1
-        result = await model.infer({"x": np.ones(4, np.float32), "ids": np.int64(0)})
+        result = await model.serve({"x": np.ones(4, np.float32), "ids": np.int64(0)})
     assert result.shape == (2,)  # one output asked for: the array alone
 
 

@@ -47,7 +47,7 @@ async def serve_all(model: mds.ModelRuntime[Any, Any], requests: Any) -> list[An
     results: list[Any] = [None] * len(requests)
 
     async def call(index: int) -> None:
-        results[index] = await model.infer(requests[index])
+        results[index] = await model.serve(requests[index])
 
     async with anyio.create_task_group() as tasks:
         for index in range(len(requests)):
@@ -125,7 +125,7 @@ async def test_instances_get_a_thread_budget_and_run_under_inference_mode(
 async def test_bfloat16_runs_the_model_in_that_dtype(inputs: np.ndarray) -> None:
     handler = mds.TorchHandler(make_mlp, dtype="bfloat16")
     async with mds.ModelRuntime(handler) as model:
-        result = await model.infer(inputs[0])
+        result = await model.serve(inputs[0])
         assert next(handler.module.parameters()).dtype == torch.bfloat16
     assert result.dtype == np.float32  # numpy has no bfloat16: widened on the way out
     assert_allclose(result, direct(make_mlp(), inputs[:1])[0], rtol=0.05, atol=0.05)
@@ -184,7 +184,7 @@ async def test_a_bad_request_fails_alone(inputs: np.ndarray) -> None:
         results: list[Any] = []
         for request in requests:
             try:
-                results.append(await model.infer(request))
+                results.append(await model.serve(request))
             except mds.MdsError as exc:
                 results.append(exc)
     assert_allclose(np.stack(results[:3]), direct(make_mlp(), inputs[:3]), rtol=1e-5)

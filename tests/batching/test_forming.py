@@ -26,7 +26,7 @@ def model_of(handler: Any, **batching: Any) -> mds.ModelRuntime[Any, Any]:
 async def test_an_idle_model_takes_a_lone_request_at_once(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=8, max_queue_delay=5.0) as model:
         began = anyio.current_time()
-        assert await model.infer(1) == 1
+        assert await model.serve(1) == 1
         assert anyio.current_time() - began < 1.0  # the 5 s delay was not waited
     assert recorder.sizes == [1]
 
@@ -35,7 +35,7 @@ async def test_under_load_batches_grow_up_to_the_limit(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4) as model, anyio.create_task_group() as tasks:
         await recorder.busy(tasks, model)
         for i in range(1, 10):
-            tasks.start_soon(model.infer, i)
+            tasks.start_soon(model.serve, i)
         await anyio.wait_all_tasks_blocked()
         recorder.release()
     assert recorder.sizes == [1, 4, 4, 1]
@@ -46,14 +46,14 @@ async def test_while_busy_a_batch_waits_up_to_the_delay_to_grow(recorder: Any) -
     model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0)
     async with model, anyio.create_task_group() as tasks:
         await recorder.busy(tasks, model)
-        tasks.start_soon(model.infer, 1)  # queued while busy: a backlog
+        tasks.start_soon(model.serve, 1)  # queued while busy: a backlog
         await anyio.wait_all_tasks_blocked()
         recorder.release()  # batch [0] ends; [1] waits for company, up to 1 s
         began = anyio.current_time()
         await anyio.wait_all_tasks_blocked()
         assert recorder.sizes == [1]
         for i in range(2, 5):
-            tasks.start_soon(model.infer, i)  # the batch fills up: it goes at once
+            tasks.start_soon(model.serve, i)  # the batch fills up: it goes at once
     assert recorder.sizes == [1, 4]
     assert anyio.current_time() - began < 1.0
 
@@ -62,7 +62,7 @@ async def test_a_waiting_batch_goes_when_the_delay_ends(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4, max_queue_delay=0.05) as model:
         async with anyio.create_task_group() as tasks:
             await recorder.busy(tasks, model)
-            tasks.start_soon(model.infer, 1)
+            tasks.start_soon(model.serve, 1)
             await anyio.wait_all_tasks_blocked()
             recorder.release()
             began = anyio.current_time()
@@ -78,7 +78,7 @@ async def test_a_growing_batch_never_waits_past_its_tightest_deadline(recorder: 
             result: list[int] = []
 
             async def tight() -> None:
-                result.append(await model.infer(1, timeout=0.2))
+                result.append(await model.serve(1, timeout=0.2))
 
             tasks.start_soon(tight)
             await anyio.wait_all_tasks_blocked()
@@ -93,7 +93,7 @@ async def test_the_largest_preferred_size_that_fits_goes_first(recorder: Any) ->
     async with model, anyio.create_task_group() as tasks:
         await recorder.busy(tasks, model)
         for i in range(1, 12):
-            tasks.start_soon(model.infer, i)
+            tasks.start_soon(model.serve, i)
         await anyio.wait_all_tasks_blocked()
         recorder.release()
     assert recorder.sizes == [1, 8, 3]
@@ -122,16 +122,16 @@ async def test_batch_size_counts_cost_not_requests() -> None:
     async with model_of(handler, max_batch_size=10) as model:
         async with anyio.create_task_group() as tasks:
             for n in [3, 4, 5, 2, 6, 1, 9]:
-                tasks.start_soon(model.infer, list(range(n)))
+                tasks.start_soon(model.serve, list(range(n)))
             await anyio.wait_all_tasks_blocked()
             handler.gate.set()
         assert all(cost <= 10 for cost in handler.costs)
         assert sum(handler.costs) == 30
         with pytest.raises(mds.InvalidInput, match="cost is 11; it must be a whole number"):
-            await model.infer(list(range(11)))
+            await model.serve(list(range(11)))
         with pytest.raises(mds.InvalidInput, match=r"could not size the request.*unlucky"):
-            await model.infer([13])
-        assert await model.infer([2, 3]) == 5  # and the batcher serves on
+            await model.serve([13])
+        assert await model.serve([2, 3]) == 5  # and the batcher serves on
         stats = model.statistics()
     assert stats.batched_cost == 32 and stats.errors == {"InvalidInput": 2}
 
@@ -143,16 +143,16 @@ async def test_higher_priorities_go_first_and_each_level_has_its_own_limit(
     async with model, anyio.create_task_group() as tasks:
         await recorder.busy(tasks, model, "first")
         for name in ["low-a", "low-b"]:
-            tasks.start_soon(lambda n=name: model.infer(n, priority=1))
+            tasks.start_soon(lambda n=name: model.serve(n, priority=1))
         await anyio.wait_all_tasks_blocked()
         for name in ["high-a", "high-b"]:
-            tasks.start_soon(lambda n=name: model.infer(n, priority=0))
+            tasks.start_soon(lambda n=name: model.serve(n, priority=0))
         await anyio.wait_all_tasks_blocked()
         assert model.statistics().queued_by_priority == (2, 2)
         with pytest.raises(mds.Overloaded, match=r"2 requests waiting at priority 1"):
-            await model.infer("low-c", priority=1)
+            await model.serve("low-c", priority=1)
         with pytest.raises(mds.InvalidInput, match="priority 2 is not a level"):
-            await model.infer("x", priority=2)
+            await model.serve("x", priority=2)
         recorder.release()
     assert [sorted(batch) for batch in recorder.batches] == [
         ["first"],
@@ -166,7 +166,7 @@ async def test_settings_change_while_the_model_runs(recorder: Any) -> None:
         async with anyio.create_task_group() as tasks:
             await recorder.busy(tasks, model)
             for i in range(1, 7):
-                tasks.start_soon(model.infer, i)
+                tasks.start_soon(model.serve, i)
             await anyio.wait_all_tasks_blocked()
             model.set_batching(mds.BatchingConfig(max_batch_size=8))
             recorder.release()
@@ -205,7 +205,7 @@ async def test_buckets_keep_short_and_long_inputs_apart() -> None:
     async with model_of(handler, max_batch_size=16) as model:
 
         async def call(n: int) -> None:
-            results[n] = await model.infer(list(range(n)))
+            results[n] = await model.serve(list(range(n)))
 
         async with anyio.create_task_group() as tasks:
             for n in lengths:
@@ -226,7 +226,7 @@ async def test_statistics_and_a_trace_describe_the_batches(recorder: Any) -> Non
             traced: list[mds.Traced[Any]] = []
 
             async def call(i: int) -> None:
-                traced.append(await model.infer(i, trace=True))
+                traced.append(await model.serve(i, trace=True))
 
             for i in range(1, 4):
                 tasks.start_soon(call, i)
@@ -272,7 +272,7 @@ async def test_several_instances_run_several_batches_at_once() -> None:
     config = mds.ModelConfig(instances=3, batching=mds.BatchingConfig(max_batch_size=2))
     async with mds.ModelRuntime(Slow, config) as model, anyio.create_task_group() as tasks:
         for i in range(12):
-            tasks.start_soon(model.infer, i)
+            tasks.start_soon(model.serve, i)
         await anyio.wait_all_tasks_blocked()
         assert sorted(running) == [0, 1, 2]
         assert model.statistics().queued >= 6  # 3 batches (of up to 2) running, the rest waits
@@ -297,7 +297,7 @@ class Blocking(mds.ModelHandler[int, int]):
 
 
 async def busy_with_first(model: mds.ModelRuntime[int, int], handler: Blocking, tasks: Any) -> None:
-    tasks.start_soon(model.infer, 0)
+    tasks.start_soon(model.serve, 0)
     await anyio.to_thread.run_sync(handler.started.wait, 10)
 
 
@@ -307,7 +307,7 @@ async def test_a_full_batch_is_handed_over_while_the_instance_computes() -> None
         async with anyio.create_task_group() as tasks:
             await busy_with_first(model, handler, tasks)
             for i in range(1, 8):
-                tasks.start_soon(model.infer, i)
+                tasks.start_soon(model.serve, i)
             await anyio.wait_all_tasks_blocked()
             # 1-4 make a full batch: handed to the instance, queued behind [0].
             # 5-7 could still grow, so they wait for the instance to be free.
@@ -326,10 +326,10 @@ async def test_a_batch_that_is_not_full_waits_for_the_instance() -> None:
         async with anyio.create_task_group() as tasks:
             await busy_with_first(model, handler, tasks)
             for i in range(1, 4):
-                tasks.start_soon(model.infer, i)
+                tasks.start_soon(model.serve, i)
             await anyio.wait_all_tasks_blocked()
             assert model.statistics().queued == 3
-            tasks.start_soon(model.infer, 4)  # now full: handed over
+            tasks.start_soon(model.serve, 4)  # now full: handed over
             await anyio.wait_all_tasks_blocked()
             assert model.statistics().queued == 0
             handler.gate.set()
@@ -346,7 +346,7 @@ async def test_callers_of_a_handed_over_batch_can_leave(
             results: dict[int, list[Any]] = {}
 
             async def call(x: int, give_up: float | None) -> None:
-                results[x] = await answers(lambda: model.infer(x), give_up=give_up)
+                results[x] = await answers(lambda: model.serve(x), give_up=give_up)
 
             tasks.start_soon(call, 1, 0.05)
             tasks.start_soon(call, 2, None)
@@ -374,7 +374,7 @@ async def test_an_async_infer_never_gets_two_batches_at_once() -> None:
 
     async with model_of(Async(), max_batch_size=2) as model, anyio.create_task_group() as tasks:
         for i in range(12):
-            tasks.start_soon(model.infer, i)
+            tasks.start_soon(model.serve, i)
         await anyio.wait_all_tasks_blocked()
         # One batch running: of 2, or of 1 when the first request found the
         # model idle and went alone (task start order differs under trio).
@@ -390,7 +390,7 @@ async def test_lowering_the_limit_below_a_queued_cost_fails_that_request_alone()
 
         async def call(n: int) -> None:
             try:
-                answers[n] = await model.infer(list(range(n)))
+                answers[n] = await model.serve(list(range(n)))
             except mds.MdsError as exc:
                 answers[n] = exc
 

@@ -47,7 +47,7 @@ async def test_a_raising_infer_fails_only_the_items_at_fault(
         if i in (5, 11):
             assert isinstance(answer, mds.InferenceError)
             assert str(answer) == (
-                f"model 'Recorder' instance 0 (Recorder on cpu): infer failed on a batch "
+                f"model 'Recorder' (version 1), instance 0: infer failed on a batch "
                 f"of 1: RuntimeError: cannot compute [{i}]"
             )
         else:
@@ -86,7 +86,7 @@ async def test_collate_and_split_failures_are_isolated_too(serve_all: Serve) -> 
     async with mds.ModelRuntime(Images(), config) as model:
         model.set_batching(mds.BatchingConfig(max_batch_size=8, max_queue_delay=0.0))
         answers = await serve_all(model, requests)
-        assert await model.infer(image) == 4.0  # it serves on
+        assert await model.serve(image) == 4.0  # it serves on
     # The 3x3 image could not be stacked with the others; alone it is fine.
     assert answers[:4] == [4.0, 8.0, 9.0, 12.0]
     assert isinstance(answers[4], mds.InferenceError)
@@ -158,7 +158,7 @@ async def test_a_stop_that_cannot_wait_still_lets_a_running_infer_finish_first()
 
     async def call(model: mds.ModelRuntime[int, int]) -> None:
         try:
-            answers.append(await model.infer(1))
+            answers.append(await model.serve(1))
         except mds.MdsError as exc:
             answers.append(exc)
 

@@ -69,7 +69,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
 
     async def call(i: int, r: dict[str, Any]) -> None:
         outcomes[i] = await answers(
-            lambda: model.infer(i, timeout=r["timeout"], priority=r["priority"]),
+            lambda: model.serve(i, timeout=r["timeout"], priority=r["priority"]),
             give_up=r["give_up"],
         )
 
@@ -81,7 +81,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
                     await anyio.sleep(r["gap"])
         stats = model.statistics()
         assert (stats.in_flight, stats.queued) == (0, 0)
-        assert await model.infer(1000) == 2000  # still serving
+        assert await model.serve(1000) == 2000  # still serving
 
     for i, r in enumerate(plan):
         assert len(outcomes[i]) == 1, (i, outcomes[i])
@@ -109,14 +109,14 @@ async def test_thousands_of_callers_with_cancellations_and_failures(answers: Any
     outcomes: dict[int, list[Any]] = {}
 
     async def call(i: int, give_up: float | None) -> None:
-        outcomes[i] = await answers(lambda: model.infer(i), give_up=give_up)
+        outcomes[i] = await answers(lambda: model.serve(i), give_up=give_up)
 
     async with model:
         async with anyio.create_task_group() as tasks:
             for i in range(3000):
                 tasks.start_soon(call, i, rng.choice([None, None, 0.0, 0.002]))
         stats = model.statistics()
-        assert await model.infer(5) == 10
+        assert await model.serve(5) == 10
     assert all(len(answer) == 1 for answer in outcomes.values())
     for i, [answer] in outcomes.items():
         if answer == "gave up":

@@ -56,12 +56,12 @@ async def serve_while_held(model: mds.ModelRuntime[Any, Any], requests: list[int
 
     async def call(index: int) -> None:
         try:
-            results[index] = await model.infer(requests[index])
+            results[index] = await model.serve(requests[index])
         except mds.MdsError as exc:
             results[index] = exc
 
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(model.infer, 100)
+        tasks.start_soon(model.serve, 100)
         await Hungry.started.wait()
         for index in range(len(requests)):
             tasks.start_soon(call, index)
@@ -110,7 +110,7 @@ async def test_an_item_too_big_alone_fails_alone(
     config = mds.ModelConfig(devices="cuda:0", batching=mds.BatchingConfig(max_batch_size=4))
     async with mds.ModelRuntime(hungry, config, devices=devices) as model:
         with pytest.raises(mds.InferenceError, match="FakeOutOfMemory"):
-            await model.infer(3)
+            await model.serve(3)
         assert (await model.health()).ready  # out of memory is not a device failure
 
 
@@ -156,7 +156,7 @@ async def test_a_device_failure_makes_its_instances_unready(
 
 async def _outcome(model: mds.ModelRuntime[Any, Any], request: int) -> Any:
     try:
-        return await model.infer(request)
+        return await model.serve(request)
     except mds.MdsError as exc:
         return exc
 

@@ -65,7 +65,7 @@ def test_cpu_placement_never_imports_torch() -> None:
         "    class H(mds.ModelHandler):\n"
         "        def infer(self, batch): return list(batch)\n"
         "    async with mds.ModelRuntime(H, mds.ModelConfig(instances=2)) as m:\n"
-        "        assert await m.infer(1) == 1\n"
+        "        assert await m.serve(1) == 1\n"
         "        assert (await m.health()).devices[0].device.name == 'cpu'\n"
         "import anyio; anyio.run(main)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

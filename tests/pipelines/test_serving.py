@@ -242,7 +242,10 @@ async def test_an_error_in_a_node_names_the_pipeline_and_the_node_and_fails_alon
         one, bad, two = await _gather(calls)
         assert one["score"] == 2.0 and two["score"] == 4.0
         assert isinstance(bad, mds.InferenceError)
-        assert str(bad).startswith("pipeline 'scoring', node 'model': model 'scoring.model'")
+        assert str(bad).startswith(
+            "pipeline 'scoring', node 'model', model 'scoring.model' (version 1), instance 0: "
+        )
+        assert (bad.pipeline, bad.node, bad.model) == ("scoring", "model", "scoring.model")
         assert "ValueError: unlucky 13" in str(bad)
         missing = await _answer(runtime, {"id": 1})
         assert isinstance(missing, mds.InferenceError)
@@ -333,7 +336,7 @@ async def test_readiness_is_every_node_and_names_the_one_that_is_not() -> None:
         with pytest.raises(mds.NotReady) as caught:
             await mds.serve("p", 1.0)
         assert str(caught.value) == (
-            "pipeline 'p' is not ready: node 'broken' (model 'p.broken') is failed"
+            "pipeline 'p': not ready: node 'broken' (model 'p.broken') is failed"
         )
 
 

@@ -75,7 +75,7 @@ def test_metadata(server: Any) -> None:
     assert names == sorted(names) and {"linear", "onnx", "scored", "broken"} <= set(names)
     wrong = client.get("/ml/v2/models/onnx/versions/7")
     assert wrong.status_code == 404
-    assert wrong.json()["error"] == "model 'onnx' has version '1', not '7'"
+    assert wrong.json()["error"] == "model 'onnx': no version '7'; it has version 1"
     missing = client.get("/ml/v2/models/nothing")
     assert missing.status_code == 404
     assert missing.json()["type"] == "ModelNotFound"

@@ -29,9 +29,9 @@ class AsyncClassifier(mds.ModelHandler[bytes, dict[str, float]]):
 async def typed_calls() -> None:
     model = mds.ModelRuntime(Classifier)
     assert_type(model, mds.ModelRuntime[list[float], Label])
-    assert_type(await model.infer([1.0, 2.0]), Label)
-    assert_type(model.infer_sync([1.0]), Label)
-    traced = await model.infer([1.0], trace=True)
+    assert_type(await model.serve([1.0, 2.0]), Label)
+    assert_type(model.serve_sync([1.0]), Label)
+    traced = await model.serve([1.0], trace=True)
     assert_type(traced, mds.Traced[Label])
     assert_type(traced.value, Label)
     assert_type(traced.trace.queue_wait, float)
@@ -39,7 +39,7 @@ async def typed_calls() -> None:
     runtime = mds.Runtime()
     other = runtime.add_model("async", AsyncClassifier, mds.ModelConfig(instances=2))
     assert_type(other, mds.ModelRuntime[bytes, dict[str, float]])
-    assert_type(await other.infer(b"x"), dict[str, float])
+    assert_type(await other.serve(b"x"), dict[str, float])
     assert_type(model.state, mds.ModelState)
     assert_type(await runtime.health(), mds.RuntimeHealth)
     assert_type(runtime.statistics()["async"], mds.ModelStatistics)
@@ -51,13 +51,13 @@ async def typed_calls() -> None:
 
 def wrong_request_type_is_caught() -> None:
     model = mds.ModelRuntime(Classifier)
-    model.infer_sync("not a list")  # type: ignore[call-overload]
+    model.serve_sync("not a list")  # type: ignore[call-overload]
 
 
 async def pipeline_traces() -> None:
     runtime = mds.Runtime()
     served = runtime.add_pipeline(mds.Pipeline("p", [mds.Node.function("f", abs)]))
-    traced = await served.infer(1.0, trace=True)
+    traced = await served.serve(1.0, trace=True)
     assert_type(traced, mds.Traced[Any, mds.PipelineTrace])
     assert_type(traced.trace.path, tuple[str, ...])
 

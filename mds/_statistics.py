@@ -1,0 +1,93 @@
+"""A model's counters, and the :class:`ModelStatistics` snapshot made from them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ._batching.batcher import Batcher, BatchStats
+from ._config import ModelConfig
+from ._handler import ModelState
+from ._status import ModelStatistics
+
+__all__ = ["RequestCounts", "snapshot"]
+
+
+class RequestCounts:
+    """Per-request counters of one model (kept across restarts)."""
+
+    __slots__ = (
+        "cancelled",
+        "completed",
+        "errors",
+        "failed",
+        "init_seconds",
+        "not_ready",
+        "overloaded",
+        "requests",
+        "warmup_seconds",
+    )
+
+    def __init__(self) -> None:
+        self.requests = self.completed = self.failed = self.cancelled = 0
+        self.not_ready = self.overloaded = 0
+        self.init_seconds = self.warmup_seconds = 0.0
+        self.errors: Counter[str] = Counter()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet answered."""
+        return self.requests - self.completed - self.failed - self.cancelled - self.overloaded
+
+
+def snapshot(
+    *,
+    name: str,
+    version: str,
+    state: ModelState,
+    config: ModelConfig,
+    counts: RequestCounts,
+    batches: BatchStats,
+    batcher: Batcher[Any] | None,
+) -> ModelStatistics:
+    """The model's counters now, as a frozen struct."""
+    queue = batcher.queue if batcher is not None else None
+    waits = sorted(batches.recent_waits)
+    return ModelStatistics(
+        name=name,
+        version=version,
+        state=state,
+        in_flight=counts.in_flight,
+        queued=queue.count if queue is not None else 0,
+        queued_by_priority=tuple(queue.counts) if queue is not None else (),
+        requests=counts.requests,
+        completed=counts.completed,
+        failed=counts.failed,
+        rejected=counts.not_ready + counts.overloaded,
+        cancelled=counts.cancelled,
+        deadline_misses=batches.deadline_misses,
+        errors=dict(counts.errors),
+        batches=batches.batches,
+        batched_items=batches.batched_items,
+        batched_cost=batches.batched_cost,
+        batch_sizes=dict(sorted(batches.sizes.items())),
+        infer_seconds=batches.infer_seconds,
+        queue_wait_seconds=batches.queue_wait_seconds,
+        queue_wait_p50=_percentile(waits, 0.5),
+        queue_wait_p99=_percentile(waits, 0.99),
+        padding_ratio=batches.padding_sum / batches.batches if batches.batches else 0.0,
+        isolation_splits=batches.isolation_splits,
+        max_batch_size=(
+            batcher.batch_limit if batcher is not None else config.batching.max_batch_size
+        ),
+        out_of_memory=batches.out_of_memory,
+        init_seconds=counts.init_seconds,
+        warmup_seconds=counts.warmup_seconds,
+    )
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nearest rank); 0 if there are none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

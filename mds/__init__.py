@@ -15,6 +15,9 @@ from ._collate import Padded as Padded
 from ._collate import Stack as Stack
 from ._config import BatchingConfig as BatchingConfig
 from ._config import ModelConfig as ModelConfig
+from ._current import current_runtime as current_runtime
+from ._current import serve as serve
+from ._current import serve_sync as serve_sync
 from ._devices.device import Device as Device
 from ._devices.device import DeviceInfo as DeviceInfo
 from ._devices.kinds import DeviceKind as DeviceKind
@@ -37,13 +40,10 @@ from ._handler import ModelContext as ModelContext
 from ._handler import ModelHandler as ModelHandler
 from ._handler import ModelState as ModelState
 from ._model import ModelRuntime as ModelRuntime
-from ._pipeline.graph import Node as Node
 from ._pipeline.graph import Pipeline as Pipeline
+from ._pipeline.nodes import Node as Node
 from ._pipeline.running import PipelineRuntime as PipelineRuntime
 from ._runtime import Runtime as Runtime
-from ._runtime import current_runtime as current_runtime
-from ._runtime import serve as serve
-from ._runtime import serve_sync as serve_sync
 from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
 from ._status import ModelHealth as ModelHealth

@@ -67,10 +67,6 @@ class Home:
             await portal.stop(cancel_remaining=True)
             await portal.__aexit__(None, None, None)
 
-    def here(self) -> bool:
-        """Whether the caller runs in the home loop's thread."""
-        return self.thread == _get_ident()
-
     def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Coroutine[Any, Any, T]:
         """``fn(*args)``, awaited in the home loop; forwarded there from another loop.
 

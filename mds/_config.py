@@ -13,7 +13,7 @@ from msgspec import Meta
 from ._devices.device import Device
 from ._errors import ConfigError
 
-__all__ = ["BatchingConfig", "ModelConfig", "check_name"]
+__all__ = ["BatchingConfig", "ModelConfig", "check_name", "queue_limits", "warmup_sizes"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -127,10 +127,6 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
                 f"(levels are 0 to {self.priority_levels - 1})"
             )
 
-    def _queue_limits(self) -> tuple[int, ...]:
-        """The queue limit of each priority level."""
-        return self.priority_queue_sizes or (self.max_queue_size,) * self.priority_levels
-
 
 class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How one model is served: instances, devices, batching, timeouts.
@@ -213,9 +209,15 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
                     "the batcher never forms such a batch"
                 )
 
-    def _warmup_sizes(self) -> tuple[int, ...]:
-        """The batch sizes warm-up runs, smallest first."""
-        if self.warmup_batch_sizes is not None:
-            return tuple(sorted(set(self.warmup_batch_sizes)))
-        batching = self.batching
-        return tuple(sorted({1, *batching.preferred_batch_sizes, batching.max_batch_size}))
+
+def queue_limits(batching: BatchingConfig) -> tuple[int, ...]:
+    """The queue limit of each priority level."""
+    return batching.priority_queue_sizes or (batching.max_queue_size,) * batching.priority_levels
+
+
+def warmup_sizes(config: ModelConfig) -> tuple[int, ...]:
+    """The batch sizes warm-up runs, smallest first."""
+    if config.warmup_batch_sizes is not None:
+        return tuple(sorted(set(config.warmup_batch_sizes)))
+    batching = config.batching
+    return tuple(sorted({1, *batching.preferred_batch_sizes, batching.max_batch_size}))

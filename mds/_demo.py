@@ -21,10 +21,11 @@ import anyio.lowlevel
 import numpy as np
 
 from ._config import BatchingConfig, ModelConfig
+from ._current import serve
 from ._deps import require
 from ._errors import MdsError
 from ._handler import ModelContext, ModelHandler
-from ._runtime import Runtime, serve
+from ._runtime import Runtime
 
 __all__ = ["run_demo"]
 

@@ -5,7 +5,7 @@
 
 import abc
 import enum
-from collections.abc import Awaitable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from typing import Any, ClassVar, Generic, cast
 
 import msgspec
@@ -14,7 +14,7 @@ from typing_extensions import TypeVar
 from ._collate import Collator
 from ._config import ModelConfig
 from ._devices.device import Device
-from ._tensors import TensorSpec
+from ._tensors import Signature
 
 __all__ = ["ModelContext", "ModelHandler", "ModelState"]
 
@@ -231,7 +231,7 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
         """
         return response
 
-    def signature(self) -> tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]] | None:
+    def signature(self) -> Signature | None:
         """The named tensors one request carries and one response gives, if known.
 
         Called after ``init``. The transports' metadata routes report it (the

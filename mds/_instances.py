@@ -5,27 +5,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
 
-from ._config import ModelConfig
+from ._config import ModelConfig, is_name, warmup_sizes
 from ._devices.device import Device, DeviceInfo
 from ._devices.manager import DeviceManager, Placer
 from ._errors import ConfigError, DeviceError, LifecycleError, describe
 from ._handler import ModelContext, ModelHandler, ModelState
 from ._instance import Instance
 from ._steps import Steps
-from ._tensors import TensorSpec
+from ._tensors import Signature
 from ._threads import Threads, threads
 
-__all__ = ["Instances", "Signature", "start_instances"]
+__all__ = ["Instances", "Signature", "source_name", "start_instances"]
 
 logger = logging.getLogger(__name__)
-
-#: The tensors one request carries and one response gives.
-Signature = tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]]
 
 Source = ModelHandler[Any, Any] | Callable[[], ModelHandler[Any, Any]]
 
@@ -181,6 +178,29 @@ class Instances:
         return found
 
 
+def source_name(source: Source, config: ModelConfig) -> str:
+    """The name a model serving ``source`` gets by default; checks the source.
+
+    Raises:
+        ConfigError: not a handler or a factory, or one handler object for
+            several instances.
+    """
+    if isinstance(source, ModelHandler):
+        if config.instances > 1:
+            raise ConfigError(
+                f"{config.instances} instances need one handler each: pass the handler "
+                f"class (or a factory) instead of a {type(source).__name__} object"
+            )
+        return type(source).__name__
+    if not callable(source):
+        raise ConfigError(
+            f"handler must be a ModelHandler or a factory that makes one, "
+            f"not {type(source).__name__}"
+        )
+    name = getattr(source, "__name__", type(source).__name__)
+    return name if is_name(name) else "model"  # a lambda, say
+
+
 async def start_instances(
     *,
     name: str,
@@ -230,7 +250,7 @@ async def start_instances(
         report(ModelState.WARMING, None)
         stage = "warm-up"
         began = anyio.current_time()
-        await loaded.warm_up(config._warmup_sizes())
+        await loaded.warm_up(warmup_sizes(config))
         loaded.warmup_seconds = anyio.current_time() - began
     except BaseException as exc:
         with anyio.CancelScope(shield=True):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, overload
 
@@ -13,17 +12,21 @@ import anyio.abc
 import msgspec
 
 from . import _loop
-from ._batching.batcher import Batcher, BatchStats
+from ._batching.batcher import Batcher
+from ._batching.stats import BatchStats
 from ._bridge import Home, LoopBound
-from ._config import BatchingConfig, ModelConfig, check_name, is_name
+from ._config import BatchingConfig, ModelConfig, check_name
+from ._deprecation import renamed
+from ._devices.device import DeviceInfo
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, NotReady, Overloaded
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
-from ._instances import Instances, Signature, Source, start_instances
-from ._statistics import RequestCounts, snapshot
-from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
+from ._instances import Instances, Source, source_name, start_instances
+from ._statistics import RequestCounts, counted, snapshot
+from ._status import ModelHealth, ModelStatistics, Traced
+from ._tensors import Signature
 
-__all__ = ["ModelRuntime"]
+__all__ = ["ModelRuntime", "run_batch", "watch_states"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +74,8 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
     ) -> None:
         self.config: ModelConfig = config if config is not None else ModelConfig()
         self._devices = devices if devices is not None else DeviceManager.default()
-        if isinstance(handler, ModelHandler):
-            if self.config.instances > 1:
-                raise ConfigError(
-                    f"{self.config.instances} instances need one handler each: pass "
-                    f"the handler class (or a factory) instead of a "
-                    f"{type(handler).__name__} object"
-                )
-            default_name = type(handler).__name__
-        elif callable(handler):
-            default_name = getattr(handler, "__name__", type(handler).__name__)
-            if not is_name(default_name):  # a lambda, say
-                default_name = "model"
-        else:
-            raise ConfigError(
-                f"handler must be a ModelHandler or a factory that makes one, "
-                f"not {type(handler).__name__}"
-            )
         self._source: Source = handler
-        self.name: str = check_name(name if name is not None else default_name)
+        self.name: str = check_name(name if name is not None else source_name(handler, self.config))
         self.version: str = version
         self._where = f"model {self.name!r}"  # for logs
         self._home = Home(self._refuse)
@@ -193,10 +179,6 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             logger.info("%s: %s -> %s", self._where, previous.value, state.value)
         for watch in self._watchers:
             watch(state, reason)
-
-    def _watch(self, callback: Callable[[ModelState, str | None], None]) -> None:
-        """Call ``callback(state, reason)`` on every state change (for :mod:`mds.testing`)."""
-        self._watchers.append(callback)
 
     async def __aenter__(self) -> Self:
         if self._state in _RUNNING:
@@ -366,22 +348,7 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         # per request (benchmarks/batcher.py). Awaiting it is all callers see.
         return self._home.call(self._serve, request, timeout, priority, trace, False)
 
-    def infer(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Coroutine[Any, Any, Any]:
-        """Deprecated since 0.3: use :meth:`serve` (``infer`` is the handler's batch call)."""
-        warnings.warn(
-            "ModelRuntime.infer is deprecated since mds 0.3 and goes in 0.4; use "
-            "ModelRuntime.serve (infer is the handler's batch call)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.serve(request, timeout=timeout, priority=priority, trace=trace)
+    infer = renamed(serve, old="infer", owner="ModelRuntime")
 
     async def _serve(
         self,
@@ -432,7 +399,7 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             computed = self._clock() if trace else 0.0
             if stream:
                 # Still in flight (so a drain waits for it) until the stream ends.
-                return self._counted(steps.chunks(outcome, deadline))
+                return counted(steps.chunks(outcome, deadline), counts, self._ended)
             if steps.post is None:
                 response = outcome
             else:
@@ -455,22 +422,9 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
                 self._idle.set()
         if not trace:
             return response
-        info = item.batch
-        assert info is not None
+        now = self._clock()
         return Traced(
-            value=response,
-            trace=CallTrace(
-                model=self.name,
-                instance=info.instance,
-                queue_wait=info.started - item.enqueued,
-                batch_size=info.size,
-                batch_cost=info.cost,
-                padding_ratio=info.padding,
-                infer_seconds=info.infer_seconds,
-                preprocess_seconds=preprocessed - began,
-                postprocess_seconds=self._clock() - computed,
-                total_seconds=self._clock() - began,
-            ),
+            value=response, trace=item.trace(self.name, began, preprocessed, computed, now)
         )
 
     @overload
@@ -524,45 +478,14 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         )
         return result
 
-    def infer_sync(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Any:
-        """Deprecated since 0.3: use :meth:`serve_sync`."""
-        warnings.warn(
-            "ModelRuntime.infer_sync is deprecated since mds 0.3 and goes in 0.4; use "
-            "ModelRuntime.serve_sync",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.serve_sync(request, timeout=timeout, priority=priority, trace=trace)
+    infer_sync = renamed(serve_sync, old="infer_sync", owner="ModelRuntime")
 
-    async def _counted(self, chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
-        """``chunks``, counted as completed, failed or cancelled when the stream ends."""
-        counts = self._counts
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except (anyio.get_cancelled_exc_class(), GeneratorExit):
-            counts.cancelled += 1
-            raise
-        except Exception as exc:
-            counts.failed += 1
-            counts.errors[type(exc).__name__] += 1
-            if isinstance(exc, MdsError):
-                exc.add_context(model=self.name, version=self.version)
-            raise
-        else:
-            counts.completed += 1
-        finally:
-            with anyio.CancelScope(shield=True):
-                await chunks.aclose()
-            if self._idle is not None and not counts.in_flight:
-                self._idle.set()
+    def _ended(self, exc: BaseException | None) -> None:
+        """A stream ended (``exc``: how it failed): context for its error; a drain may end."""
+        if isinstance(exc, MdsError):
+            exc.add_context(model=self.name, version=self.version)
+        if self._idle is not None and not self._counts.in_flight:
+            self._idle.set()
 
     def stream(
         self,
@@ -638,23 +561,17 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
 
     async def _health(self) -> ModelHealth:
         loaded = self._loaded
+        devices: tuple[DeviceInfo, ...] = ()
         if self._state is not ModelState.READY or loaded is None:
-            return self._not_ready_report()
-        problems, devices = await loaded.check(self.config.health_timeout, self._devices)
-        reason = "; ".join(problems) if problems else None
-        return self._health_report(not problems, reason, devices)
-
-    def _not_ready_report(self) -> ModelHealth:
-        return self._health_report(False, self._not_ready_reason())
-
-    def _health_report(
-        self, ready: bool, reason: str | None, devices: tuple[Any, ...] = ()
-    ) -> ModelHealth:
+            reason: str | None = self._not_ready_reason()
+        else:
+            problems, devices = await loaded.check(self.config.health_timeout, self._devices)
+            reason = "; ".join(problems) if problems else None
         return ModelHealth(
             name=self.name,
             version=self.version,
             state=self._state,
-            ready=ready,
+            ready=reason is None,
             reason=reason,
             devices=devices,
         )
@@ -671,25 +588,34 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             batcher=self._batcher,
         )
 
-    # -- for warm-up's kin: mds.testing ---------------------------------------
 
-    async def _run_batch(
-        self,
-        requests: list[Any],
-        *,
-        timings: dict[str, float] | None = None,
-        sizes: list[int] | None = None,
-    ) -> list[Any]:
-        """``requests`` as one batch made by hand, through the real path, on instance 0.
+# -- the internal API of mds.testing ---------------------------------------------
 
-        The internal API of :mod:`mds.testing`: no queue; per request, its
-        response or its error (see :meth:`Instances.run_batch`).
-        """
-        loaded = self._loaded
-        if loaded is None or self._state is not ModelState.READY:
-            raise self._refuse()
-        outcomes = await loaded.run_batch(requests, timings=timings, sizes=sizes)
-        for outcome in outcomes:
-            if isinstance(outcome, MdsError):
-                outcome.add_context(model=self.name, version=self.version)
-        return outcomes
+
+def watch_states(
+    model: ModelRuntime[Any, Any], callback: Callable[[ModelState, str | None], None]
+) -> None:
+    """Call ``callback(state, reason)`` on each of ``model``'s state changes."""
+    model._watchers.append(callback)
+
+
+async def run_batch(
+    model: ModelRuntime[Any, Any],
+    requests: list[Any],
+    *,
+    timings: dict[str, float] | None = None,
+    sizes: list[int] | None = None,
+) -> list[Any]:
+    """``requests`` as one batch made by hand, through the real path, on instance 0.
+
+    No queue; per request, its response or its error (see
+    :meth:`Instances.run_batch`), with the model in the error's context.
+    """
+    loaded = model._loaded
+    if loaded is None or model.state is not ModelState.READY:
+        raise model._refuse()
+    outcomes = await loaded.run_batch(requests, timings=timings, sizes=sizes)
+    for outcome in outcomes:
+        if isinstance(outcome, MdsError):
+            outcome.add_context(model=model.name, version=model.version)
+    return outcomes

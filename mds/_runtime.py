@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -11,23 +10,22 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 
+from . import _current
 from ._bridge import Home, LoopBound, process_portal
 from ._config import ModelConfig, check_name
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._model import ModelRuntime
-from ._pipeline.graph import ModelNode, Pipeline
+from ._pipeline.graph import Pipeline
+from ._pipeline.nodes import ModelNode
 from ._pipeline.running import PipelineRuntime
 from ._servable import Servable
 from ._status import ModelHealth, ModelStatistics, RuntimeHealth
 
-__all__ = ["Runtime", "current_runtime", "serve", "serve_sync"]
+__all__ = ["Runtime"]
 
 logger = logging.getLogger(__name__)
-
-_lock = threading.Lock()
-_running: list[Runtime] = []  # started runtimes, most recent last
 
 
 class _Hosted:
@@ -256,8 +254,7 @@ class Runtime(LoopBound):
         except BaseException:
             await self._close(tasks, cancel=False)
             raise
-        with _lock:
-            _running.append(self)
+        _current.started(self)
         return self
 
     async def __aexit__(
@@ -273,9 +270,7 @@ class Runtime(LoopBound):
             # Leaving on an error: stop at once, without waiting for a drain.
             await self._close(tasks, cancel=exc_type is not None)
         finally:
-            with _lock:
-                if self in _running:
-                    _running.remove(self)
+            _current.stopped(self)
 
     async def _close(self, tasks: anyio.abc.TaskGroup, *, cancel: bool) -> None:
         """Stop every model (draining unless ``cancel``), then the task group."""
@@ -497,90 +492,3 @@ class Runtime(LoopBound):
     def statistics(self) -> dict[str, ModelStatistics]:
         """Each model's counters, by name."""
         return {name: model.statistics() for name, model in sorted(self._models.items())}
-
-
-def current_runtime() -> Runtime:
-    """The runtime :func:`serve` uses: the most recently started one still running.
-
-    Raises:
-        NotReady: no runtime is running.
-    """
-    try:
-        return _running[-1]  # no lock: a read of a list item is atomic
-    except IndexError:
-        pass
-    raise NotReady(
-        "no mds runtime is running: start one (async with runtime, or "
-        "runtime.start_sync()) before calling mds.serve"
-    )
-
-
-def serve(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: bool = False,
-) -> Coroutine[Any, Any, Any]:
-    """Serve one request with a model or pipeline of the running runtime; for async routes.
-
-    Uses :func:`current_runtime`. Works in asyncio and trio apps, whichever
-    loop or thread the runtime runs in. Await it.
-
-    Args:
-        model: the model's (or pipeline's) name.
-        request: the request, as the model's ``preprocess`` takes it.
-        timeout: deadline in seconds from now; defaults to the model's.
-        priority: priority level (0 is the highest); defaults to the model's.
-        trace: return a :class:`Traced` with where the call's time went.
-
-    Returns:
-        The model's response (in a :class:`Traced` with ``trace=True``).
-
-    Raises:
-        NotReady: no runtime is running, or the model is not ready.
-        ModelNotFound: the runtime has no such model.
-        MdsError: the errors :meth:`ModelRuntime.serve` raises (``Overloaded``,
-            ``InvalidInput``, ``DeadlineExceeded``, ``InferenceError``).
-
-    Example:
-        >>> @app.post("/classify")
-        ... async def classify(body: Body) -> dict[str, str]:
-        ...     return {"label": await mds.serve("classifier", body.pixels)}
-
-    Added in 0.1.
-    """
-    # A plain def: the caller awaits the model's own request path, with no
-    # coroutine of ours in between (benchmarks/batcher.py measures this path).
-    try:
-        runtime = _running[-1]  # no lock: a read of a list item is atomic
-    except IndexError:
-        runtime = current_runtime()  # raises NotReady
-    return runtime.serve(model, request, timeout=timeout, priority=priority, trace=trace)
-
-
-def serve_sync(
-    model: str,
-    request: Any,
-    *,
-    timeout: float | None = None,
-    priority: int | None = None,
-    trace: bool = False,
-) -> Any:
-    """Blocking form of :func:`serve`, for Flask views, WSGI apps and threads.
-
-    Thread-safe. Every call goes to the runtime's one event loop; none starts
-    a loop of its own. Works from a thread that already runs a loop (a
-    notebook) when the runtime lives elsewhere (started with ``start_sync``).
-
-    Example:
-        >>> @app.post("/classify")
-        ... def classify():
-        ...     return {"label": mds.serve_sync("classifier", request.json["pixels"])}
-
-    Added in 0.1.
-    """
-    return current_runtime().serve_sync(
-        model, request, timeout=timeout, priority=priority, trace=trace
-    )

@@ -6,17 +6,14 @@ transport never asks which kind it holds.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Any, Protocol
 
 from ._handler import ModelState
 from ._status import ModelHealth, PipelineHealth
-from ._tensors import TensorSpec
+from ._tensors import Signature
 
 __all__ = ["Servable", "Signature"]
-
-#: The named tensors one request carries and one response gives.
-Signature = tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]]
 
 
 class Servable(Protocol):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from ._batching.batcher import Batcher, BatchStats
+import anyio
+
+from ._batching.batcher import Batcher
+from ._batching.stats import BatchStats
 from ._config import ModelConfig
 from ._handler import ModelState
 from ._status import ModelStatistics
 
-__all__ = ["RequestCounts", "snapshot"]
+__all__ = ["RequestCounts", "counted", "snapshot"]
 
 
 class RequestCounts:
@@ -38,6 +42,35 @@ class RequestCounts:
     def in_flight(self) -> int:
         """Requests admitted and not yet answered."""
         return self.requests - self.completed - self.failed - self.cancelled - self.overloaded
+
+
+async def counted(
+    chunks: AsyncGenerator[Any, None],
+    counts: RequestCounts,
+    ended: Callable[[BaseException | None], None],
+) -> AsyncGenerator[Any, None]:
+    """``chunks``, counted as completed, failed or cancelled when the stream ends.
+
+    ``ended`` is told how it ended (the error, or ``None``) once it is counted.
+    """
+    failure: BaseException | None = None
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (anyio.get_cancelled_exc_class(), GeneratorExit):
+        counts.cancelled += 1
+        raise
+    except Exception as exc:
+        failure = exc
+        counts.failed += 1
+        counts.errors[type(exc).__name__] += 1
+        raise
+    else:
+        counts.completed += 1
+    finally:
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()
+        ended(failure)
 
 
 def snapshot(

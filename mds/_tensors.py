@@ -2,9 +2,11 @@
 
 # No `from __future__ import annotations`: msgspec reads these annotations.
 
+from collections.abc import Mapping
+
 import msgspec
 
-__all__ = ["TensorSpec"]
+__all__ = ["Signature", "TensorSpec"]
 
 
 class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,3 +28,7 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name} ({self.dtype} [{dims}])"
+
+
+#: The named tensors one request carries and one response gives.
+Signature = tuple[Mapping[str, TensorSpec], Mapping[str, TensorSpec]]

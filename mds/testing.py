@@ -25,7 +25,7 @@ import numpy as np
 from ._bridge import process_portal
 from ._config import ModelConfig
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
-from ._model import ModelRuntime
+from ._model import ModelRuntime, run_batch, watch_states
 from ._status import ModelHealth
 
 __all__ = ["LifecycleReport", "assert_batch_invariant", "run_lifecycle"]
@@ -173,14 +173,14 @@ async def _run_lifecycle(
     model: ModelRuntime[Any, Any], requests: list[Any], size: int
 ) -> LifecycleReport[Any]:
     states: list[ModelState] = [model.state]
-    model._watch(lambda state, reason: states.append(state))
+    watch_states(model, lambda state, reason: states.append(state))
     timings: dict[str, float] = {}
     outcomes: list[Any] = []
     batch_sizes: list[int] = []
     async with model:
         health = await model.health()
         for chunk in _chunks(requests, size):
-            outcomes += await model._run_batch(list(chunk), timings=timings, sizes=batch_sizes)
+            outcomes += await run_batch(model, list(chunk), timings=timings, sizes=batch_sizes)
         began = anyio.current_time()
     stats = model.statistics()
     timings = {
@@ -204,10 +204,10 @@ async def _both_ways(
     model: ModelRuntime[Any, Any], requests: list[Any], size: int
 ) -> tuple[list[Any], list[Any]]:
     async with model:
-        alone = [(await model._run_batch([r]))[0] for r in requests]
+        alone = [(await run_batch(model, [r]))[0] for r in requests]
         batched: list[Any] = []
         for chunk in _chunks(requests, size):
-            batched += await model._run_batch(list(chunk))
+            batched += await run_batch(model, list(chunk))
     return alone, batched
 
 

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 import mds
+from mds._config import warmup_sizes
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_values_are_normalised_to_their_declared_types() -> None:
     )
     assert config.timeout == 2.0 and isinstance(config.timeout, float)
     assert config.devices == ("cpu", "cuda:1")
-    assert config._warmup_sizes() == (1, 4)
+    assert warmup_sizes(config) == (1, 4)
 
 
 def test_configs_are_frozen_and_round_trip() -> None:

@@ -15,6 +15,69 @@ import mds.testing
 
 PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask"}
 
+# The public API, pinned: a change here is a design decision, with docs and a
+# changelog line (as httpx pins its own).
+EXPECTED = {
+    "mds": [
+        "BatchingConfig",
+        "CallTrace",
+        "Collator",
+        "ConfigError",
+        "DeadlineExceeded",
+        "DecodeError",
+        "Device",
+        "DeviceError",
+        "DeviceInfo",
+        "DeviceKind",
+        "DeviceManager",
+        "InferenceError",
+        "InvalidInput",
+        "LifecycleError",
+        "MdsError",
+        "MissingDependency",
+        "ModelConfig",
+        "ModelContext",
+        "ModelHandler",
+        "ModelHealth",
+        "ModelNotFound",
+        "ModelRuntime",
+        "ModelState",
+        "ModelStatistics",
+        "Node",
+        "NodeTrace",
+        "NotReady",
+        "OnnxHandler",
+        "Overloaded",
+        "Pad",
+        "Padded",
+        "Pipeline",
+        "PipelineHealth",
+        "PipelineRuntime",
+        "PipelineTrace",
+        "RequestError",
+        "Runtime",
+        "RuntimeHealth",
+        "Servable",
+        "Stack",
+        "TensorSpec",
+        "TorchHandler",
+        "Traced",
+        "Unavailable",
+        "__version__",
+        "current_runtime",
+        "serve",
+        "serve_sync",
+    ],
+    "mds.testing": ["LifecycleReport", "assert_batch_invariant", "run_lifecycle"],
+    "mds.fastapi": ["add_routes", "lifespan", "router"],
+    "mds.flask": ["add_routes", "blueprint"],
+}
+
+
+@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask])
+def test_all_is_pinned(module: object) -> None:
+    assert module.__all__ == EXPECTED[module.__name__]  # type: ignore[attr-defined]
+
 
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}

@@ -20,21 +20,22 @@ leaving. Nothing here raises for a user-code fault; the workers go on.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Hashable
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
 from .. import _loop
-from .._config import BatchingConfig
+from .._config import BatchingConfig, queue_limits
 from .._errors import ConfigError, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from .deadlines import DeadlineWatch
 from .queue import DONE, QUEUED, RUNNING, BatchInfo, Item, RequestQueue
+from .stats import BatchStats
 
-__all__ = ["BatchStats", "Batcher", "Worker"]
+__all__ = ["Batcher", "Worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +87,6 @@ class _Slot:
         self.finished = -math.inf  # when its last batch came back
 
 
-class BatchStats:
-    """Counters the batcher keeps; the model reads them into its statistics."""
-
-    def __init__(self) -> None:
-        self.batches = 0
-        self.batched_items = 0
-        self.batched_cost = 0
-        self.sizes: Counter[int] = Counter()
-        self.infer_seconds = 0.0
-        self.queue_wait_seconds = 0.0
-        self.recent_waits: deque[float] = deque(maxlen=1024)
-        self.deadline_misses = 0
-        self.isolation_splits = 0
-        self.out_of_memory = 0
-        self.padding_sum = 0.0
-
-
 class Batcher(Generic[W]):
     """A bounded, prioritised queue and the loop that turns it into batches.
 
@@ -124,11 +108,9 @@ class Batcher(Generic[W]):
         self._idle: list[_loop.Waiter] = []  # workers waiting for any item
         self._delaying: list[_loop.Waiter] = []  # workers waiting for a batch to grow
         self._want_full: list[_loop.Waiter] = []  # busy workers waiting for a full batch
-        self._deadlines: list[tuple[float, int, Item]] = []  # out-of-order ones
         self._running_batches: dict[int, list[Item]] = {}
-        self._watch_until = math.inf
-        self._rewatch = anyio.Event()
         self.queue = RequestQueue(config.priority_levels)
+        self._watch = DeadlineWatch(self.queue, self._running_batches, stats, self._clock)
         self.configure(config)
 
     def configure(self, config: BatchingConfig) -> None:
@@ -145,7 +127,7 @@ class Batcher(Generic[W]):
                 f"({len(self.queue.counts)} -> {config.priority_levels})"
             )
         self.config = config
-        limits = config._queue_limits()
+        limits = queue_limits(config)
         self._limits = (0,) * len(limits) if self._closed else limits
         self._default_priority = config.default_priority
         self._max_cost = config.max_batch_size
@@ -214,14 +196,13 @@ class Batcher(Generic[W]):
         else:
             lane_tail = queue.put(item)
         if deadline is not None:
-            if deadline < self._watch_until:
-                self._rewatch.set()
+            watch = self._watch
+            if deadline < watch.until:
+                watch.wake()
             if lane_tail is not None and (lane_tail.deadline or _INF) > deadline:
                 # Earlier than an item ahead of it in its lane: the watcher,
                 # which looks at lane fronts only, must track it apart.
-                heapq.heappush(self._deadlines, (deadline, seq, item))
-                if len(self._deadlines) > 2 * (queue.count + self._running) + 512:
-                    self._compact_deadlines()
+                watch.track(item, queue.count + self._running)
         if self._idle:
             self._idle.pop().set_result(None)
         if self._delaying:
@@ -236,6 +217,10 @@ class Batcher(Generic[W]):
             self.queue.forget(item)
         item.state = DONE
 
+    async def watch_deadlines(self) -> None:
+        """Answer each item whose deadline passes, wherever it is; runs until cancelled."""
+        await self._watch.run()
+
     def close(self) -> None:
         """Take no more work: workers return once the queue is empty."""
         self._closed = True
@@ -247,75 +232,6 @@ class Batcher(Generic[W]):
         """Answer every queued item with :class:`Unavailable`."""
         for item in self.queue.drain():
             item.settle(Unavailable(message))
-
-    # -- deadlines ------------------------------------------------------------
-
-    def _compact_deadlines(self) -> None:
-        """Drop settled items from the heap of out-of-order deadlines."""
-        self._deadlines = [entry for entry in self._deadlines if entry[2].state != DONE]
-        heapq.heapify(self._deadlines)
-
-    async def watch_deadlines(self) -> None:
-        """Answer each item whose deadline passes, wherever it is; runs until cancelled.
-
-        Nothing per item is kept for this: within a lane, deadlines arrive in
-        order (now + the model's timeout), so only lane fronts, the items of
-        running batches, and the few out-of-order items on a heap are looked at.
-        """
-        while True:
-            now = self._clock()
-            wake = self._expire_queued(now)
-            heap = self._deadlines
-            while heap and (heap[0][2].state == DONE or heap[0][0] <= now):
-                self._expire(heapq.heappop(heap)[2])
-            if heap:
-                wake = min(wake, heap[0][0])
-            for batch in self._running_batches.values():
-                for item in batch:
-                    deadline = item.deadline
-                    if deadline is None or item.state != RUNNING:
-                        continue
-                    if deadline <= now:
-                        self._expire(item)
-                    else:
-                        wake = min(wake, deadline)
-            self._watch_until = wake
-            self._rewatch = anyio.Event()
-            with anyio.move_on_at(wake):
-                await self._rewatch.wait()
-
-    def _expire_queued(self, now: float) -> float:
-        """Expire queued items whose deadline passed; the next deadline of a lane front."""
-        wake = math.inf
-        queue = self.queue
-        for lane in queue.lanes():
-            while lane:
-                item = lane[0]
-                if item.state != QUEUED:
-                    lane.popleft()
-                    queue.stale -= 1
-                    continue
-                deadline = item.deadline
-                if deadline is None:
-                    break
-                if deadline > now:
-                    wake = min(wake, deadline)
-                    break
-                self._expire(item)  # now DONE: popped on the next turn
-        return wake
-
-    def _expire(self, item: Item) -> None:
-        if item.state == QUEUED:
-            self.queue.forget(item)
-            message = (
-                "the request's deadline passed while it waited in the queue; it was not computed"
-            )
-        elif item.state == RUNNING:
-            message = "the request's deadline passed while its batch was computed"
-        else:
-            return
-        self.stats.deadline_misses += 1
-        item.settle(DeadlineExceeded(message))
 
     # -- workers --------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from .._loop import Waiter
+from .._status import CallTrace
 
 __all__ = ["DONE", "QUEUED", "RUNNING", "BatchInfo", "Item", "RequestQueue"]
 
@@ -76,6 +77,25 @@ class Item:
         self.length = length
         self.state = QUEUED
         self.batch: BatchInfo | None = None
+
+    def trace(
+        self, model: str, began: float, preprocessed: float, computed: float, now: float
+    ) -> CallTrace:
+        """Where the request's time went, from the times its caller took."""
+        info = self.batch
+        assert info is not None
+        return CallTrace(
+            model=model,
+            instance=info.instance,
+            queue_wait=info.started - self.enqueued,
+            batch_size=info.size,
+            batch_cost=info.cost,
+            padding_ratio=info.padding,
+            infer_seconds=info.infer_seconds,
+            preprocess_seconds=preprocessed - began,
+            postprocess_seconds=now - computed,
+            total_seconds=now - began,
+        )
 
     def settle(self, outcome: Any) -> bool:
         """Give the item its answer (the waiter's result); ``False`` if it had one."""

@@ -17,7 +17,8 @@ import msgspec.yaml
 from .._config import ModelConfig
 from .._errors import ConfigError
 from .._handler import ModelHandler
-from .graph import _FOLLOWING, FanOutNode, FunctionNode, ModelNode, Node, Pipeline, RouterNode
+from .graph import Pipeline
+from .nodes import FOLLOWING, FanOutNode, FunctionNode, ModelNode, Node, RouterNode
 
 __all__ = ["from_document", "load_file"]
 
@@ -158,7 +159,7 @@ def _skeleton(spec: NodeSpec, at: str) -> Node:
     if len(kinds) != 1:
         given = ", ".join(kinds) if kinds else "none"
         raise ConfigError(f"{at}: a node needs exactly one of {', '.join(_KINDS)} (it has {given})")
-    nxt = _FOLLOWING if spec.next is msgspec.UNSET else spec.next
+    nxt = FOLLOWING if spec.next is msgspec.UNSET else spec.next
     kind = kinds[0]
     node: Node
     unloaded: str | None = None

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from ._errors import ConfigError
+from ._tensors import is_tensor
 
 __all__ = ["Collator", "Pad", "Padded", "Stack"]
 
@@ -38,10 +39,6 @@ class Collator(Protocol):
     def split(self, outputs: Any, batch: Any) -> Sequence[Any]:
         """Make one output per item from ``infer``'s output for ``batch``."""
         ...
-
-
-def _is_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "shape")
 
 
 def _describe(value: Any) -> str:
@@ -81,7 +78,7 @@ def _stack(items: Sequence[Any], where: str) -> Any:
         return tuple(
             _stack([item[i] for item in items], f"{where}[{i}] ") for i in range(len(first))
         )
-    if _is_tensor(first):
+    if is_tensor(first):
         import torch
 
         _same_shapes(items, where)
@@ -95,9 +92,9 @@ def _stack(items: Sequence[Any], where: str) -> Any:
 
 
 def _same_shapes(items: Sequence[Any], where: str) -> None:
-    shape = np.shape(items[0]) if not _is_tensor(items[0]) else tuple(items[0].shape)
+    shape = np.shape(items[0]) if not is_tensor(items[0]) else tuple(items[0].shape)
     for index, item in enumerate(items):
-        other = tuple(item.shape) if _is_tensor(item) else np.shape(item)
+        other = tuple(item.shape) if is_tensor(item) else np.shape(item)
         if other != shape:
             raise ValueError(
                 f"{where}item {index} is {_describe(item)}, item 0 is "
@@ -115,7 +112,7 @@ def _rows(outputs: Any, count: int) -> Any:
     if isinstance(outputs, tuple):
         columns_t = [_rows(value, count) for value in outputs]
         return [tuple(column[i] for column in columns_t) for i in range(count)]
-    if _is_tensor(outputs):
+    if is_tensor(outputs):
         return list(outputs.unbind(0))
     return outputs  # already one output per item (a list); checked by the caller
 
@@ -275,7 +272,7 @@ class _WithLengths(dict[str, Any]):
 
 
 def _length(value: Any) -> int:
-    if _is_tensor(value) or isinstance(value, np.ndarray):
+    if is_tensor(value) or isinstance(value, np.ndarray):
         if not value.shape:
             raise ValueError("a scalar has no length to pad")
         return int(value.shape[0])
@@ -285,7 +282,7 @@ def _length(value: Any) -> int:
 def _pad(items: Sequence[Any], lengths: tuple[int, ...], value: float) -> Any:
     longest = max(lengths)
     first = items[0]
-    if _is_tensor(first):
+    if is_tensor(first):
         import torch
 
         out = torch.full(
@@ -304,7 +301,7 @@ def _pad(items: Sequence[Any], lengths: tuple[int, ...], value: float) -> Any:
 
 def _mask(lengths: tuple[int, ...], like: Any) -> Any:
     longest = max(lengths)
-    if _is_tensor(like):
+    if is_tensor(like):
         import torch
 
         positions = torch.arange(longest, device=like.device)

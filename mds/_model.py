@@ -167,6 +167,13 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             raise self._refuse()
         return loaded.handler.to_tensors(response)
 
+    def add_context(self, error: MdsError) -> MdsError:
+        """``error``, with this model and version in its context.
+
+        Added in 0.3.
+        """
+        return error.add_context(model=self.name, version=self.version)
+
     # -- lifecycle ----------------------------------------------------------
 
     def _set_state(self, state: ModelState, reason: str | None = None) -> None:

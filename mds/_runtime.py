@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
@@ -414,6 +414,69 @@ class Runtime(LoopBound):
         if not self.running:
             raise self._not_running()
         return target.serve_sync(request, timeout=timeout, priority=priority, trace=trace)
+
+    def serve_many(
+        self,
+        model: str,
+        requests: Sequence[Any],
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> Coroutine[Any, Any, list[Any]]:
+        """Serve several requests with one model or pipeline at once: they batch together.
+
+        Each request is served as by :meth:`serve`, all concurrently. Await it.
+
+        Returns:
+            Per request, in order: its response, or the :class:`MdsError` it
+            failed with (one failing request does not fail the others).
+
+        Raises:
+            ModelNotFound: no such model.
+
+        Added in 0.3.
+        """
+        target = self.servable(model)
+        return self._home.call(self._serve_many, target, list(requests), timeout, priority)
+
+    async def _serve_many(
+        self,
+        target: Servable,
+        requests: list[Any],
+        timeout: float | None,
+        priority: int | None,
+    ) -> list[Any]:
+        outcomes: list[Any] = [None] * len(requests)
+
+        async def one(index: int) -> None:
+            try:
+                outcomes[index] = await target.serve(
+                    requests[index], timeout=timeout, priority=priority
+                )
+            except MdsError as exc:
+                outcomes[index] = exc
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(len(requests)):
+                tasks.start_soon(one, index)
+        return outcomes
+
+    def serve_many_sync(
+        self,
+        model: str,
+        requests: Sequence[Any],
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> list[Any]:
+        """Blocking form of :meth:`serve_many`, for threads with no event loop (Flask).
+
+        Added in 0.3.
+        """
+        target = self.servable(model)
+        if not self.running:
+            raise self._not_running()
+        return self._home.call_sync(self._serve_many, target, list(requests), timeout, priority)
 
     def stream(
         self,

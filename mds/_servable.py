@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Any, Protocol
 
+from ._errors import MdsError
 from ._handler import ModelState
 from ._status import ModelHealth, PipelineHealth
 from ._tensors import Signature
@@ -70,6 +71,10 @@ class Servable(Protocol):
 
     def to_tensors(self, response: Any) -> Any:
         """The output tensors for one response (see :meth:`ModelHandler.to_tensors`)."""
+        ...
+
+    def add_context(self, error: MdsError) -> MdsError:
+        """``error``, with where it happened filled in: this model (and version) or pipeline."""
         ...
 
     def serve(

@@ -39,7 +39,7 @@ import anyio
 
 from . import _loop
 from ._deps import require
-from ._http.service import ROUTES, V2_ROUTES, Call, Reply, Service
+from ._http.service import Call, Reply, Service, allowed, paths
 from ._runtime import Runtime
 
 if TYPE_CHECKING:
@@ -95,13 +95,13 @@ def router(
     )
     routes = _Routes(service)
     found: APIRouter = fastapi.APIRouter(prefix=prefix)
-    for method, path, name in ROUTES + (V2_ROUTES if v2 else ()):
+    for path, methods in paths(v2).items():
         # An ASGI callable (not a function) is served as it is: no request
-        # object, no dependency solving, no body validation in between.
-        endpoint = _Asgi(getattr(routes, name))
-        found.routes.append(
-            Route(prefix + path, endpoint, methods=[method], include_in_schema=False)
-        )
+        # object, no dependency solving, no body validation in between. It
+        # takes every method: one the path does not answer gets mds's 405.
+        endpoints = {method: getattr(routes, name) for method, name in methods.items()}
+        endpoint = _Dispatch(service, endpoints)
+        found.routes.append(Route(prefix + path, endpoint, include_in_schema=False))
     return found
 
 
@@ -169,16 +169,26 @@ def add_routes(
     return found
 
 
-class _Asgi:
-    """Wraps an endpoint so that Starlette serves it as a plain ASGI app."""
+Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-    __slots__ = ("endpoint",)
 
-    def __init__(self, endpoint: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.endpoint = endpoint
+class _Dispatch:
+    """One path's endpoints by method, served by Starlette as a plain ASGI app."""
+
+    __slots__ = ("allowed", "endpoints", "service")
+
+    def __init__(self, service: Service, endpoints: dict[str, Endpoint]) -> None:
+        self.service = service
+        self.endpoints = endpoints
+        self.allowed = allowed(endpoints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.endpoint(scope, receive, send)
+        method = scope["method"]
+        endpoint = self.endpoints.get("GET" if method == "HEAD" else method)
+        if endpoint is None:
+            await _send(send, self.service.not_allowed(method, self.allowed))
+            return
+        await endpoint(scope, receive, send)
 
 
 _GONE = object()  # the client disconnected
@@ -267,12 +277,16 @@ class _Routes:
             if call.streams:
                 await self._stream(receive, send, call)
                 return
-            result = await _watching(
-                receive,
-                self.runtime.serve(
+            runtime = self.runtime
+            if call.rows is None:
+                work = runtime.serve(
                     call.name, call.payload, timeout=call.timeout, priority=call.priority
-                ),
-            )
+                )
+            else:
+                work = runtime.serve_many(
+                    call.name, call.rows, timeout=call.timeout, priority=call.priority
+                )
+            result = await _watching(receive, work)
             if result is _GONE:
                 return
             if isinstance(result, _Failed):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deps import require
-from ._http.service import ROUTES, V2_ROUTES, Call, Reply, Service
+from ._http.service import Call, Reply, Service, allowed, paths
 from ._runtime import Runtime
 
 if TYPE_CHECKING:
@@ -63,9 +63,18 @@ def blueprint(
     )
     views = _Views(service, flask)
     found: Blueprint = flask.Blueprint(name, __name__)
-    for index, (method, path, view) in enumerate(ROUTES + (V2_ROUTES if v2 else ())):
+    for index, (path, methods) in enumerate(paths(v2).items()):
         rule = re.sub(r"\{(\w+)\}", r"<\1>", path)  # {name} -> <name>
-        found.add_url_rule(rule, f"{view}_{index}", getattr(views, view), methods=[method])
+        # Every method, dispatched here: one the path does not answer gets
+        # mds's 405 (Flask's own would be an HTML page).
+        view = _Dispatch(views, {method: getattr(views, v) for method, v in methods.items()})
+        found.add_url_rule(
+            rule,
+            f"{'_'.join(sorted(set(methods.values())))}_{index}",
+            view,
+            methods=_METHODS,
+            provide_automatic_options=False,
+        )
     return found
 
 
@@ -113,6 +122,25 @@ def add_routes(
 
 
 _END = object()
+
+#: The methods each path takes to the view, which answers those it does not serve.
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class _Dispatch:
+    """One path's views by method."""
+
+    def __init__(self, views: _Views, endpoints: dict[str, Callable[..., Response]]) -> None:
+        self.views = views
+        self.endpoints = endpoints
+        self.allowed = allowed(endpoints)
+
+    def __call__(self, **params: Any) -> Response:
+        method = self.views.flask.request.method
+        endpoint = self.endpoints.get("GET" if method == "HEAD" else method)
+        if endpoint is None:
+            return self.views._response(self.views.service.not_allowed(method, self.allowed))
+        return endpoint(**params)
 
 
 class _Views:
@@ -183,9 +211,14 @@ class _Views:
             call = service.request(name, version, body, request.headers, v2=v2)
             if call.streams:
                 return self._stream(call)
-            result = self.runtime.serve_sync(
-                call.name, call.payload, timeout=call.timeout, priority=call.priority
-            )
+            if call.rows is None:
+                result = self.runtime.serve_sync(
+                    call.name, call.payload, timeout=call.timeout, priority=call.priority
+                )
+            else:
+                result = self.runtime.serve_many_sync(
+                    call.name, call.rows, timeout=call.timeout, priority=call.priority
+                )
             reply = service.reply(call, result)
         except Exception as exc:
             reply = service.error(exc)

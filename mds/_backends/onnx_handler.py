@@ -18,9 +18,9 @@ import numpy as np
 from .._collate import Collator, Stack
 from .._deps import require
 from .._devices.device import Device
-from .._errors import ConfigError, DeviceError, InvalidInput
+from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
-from .._tensors import TensorSpec
+from .._tensors import InputCheck, TensorSpec
 
 __all__ = ["OnnxHandler", "TensorSpec"]
 
@@ -154,7 +154,7 @@ class OnnxHandler(ModelHandler[Any, Any]):
         self.outputs: dict[str, TensorSpec] = {}
         self.batched = False
         self._key: tuple[Any, ...] | None = None
-        self._expect: dict[str, tuple[np.dtype[Any], tuple[int | str | None, ...]]] = {}
+        self._check = InputCheck({})
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -225,11 +225,7 @@ class OnnxHandler(ModelHandler[Any, Any]):
         self.batched = all(
             spec.shape and not isinstance(spec.shape[0], int) for spec in self.inputs.values()
         )
-        # What check compares each request with, worked out once: it runs per request.
-        self._expect = {
-            name: (np.dtype(spec.dtype), spec.shape[1:] if self.batched else spec.shape)
-            for name, spec in self.inputs.items()
-        }
+        self._check = InputCheck(self.signature()[0], batched=self.batched)
         if not self.batched and context.config.batching.max_batch_size > 1:
             fixed = ", ".join(spec.describe() for spec in self.inputs.values())
             raise ConfigError(
@@ -282,57 +278,7 @@ class OnnxHandler(ModelHandler[Any, Any]):
         Raises:
             InvalidInput: a missing or unknown input, a wrong dtype or shape.
         """
-        specs = self.inputs
-        if not isinstance(request, Mapping):
-            if len(specs) != 1:
-                raise InvalidInput(
-                    f"the model takes {len(specs)} inputs "
-                    f"({', '.join(s.describe() for s in specs.values())}); send a dict "
-                    "of input name to array"
-                )
-            request = {next(iter(specs)): request}
-        missing = [name for name in specs if name not in request]
-        if missing:
-            raise InvalidInput(
-                f"input {missing[0]!r} is missing; the model takes "
-                + ", ".join(spec.describe() for spec in specs.values())
-            )
-        unknown = [name for name in request if name not in specs]
-        if unknown:
-            raise InvalidInput(
-                f"the model has no input {unknown[0]!r}; its inputs are {', '.join(specs)}"
-            )
-        return {name: self._check_one(specs[name], request[name]) for name in specs}
-
-    def _check_one(self, spec: TensorSpec, value: Any) -> np.ndarray:
-        expected, shape = self._expect[spec.name]
-        if isinstance(value, np.ndarray):
-            if value.dtype != expected:
-                raise InvalidInput(
-                    f"input {spec.name!r}: expected dtype {expected}, got {value.dtype}"
-                )
-            array = value
-        else:
-            try:
-                array = np.asarray(value)
-                if array.dtype != expected and not np.can_cast(
-                    array.dtype, expected, casting="same_kind"
-                ):
-                    raise TypeError(f"{array.dtype} values")
-                array = array.astype(expected, copy=False)
-            except (TypeError, ValueError) as exc:
-                raise InvalidInput(
-                    f"input {spec.name!r}: expected {expected} values, got {exc}"
-                ) from None
-        if len(array.shape) != len(shape) or any(
-            isinstance(want, int) and want != got
-            for want, got in zip(shape, array.shape, strict=False)
-        ):
-            per = " per request (the batch axis is added by batching)" if self.batched else ""
-            raise InvalidInput(
-                f"input {spec.name!r}: expected shape {_dims(shape)}{per}, got {_dims(array.shape)}"
-            )
-        return array
+        return self._check(request)
 
     # -- a batch ----------------------------------------------------------------
 
@@ -361,10 +307,6 @@ def _spec(arg: Any) -> TensorSpec:
         raise ConfigError(f"OnnxHandler: {arg.name!r} has type {arg.type}, which mds cannot feed")
     shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
     return TensorSpec(name=arg.name, dtype=dtype.name, shape=shape)
-
-
-def _dims(shape: Sequence[Any]) -> str:
-    return "(" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + ")"
 
 
 def _ort() -> Any:

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 
-from .._collate import Collator, Padded, Stack, _WithLengths
+from .._collate import Collator, Pad, Padded, Stack, _WithLengths
 from .._deps import require
 from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
+from .._tensors import InputCheck, Signature, TensorSpec, is_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -40,8 +41,19 @@ class TorchHandler(ModelHandler[Any, Any]):
     A request is an array or tensor (or a dict or tuple of them); the
     :attr:`collator` (:class:`mds.Stack` by default, :class:`mds.Pad` for
     sequences) batches them on the host, and the batch is moved to the
-    device. :meth:`forward` calls the module: ``module(**batch)`` for a
-    dict, ``module(*batch)`` for a tuple, ``module(values, mask)`` for a
+    device.
+
+    Requests are checked before they are batched when the model's inputs are
+    known: declared in ``inputs``, or read from the warm-up ``examples``
+    (their dtypes and shapes; with :class:`mds.Pad`, the first axis may
+    vary). A missing or unknown input, a wrong dtype (a float64 row for a
+    float32 model, strings) or a wrong shape then fails that request alone
+    with :class:`mds.InvalidInput` naming the input, what was expected and
+    what came, and lists (from JSON) become arrays of the input's dtype.
+    The inputs are the model's :meth:`signature` for the protocol routes.
+
+    :meth:`forward` calls the module: ``module(**batch)`` for a dict,
+    ``module(*batch)`` for a tuple, ``module(values, mask)`` for a
     :class:`mds.Padded`, else ``module(batch)``. Outputs come back to the
     host as numpy arrays, one row per request.
 
@@ -66,7 +78,11 @@ class TorchHandler(ModelHandler[Any, Any]):
         copy_stream: on CUDA, copy inputs on a side stream that the compute
             stream waits for, so copies overlap other work on the GPU.
         examples: example requests for warm-up (see
-            :meth:`ModelHandler.warmup`).
+            :meth:`ModelHandler.warmup`); without ``inputs``, they also say
+            what a request must look like.
+        inputs: the tensors one request carries (no batch axis), to check
+            requests against: one for a request that is an array, several
+            for a dict (added in 0.3).
         to_numpy: return outputs as numpy arrays; ``False`` keeps CPU tensors.
 
     Raises:
@@ -96,6 +112,7 @@ class TorchHandler(ModelHandler[Any, Any]):
         pin_memory: bool = True,
         copy_stream: bool = True,
         examples: Sequence[Any] | None = None,
+        inputs: Sequence[TensorSpec] | None = None,
         to_numpy: bool = True,
     ) -> None:
         given = [name for name, v in (("module", module), ("torchscript", torchscript),
@@ -119,7 +136,11 @@ class TorchHandler(ModelHandler[Any, Any]):
         self.pin_memory = pin_memory
         self.copy_stream = copy_stream
         self.examples = list(examples) if examples is not None else None
+        self.inputs: dict[str, TensorSpec] | None = (
+            {spec.name: spec for spec in inputs} if inputs is not None else None
+        )
         self.to_numpy = to_numpy
+        self._check: InputCheck | None = None
         self.module: Any = None
         self._staging: dict[Any, Any] = {}
         self._stream: Any = None
@@ -189,9 +210,45 @@ class TorchHandler(ModelHandler[Any, Any]):
         self._cuda = self.device.type == "cuda"
         if self._cuda and self.copy_stream:
             self._stream = torch.cuda.Stream(device=self.device)
+        if self.inputs is None and self.examples:
+            self.inputs = _inputs_of(self.examples, varying_first=isinstance(self.collator, Pad))
+        if self.inputs:
+            self._check = InputCheck(self.inputs)
 
     def warmup(self) -> Sequence[Any] | None:
         return self.examples
+
+    def signature(self) -> Signature | None:
+        """The inputs one request carries, if known (``inputs`` or the examples)."""
+        return (dict(self.inputs), {}) if self.inputs else None
+
+    # -- a request --------------------------------------------------------------
+
+    async def preprocess(self, request: Any) -> Any:
+        """Check the request against the model's inputs, if known (see :meth:`check`).
+
+        Cheap, so it runs on the event loop (no thread hop). A subclass that
+        decodes or tokenises should override it with a plain ``def`` that
+        calls :meth:`check` at the end.
+        """
+        return self.check(request)
+
+    def check(self, request: Any) -> Any:
+        """The request, checked against the model's inputs: an array, or a dict of them.
+
+        A model with one input gets its array (or tensor), one with several a
+        dict by input name. With no inputs known, the request as it is.
+
+        Raises:
+            InvalidInput: a missing or unknown input, a wrong dtype or shape.
+        """
+        check = self._check
+        if check is None:
+            return request
+        checked = check(request)
+        if len(checked) == 1 and not isinstance(request, Mapping):
+            return next(iter(checked.values()))
+        return checked
 
     def teardown(self) -> None:
         self.module = None
@@ -294,6 +351,51 @@ class TorchHandler(ModelHandler[Any, Any]):
         if isinstance(value, list):
             return [self.to_host(v) for v in value]
         return value
+
+
+def _inputs_of(examples: Sequence[Any], *, varying_first: bool) -> dict[str, TensorSpec] | None:
+    """The inputs the warm-up examples show: names, dtypes, and the dimensions they share.
+
+    ``None`` where they show nothing to check by (tuples, objects, examples
+    that disagree on names, dtypes or ranks). Python floats are taken as
+    torch's default dtype, ints as int64, as ``torch.tensor`` takes them.
+    """
+    first = examples[0]
+    names = list(first) if isinstance(first, Mapping) else ["input"]
+    found: dict[str, TensorSpec] = {}
+    for name in names:
+        values = [ex.get(name) if isinstance(ex, Mapping) else ex for ex in examples]
+        described = [_dtype_and_shape(value) for value in values]
+        if any(d is None for d in described):
+            return None
+        dtypes = {d[0] for d in described if d is not None}
+        shapes = [d[1] for d in described if d is not None]
+        if len(dtypes) != 1 or len({len(s) for s in shapes}) != 1:
+            return None
+        shape: list[int | str | None] = [
+            dim if all(s[i] == dim for s in shapes) else None for i, dim in enumerate(shapes[0])
+        ]
+        if varying_first and shape:
+            shape[0] = None
+        found[name] = TensorSpec(name=name, dtype=dtypes.pop(), shape=tuple(shape))
+    return found
+
+
+def _dtype_and_shape(value: Any) -> tuple[str, tuple[int, ...]] | None:
+    if isinstance(value, np.ndarray):
+        return (value.dtype.name, value.shape) if value.dtype.kind in "biuf" else None
+    if is_tensor(value):
+        return str(value.dtype).removeprefix("torch."), tuple(value.shape)
+    if isinstance(value, (list, int, float, bool)):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            return None
+        if array.dtype.kind == "f":
+            return str(_torch().get_default_dtype()).removeprefix("torch."), array.shape
+        if array.dtype.kind in "bi":
+            return ("bool" if array.dtype.kind == "b" else "int64"), array.shape
+    return None
 
 
 def _torch() -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from .._errors import DecodeError
+from .._errors import DecodeError, quote
 
 __all__ = [
     "BINARY_HEADER",
@@ -56,6 +56,12 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "BF16": np.dtype("<u2"),
     "BYTES": np.dtype(np.object_),
 }
+
+#: The most dimensions a tensor may have (numpy 1's limit; numpy 2 allows 64).
+MAX_DIMS = 32
+#: The most bytes one tensor may describe, even when it holds none (a 0 in
+#: its shape): what numpy can index.
+_MAX_BYTES = np.iinfo(np.intp).max
 
 _BY_KIND = {
     np.dtype(np.bool_): "BOOL",
@@ -166,6 +172,8 @@ def decode_request(
         raise DecodeError(f"the request body does not fit the protocol: {exc}") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("the request body's JSON is nested too deeply") from None
 
 
 def decode_inputs(request: InferRequest, binary: memoryview | None) -> dict[str, np.ndarray]:
@@ -188,8 +196,7 @@ def decode_inputs(request: InferRequest, binary: memoryview | None) -> dict[str,
                 f"{where}: unknown datatype {tensor.datatype!r}; the protocol's are "
                 f"{', '.join(DATATYPES)}"
             )
-        if any(d < 0 for d in tensor.shape):
-            raise DecodeError(f"{where}: shape {tensor.shape} has a negative dimension")
+        _check_shape(tensor.shape, dtype, where)
         count = math.prod(tensor.shape)
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is not None:
@@ -220,6 +227,19 @@ def decode_inputs(request: InferRequest, binary: memoryview | None) -> dict[str,
     return arrays
 
 
+def _check_shape(shape: list[int], dtype: np.dtype[Any], where: str) -> None:
+    """Refuse a shape numpy cannot make, before anything is made of it."""
+    if len(shape) > MAX_DIMS:
+        raise DecodeError(
+            f"{where}: shape has {len(shape)} dimensions; a tensor has at most {MAX_DIMS}"
+        )
+    if any(d < 0 for d in shape):
+        raise DecodeError(f"{where}: shape {quote(shape)} has a negative dimension")
+    # Its size as if no dimension were 0: numpy refuses such shapes even when empty.
+    if math.prod(max(d, 1) for d in shape) * max(dtype.itemsize, 8) > _MAX_BYTES:
+        raise DecodeError(f"{where}: shape {quote(shape)} is too large for any tensor")
+
+
 def _from_bytes(
     raw: memoryview, datatype: str, dtype: np.dtype[Any], shape: list[int], where: str
 ) -> np.ndarray:
@@ -247,34 +267,83 @@ def _from_bytes(
 def _from_json(
     data: Any, datatype: str, dtype: np.dtype[Any], count: int, shape: list[int], where: str
 ) -> np.ndarray:
-    if not isinstance(data, list):
-        data = [data]
-    try:
-        if datatype == "BYTES":
-            flat = _flatten(data)
-            array = np.empty(len(flat), dtype=object)
-            array[:] = [_as_bytes(v, where) for v in flat]
-        elif datatype == "BF16":
-            array = np.asarray(data, dtype=np.float32)
-        else:
-            array = np.asarray(data, dtype=dtype.newbyteorder("="))
-            if datatype == "BOOL" and not all(isinstance(v, bool) for v in _flatten(data)):
-                raise ValueError("BOOL data must be true or false")
-    except DecodeError:
-        raise
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise DecodeError(f"{where}: data does not fit {datatype}: {exc}") from None
-    if array.size != count:
-        raise DecodeError(f"{where}: shape {shape} needs {count} values; data has {array.size}")
+    flat = _flatten(data if isinstance(data, list) else [data])
+    if len(flat) != count:
+        raise DecodeError(
+            f"{where}: shape {quote(shape)} needs {count} values; data has {len(flat)}"
+        )
+    kinds = set(map(type, flat))
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = [_as_bytes(v, where) for v in flat]
+    elif datatype == "BOOL":
+        if not kinds <= {bool}:
+            raise DecodeError(f"{where}: BOOL data must be true or false, {_odd(flat, bool)}")
+        array = np.asarray(flat, dtype=np.bool_)
+    elif datatype[0] in "IU":  # INT8 ... UINT64
+        if not kinds <= {int}:
+            raise DecodeError(f"{where}: {datatype} data must be whole numbers, {_odd(flat, int)}")
+        array = _integers(flat, dtype.newbyteorder("="), datatype, where)
+    else:  # FP16, FP32, FP64, BF16 (which arrives as float32)
+        if not kinds <= {int, float}:
+            raise DecodeError(f"{where}: {datatype} data must be numbers, {_odd(flat, int, float)}")
+        array = _floats(
+            flat, np.dtype(np.float32) if datatype == "BF16" else dtype, datatype, where
+        )
     return array.reshape(shape)
 
 
+def _odd(flat: list[Any], *kinds: type) -> str:
+    """``"got 'x' (str) at 3"``: the first value not of ``kinds``, for a message."""
+    index = next(i for i, v in enumerate(flat) if type(v) not in kinds)
+    return f"got {quote(flat[index])} ({type(flat[index]).__name__}) at {index} (row-major)"
+
+
+def _integers(flat: list[int], dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+    """Whole numbers as ``dtype``; one out of its range is refused, never wrapped."""
+    info = np.iinfo(dtype)
+    low, high = (min(flat), max(flat)) if flat else (0, 0)
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise DecodeError(
+            f"{where}: {quote(bad)} is out of {datatype}'s range ({info.min} to {info.max})"
+        )
+    return np.asarray(flat, dtype=dtype)
+
+
+def _floats(flat: list[float], dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+    """Numbers as ``dtype``; one that would overflow to infinity is refused."""
+    try:
+        wide = np.asarray(flat, dtype=np.float64)
+    except OverflowError:  # an integer beyond any float
+        raise DecodeError(f"{where}: a value is out of {datatype}'s range") from None
+    with np.errstate(over="ignore"):
+        array = wide.astype(dtype.newbyteorder("="))
+    finite = np.isfinite(array)
+    if not finite.all():  # JSON carries no infinity: this one overflowed
+        index = int(np.argmin(finite))
+        largest = float(np.finfo(dtype).max)
+        raise DecodeError(
+            f"{where}: {flat[index]!r} at {index} (row-major) is out of {datatype}'s range "
+            f"(at most {largest:g} in magnitude)"
+        )
+    return array
+
+
 def _flatten(data: list[Any]) -> list[Any]:
+    """Nested lists' values in row-major order (without recursion: any depth)."""
     if not any(isinstance(v, list) for v in data):
         return data
     flat: list[Any] = []
-    for value in data:
-        flat.extend(_flatten(value) if isinstance(value, list) else [value])
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            flat.append(value)
+        else:
+            stack.pop()
     return flat
 
 
@@ -381,11 +450,26 @@ def encode_outputs(
         if datatype == "BYTES":
             flat = [_as_text(v, name) for v in array.ravel()]
         elif datatype == "BF16":
-            flat = array.astype(np.float32).ravel().tolist()
+            flat = _json_floats(array.astype(np.float32))
+        elif datatype[0] == "F":
+            flat = _json_floats(array)
         else:
             flat = array.ravel().tolist()
         outputs.append(ResponseOutput(name=name, shape=shape, datatype=datatype, data=flat))
     return outputs, chunks
+
+
+#: How JSON data writes what JSON has no number for. Triton's clients (which
+#: make numpy arrays of the data with its dtype) read these back exactly.
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _json_floats(array: np.ndarray) -> list[Any]:
+    """Floats for JSON data: NaN and the infinities as the strings numpy reads back."""
+    flat: list[Any] = array.ravel().tolist()
+    if not np.isfinite(array).all():
+        flat = [v if math.isfinite(v) else _NON_FINITE[repr(v)] for v in flat]
+    return flat
 
 
 def _raw(value: Any, name: str) -> bytes:

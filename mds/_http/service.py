@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -25,16 +25,29 @@ from .._errors import (
     Overloaded,
     RequestError,
     Unavailable,
+    excerpt,
 )
 from .._runtime import Runtime
 from .._servable import Servable
 from .._status import RuntimeHealth
-from .._tensors import TensorSpec
 from .._version import __version__
 from . import protocol
-from .protocol import InferRequest, ModelMetadata, TensorMetadata
+from . import v2 as v2_protocol
+from .protocol import ModelMetadata
+from .v2 import V2Call
 
-__all__ = ["ERROR_STATUS", "ROUTES", "V2_ROUTES", "Call", "Reply", "Service", "V2Call"]
+__all__ = [
+    "ERROR_STATUS",
+    "ROUTES",
+    "V2_ROUTES",
+    "Call",
+    "Reply",
+    "Service",
+    "V2Call",
+    "allowed",
+    "error_status",
+    "paths",
+]
 
 logger = logging.getLogger("mds.http")
 
@@ -52,6 +65,15 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InferenceError, 500),
     (MdsError, 500),
 )
+
+
+#: The most characters of an error message a reply carries.
+MAX_MESSAGE = 2000
+
+
+def error_status(exc: BaseException) -> int | None:
+    """The HTTP status for ``exc`` by :data:`ERROR_STATUS`; ``None`` if it is not mds's."""
+    return next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), None)
 
 
 #: (method, path, route) for every route both adapters add; ``route`` names
@@ -79,6 +101,24 @@ V2_ROUTES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def paths(v2: bool) -> dict[str, dict[str, str]]:
+    """Each path the adapters add, with the route that answers each of its methods.
+
+    An adapter registers each path once and dispatches by method itself, so
+    that a method a path does not take gets mds's own 405 (see
+    :meth:`Service.not_allowed`).
+    """
+    found: dict[str, dict[str, str]] = {}
+    for method, path, route in ROUTES + (V2_ROUTES if v2 else ()):
+        found.setdefault(path, {})[method] = route
+    return found
+
+
+def allowed(methods: Iterable[str]) -> tuple[str, ...]:
+    """What ``Allow`` lists for a path that answers ``methods``."""
+    return tuple(sorted({*methods, *(("HEAD",) if "GET" in methods else ()), "OPTIONS"}))
+
+
 class Reply(NamedTuple):
     """An HTTP response, framework-neutral."""
 
@@ -89,22 +129,20 @@ class Reply(NamedTuple):
 
 
 class Call(NamedTuple):
-    """One decoded inference request, from either route family."""
+    """One decoded inference request, from either route family.
+
+    Serve ``payload``, or each of ``rows`` at once when it is not ``None``
+    (a protocol request with a batch axis), and make the reply with
+    :meth:`Service.reply`.
+    """
 
     name: str
     payload: Any
+    rows: list[Any] | None
     timeout: float | None
     priority: int | None
     streams: bool  # answer with server-sent events
     v2: V2Call | None = None
-
-
-class V2Call(NamedTuple):
-    """A decoded Open Inference Protocol request, ready to serve."""
-
-    target: Servable
-    request: InferRequest
-    inputs: dict[str, np.ndarray]
 
 
 def _enc_hook(value: Any) -> Any:
@@ -146,15 +184,37 @@ class Service:
     # -- errors -------------------------------------------------------------
 
     def error(self, exc: BaseException) -> Reply:
-        """The reply for a failed request: status by :data:`ERROR_STATUS`, JSON body."""
-        status = next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), None)
+        """The reply for a failed request: status by :data:`ERROR_STATUS`, JSON body.
+
+        The body is ``{"error": message, "type": class, ...where}``: where it
+        happened (``model``, ``version``, ``pipeline``, ``node``,
+        ``instance``) as fields too. The message is bounded: an error that
+        quotes a huge input sends its start and its size.
+        """
+        status = error_status(exc)
         if status is None:
             # Not ours: a bug somewhere. The client learns nothing of the internals.
             logger.error("unexpected error while serving a request", exc_info=exc)
             return Reply(500, _encoder.encode({"error": "internal server error", "type": "Error"}))
+        assert isinstance(exc, MdsError)
         headers = self._retry if isinstance(exc, Unavailable) else ()
-        body = _encoder.encode({"error": str(exc), "type": type(exc).__name__})
-        return Reply(status, body, JSON, headers)
+        body = {"error": excerpt(str(exc), MAX_MESSAGE), "type": type(exc).__name__}
+        return Reply(status, _encoder.encode({**body, **exc.context()}), JSON, headers)
+
+    def not_allowed(self, method: str, methods: tuple[str, ...]) -> Reply:
+        """The answer to a method a path does not take (``methods``, from :func:`allowed`).
+
+        ``OPTIONS`` gets a 200; any other, a 405 in mds's error shape. Both
+        carry ``Allow``.
+        """
+        headers = (("Allow", ", ".join(methods)),)
+        if method == "OPTIONS":
+            return Reply(200, b"", "text/plain", headers)
+        message = (
+            f"{excerpt(method, 20)} is not allowed here; this route takes {', '.join(methods)}"
+        )
+        body = _encoder.encode({"error": message, "type": "MethodNotAllowed"})
+        return Reply(405, body, JSON, headers)
 
     def too_large(self, size: int) -> DecodeError:
         return DecodeError(
@@ -241,8 +301,8 @@ class Service:
             name=target.name,
             versions=list(target.versions),
             platform=target.platform,
-            inputs=[_tensor(spec) for spec in inputs.values()],
-            outputs=[_tensor(spec) for spec in outputs.values()],
+            inputs=[v2_protocol.tensor_metadata(spec) for spec in inputs.values()],
+            outputs=[v2_protocol.tensor_metadata(spec) for spec in outputs.values()],
         )
 
     # -- mds's own JSON inference -------------------------------------------
@@ -258,6 +318,8 @@ class Service:
             return _decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise DecodeError(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise DecodeError("the request body's JSON is nested too deeply") from None
 
     def json_reply(self, result: Any) -> Reply:
         return Reply(200, self.encode(result))
@@ -293,119 +355,42 @@ class Service:
         (or by their lower-case names).
         """
         timeout, priority = self.limits(headers)
+        self.check_size(len(body))
+        target = self.target(name, version)
         v2_call: V2Call | None = None
-        if v2:
-            v2_call = self.v2_request(name, version, body, headers.get(BINARY_HEADER))
-            target, payload = v2_call.target, v2_call.inputs
-        else:
-            target, payload = self.target(name), self.json_request(body)
+        rows: list[Any] | None = None
+        try:
+            if v2:
+                v2_call = v2_protocol.decode(target, body, headers.get(BINARY_HEADER))
+                payload, rows = v2_call.payload, v2_call.rows
+            else:
+                payload = self.json_request(body)
+        except MdsError as exc:
+            target.add_context(exc)
+            raise
         streams = target.streams or EVENT_STREAM in headers.get("accept", "")
-        return Call(name, payload, timeout, priority, streams, v2_call)
+        if streams and rows is not None:
+            raise InvalidInput(
+                "a model that streams takes one request at a time: send the tensors "
+                "without a batch axis"
+            )
+        return Call(name, payload, rows, timeout, priority, streams, v2_call)
 
     def reply(self, call: Call, result: Any) -> Reply:
-        """The response to ``call`` for the model's ``result``."""
-        if call.v2 is not None:
-            return self.v2_reply(call.v2, result)
-        return self.json_reply(result)
+        """The response to ``call`` for the model's ``result`` (each row's, with rows)."""
+        if call.v2 is None:
+            return self.json_reply(result)
+        try:
+            body, head = v2_protocol.encode(call.v2, result)
+        except MdsError as exc:
+            call.v2.target.add_context(exc)
+            raise
+        if head is None:
+            return Reply(200, body)
+        return Reply(200, body, "application/octet-stream", ((protocol.BINARY_HEADER, str(head)),))
 
     def stream_event(self, call: Call, chunk: Any) -> bytes:
         """One server-sent event for one chunk of a stream (protocol responses in JSON)."""
         if call.v2 is None:
             return self.event(chunk)
-        return b"data: " + self.v2_reply(call.v2, chunk, binary_ok=False).body + b"\n\n"
-
-    def v2_request(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
-    ) -> V2Call:
-        self.check_size(len(body))
-        target = self.target(name, version)
-        request, binary = protocol.decode_request(body, header_length)
-        inputs = protocol.decode_inputs(request, binary)
-        signature = target.signature()
-        if signature is not None:
-            _check_names(target.name, "input", inputs, signature[0], missing=True)
-            if request.outputs:
-                asked = {o.name: None for o in request.outputs}
-                _check_names(target.name, "output", asked, signature[1], missing=False)
-        return V2Call(target, request, inputs)
-
-    def v2_reply(self, call: V2Call, result: Any, *, binary_ok: bool = True) -> Reply:
-        """The response body for ``result``; ``binary_ok=False`` keeps it all JSON."""
-        values = self._named_outputs(call, result)
-        request = call.request
-        binary: list[str] | bool = bool((request.parameters or {}).get("binary_data_output"))
-        if request.outputs:
-            wanted = {o.name: o for o in request.outputs}
-            unknown = [n for n in wanted if n not in values]
-            if unknown:
-                raise InvalidInput(
-                    f"model {call.target.name!r} gave no output {unknown[0]!r}; it gave "
-                    f"{', '.join(values) or 'none'}"
-                )
-            values = {n: values[n] for n in wanted}
-            chosen = [
-                n
-                for n, o in wanted.items()
-                if (o.parameters or {}).get("binary_data", binary is True)
-            ]
-            binary = chosen
-        if not binary_ok:
-            binary = False
-        try:
-            outputs, chunks = protocol.encode_outputs(values, binary)
-        except ValueError as exc:
-            raise InferenceError(f"model {call.target.name!r}: {exc}") from exc
-        response = protocol.InferResponse(
-            model_name=call.target.name,
-            model_version=call.target.version,
-            id=request.id,
-            outputs=outputs,
-        )
-        head = _encoder.encode(response)
-        if not chunks:
-            return Reply(200, head)
-        return Reply(
-            200,
-            b"".join([head, *chunks]),
-            "application/octet-stream",
-            ((protocol.BINARY_HEADER, str(len(head))),),
-        )
-
-    def _named_outputs(self, call: V2Call, result: Any) -> dict[str, Any]:
-        if isinstance(result, Mapping):
-            return {str(k): v for k, v in result.items()}
-        signature = call.target.signature()
-        if signature is not None and len(signature[1]) == 1:
-            return {next(iter(signature[1])): result}
-        return {"output0": result}
-
-
-def _check_names(
-    model: str,
-    what: str,
-    given: Mapping[str, Any],
-    declared: Mapping[str, TensorSpec],
-    *,
-    missing: bool,
-) -> None:
-    if not declared:
-        return
-    unknown = [n for n in given if n not in declared]
-    if unknown:
-        raise InvalidInput(
-            f"model {model!r} has no {what} {unknown[0]!r}; its {what}s are {', '.join(declared)}"
-        )
-    absent = [n for n in declared if n not in given] if missing else []
-    if absent:
-        raise InvalidInput(
-            f"model {model!r}: {what} {absent[0]!r} is missing; it needs {', '.join(declared)}"
-        )
-
-
-def _tensor(spec: TensorSpec) -> TensorMetadata:
-    try:
-        datatype = protocol.datatype_of(np.dtype(spec.dtype)) or spec.dtype
-    except TypeError:
-        datatype = spec.dtype
-    shape = [d if isinstance(d, int) else -1 for d in spec.shape]
-    return TensorMetadata(name=spec.name, datatype=datatype, shape=shape)
+        return b"data: " + v2_protocol.encode(call.v2, chunk, binary_ok=False)[0] + b"\n\n"

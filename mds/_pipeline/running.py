@@ -87,6 +87,13 @@ class PipelineRuntime:
                 return model.state
         return ModelState.READY
 
+    def add_context(self, error: MdsError) -> MdsError:
+        """``error``, with this pipeline in its context.
+
+        Added in 0.3.
+        """
+        return error.add_context(pipeline=self.name)
+
     def signature(self) -> Signature | None:
         """``None``: a pipeline does not declare its tensors."""
         return None

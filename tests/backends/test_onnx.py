@@ -97,7 +97,7 @@ async def test_bad_requests_fail_alone_naming_the_input(onnx_model: bytes, serve
     bad: list[tuple[Any, str]] = [
         (
             {"x": np.ones(4, np.float32)},
-            "input 'ids' is missing; the model takes x (float32 [batch, 4]), ids (int64 [batch])",
+            "input 'ids' is missing; the model takes x (float32 [4]), ids (int64 scalar)",
         ),
         ({**good, "y": 1}, "the model has no input 'y'; its inputs are x, ids"),
         (

@@ -374,7 +374,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     (
         "data vs datatype",
         {"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": ["a"]}]},
-        "input 'x': data does not fit INT32",
+        "input 'x': INT32 data must be whole numbers, got 'a' (str) at 0",
     ),
     (
         "negative dim",
@@ -413,12 +413,12 @@ def test_v2_requests_checked_against_the_models_inputs(server: Any) -> None:
     client = server.client
     only_x = {"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     message = _error(client.post("/ml/v2/models/onnx/infer", json=only_x), 400, "InvalidInput")
-    assert message == "model 'onnx': input 'ids' is missing; it needs x, ids"
+    assert message == "model 'onnx' (version 1): input 'ids' is missing; it needs x, ids"
     extra = {
         "inputs": [*only_x["inputs"], {"name": "y", "shape": [1], "datatype": "FP32", "data": [1]}]
     }
     message = _error(client.post("/ml/v2/models/onnx/infer", json=extra), 400, "InvalidInput")
-    assert message == "model 'onnx' has no input 'y'; its inputs are x, ids"
+    assert message == "model 'onnx' (version 1): the model has no input 'y'; its inputs are x, ids"
     wrong_shape = {
         "inputs": [
             {"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]},

@@ -41,20 +41,30 @@ def main(base: str) -> None:
     status, _, body = call(f"{base}/health/ready")
     print(f"ready: {status} {json.loads(body)['ready']}")
 
-    status, _, body = call(f"{base}/v2/models/mlp-probabilities")
+    status, _, body = call(f"{base}/v2/models/mlp")
     print(f"metadata: {json.loads(body)}")
 
     # mds's own JSON route: the request as the handler takes it.
     status, _, body = post_json(f"{base}/models/mlp/infer", features)
     print(f"mds route: {status} {json.loads(body)['label']}")
 
-    # The Open Inference Protocol, JSON tensors.
+    # The Open Inference Protocol, JSON tensors: the same model, named tensors.
     request = {
-        "inputs": [{"name": "features", "shape": [16], "datatype": "FP32", "data": features}]
+        "inputs": [{"name": "features", "shape": [16], "datatype": "FP32", "data": features}],
+        "outputs": [{"name": "probabilities"}],
     }
-    status, _, body = post_json(f"{base}/v2/models/mlp-probabilities/infer", request)
+    status, _, body = post_json(f"{base}/v2/models/mlp/infer", request)
     (output,) = json.loads(body)["outputs"]
     print(f"v2 json: {status} {output['name']} {np.round(output['data'], 4).tolist()}")
+
+    # A batch of rows, as Triton's clients send by default: each row goes
+    # through the batcher, and the outputs come back with the batch axis.
+    rows = {
+        "inputs": [{"name": "features", "shape": [2, 16], "datatype": "FP32", "data": features * 2}]
+    }
+    status, _, body = post_json(f"{base}/v2/models/mlp/infer", rows)
+    shapes = {o["name"]: o["shape"] for o in json.loads(body)["outputs"]}
+    print(f"v2 rows: {status} {shapes}")
 
     # The same with binary tensors both ways: raw float32 after the JSON header.
     raw = np.asarray(features, dtype="<f4").tobytes()
@@ -72,7 +82,7 @@ def main(base: str) -> None:
         }
     ).encode()
     status, headers, body = call(
-        f"{base}/v2/models/mlp-probabilities/infer",
+        f"{base}/v2/models/mlp/infer",
         head + raw,
         {
             "Content-Type": "application/octet-stream",

@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
-from mlp_model import CONFIG, MLPClassifier, MLPProbabilities, MLPRanked
+from fastapi import FastAPI, Request
+from mlp_model import CONFIG, MLPClassifier, MLPRanked
 from pydantic import BaseModel
 
 import mds
 import mds.fastapi
 
 runtime = mds.Runtime()
-runtime.add_model("mlp", MLPClassifier, CONFIG)
-runtime.add_model("mlp-probabilities", MLPProbabilities, CONFIG)
+runtime.add_model("mlp", MLPClassifier, CONFIG)  # mds's JSON and the protocol, one model
 runtime.add_model("mlp-ranked", MLPRanked, CONFIG)  # its postprocess yields: it streams
 
 app = FastAPI()
@@ -40,16 +39,15 @@ class Features(BaseModel):
 
 @app.post("/classify")
 async def classify(body: Features) -> dict[str, Any]:
-    # The app's own route, calling the model directly.
-    try:
-        return await mds.serve("mlp", body.features)
-    except mds.InvalidInput as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
+    # The app's own route, calling the model directly. mds's errors answer
+    # for themselves: a bad request is a 400, a full queue a 429, ...
+    return await mds.serve("mlp", body.features)
 
 
 # Adds /health/*, /models/*, /statistics and the Open Inference Protocol's
-# /v2/* for every model; loads the models before the first request and
-# drains them at shutdown, with the app's lifespan.
+# /v2/* for every model, and mds's error handlers for the app's own routes.
+# The server takes connections at once; the models load in the background
+# (readiness says when they are ready) and drain at shutdown.
 mds.fastapi.add_routes(app, runtime)
 
 

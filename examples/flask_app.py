@@ -12,31 +12,30 @@ import os
 from typing import Any
 
 from flask import Flask, request
-from mlp_model import CONFIG, MLPClassifier, MLPProbabilities, MLPRanked
+from mlp_model import CONFIG, MLPClassifier, MLPRanked
 
 import mds
 import mds.flask
 
 runtime = mds.Runtime()
-runtime.add_model("mlp", MLPClassifier, CONFIG)
-runtime.add_model("mlp-probabilities", MLPProbabilities, CONFIG)
-runtime.add_model("mlp-ranked", MLPRanked, CONFIG)
+runtime.add_model("mlp", MLPClassifier, CONFIG)  # mds's JSON and the protocol, one model
+runtime.add_model("mlp-ranked", MLPRanked, CONFIG)  # its postprocess yields: it streams
 
 app = Flask(__name__)
 
 
 @app.post("/classify")
 def classify() -> Any:
-    # The app's own view, calling the model directly.
-    body = request.get_json(silent=True) or {}
-    try:
-        return mds.serve_sync("mlp", body.get("features"))
-    except mds.InvalidInput as exc:
-        return {"detail": str(exc)}, 400
+    # The app's own view, calling the model directly. mds's errors answer
+    # for themselves: a bad request is a 400, a full queue a 429, ...
+    body = request.get_json(silent=True)
+    features = body.get("features") if isinstance(body, dict) else None
+    return mds.serve_sync("mlp", features)
 
 
-# Adds /health/*, /models/*, /statistics and /v2/* for every model. The
-# models start now, in mds's background event loop, and drain at exit.
+# Adds /health/*, /models/*, /statistics and /v2/* for every model, and mds's
+# error handlers for the app's own views. The models load in mds's background
+# event loop (readiness says when they are ready) and drain at exit.
 mds.flask.add_routes(app, runtime)
 
 

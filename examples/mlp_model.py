@@ -21,7 +21,15 @@ _BUILDING = threading.Lock()
 
 
 class MLPClassifier(mds.ModelHandler[list[float], dict[str, Any]]):
-    """``[16 floats]`` → ``{"label": ..., "scores": {...}}``."""
+    """``[16 floats]`` → ``{"label": ..., "scores": {...}}``.
+
+    The same handler serves the Open Inference Protocol: a protocol request's
+    ``features`` tensor becomes the list (``from_tensors``) and the response
+    becomes a ``label`` and a ``probabilities`` tensor (``to_tensors``), so
+    one model (one batcher, one copy of the weights) answers both routes.
+    Its ``signature`` lets mds check protocol requests per row, and split
+    a batch of rows (``[N, 16]``, as Triton's clients send) through the batcher.
+    """
 
     def init(self, context: mds.ModelContext) -> None:
         torch.set_num_threads(1)
@@ -55,33 +63,26 @@ class MLPClassifier(mds.ModelHandler[list[float], dict[str, Any]]):
         best = max(range(len(LABELS)), key=values.__getitem__)
         return {"label": LABELS[best], "scores": dict(zip(LABELS, values, strict=True))}
 
-
-class MLPProbabilities(MLPClassifier):
-    """The same network, tensor in, tensor out: for the Open Inference Protocol.
-
-    A request is ``{"features": array of 16}`` (what a protocol client sends)
-    or the bare list; the response is ``{"probabilities": array of 4}``.
-    """
-
-    async def preprocess(self, request: Any) -> torch.Tensor:
-        if isinstance(request, dict):
-            request = request.get("features")
-        if isinstance(request, np.ndarray):
-            request = request.astype(np.float32).ravel().tolist()
-        return await super().preprocess(request)
-
-    async def postprocess(self, scores: torch.Tensor) -> dict[str, Any]:  # type: ignore[override]
-        return {"probabilities": scores.numpy()}
+    # -- the Open Inference Protocol: named tensors in and out -------------
 
     def signature(self) -> tuple[dict[str, mds.TensorSpec], dict[str, mds.TensorSpec]]:
         return (
             {"features": mds.TensorSpec(name="features", dtype="float32", shape=(FEATURES,))},
             {
+                "label": mds.TensorSpec(name="label", dtype="object", shape=()),
                 "probabilities": mds.TensorSpec(
                     name="probabilities", dtype="float32", shape=(len(LABELS),)
-                )
+                ),
             },
         )
+
+    def from_tensors(self, tensors: dict[str, Any]) -> list[float]:
+        return list(tensors["features"].tolist())  # one row, checked against the signature
+
+    def to_tensors(self, response: dict[str, Any]) -> dict[str, Any]:
+        scores = response["scores"]
+        probabilities = np.array([scores[label] for label in LABELS], dtype=np.float32)
+        return {"label": response["label"], "probabilities": probabilities}
 
 
 class MLPRanked(MLPClassifier):

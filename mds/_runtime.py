@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import anyio
 import anyio.abc
@@ -23,7 +24,10 @@ from ._pipeline.running import PipelineRuntime
 from ._servable import Servable
 from ._status import ModelHealth, ModelStatistics, RuntimeHealth
 
-__all__ = ["Runtime"]
+__all__ = ["Load", "Runtime"]
+
+#: How a runtime loads its models when it starts: see :meth:`Runtime.run`.
+Load = Literal["wait", "background"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class Runtime(LoopBound):
         self._pipelines: dict[str, PipelineRuntime] = {}
         self._hosted: dict[str, _Hosted] = {}
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._loading: anyio.CancelScope | None = None
         self._home = Home(self._not_running)
 
     def __repr__(self) -> str:
@@ -230,7 +235,47 @@ class Runtime(LoopBound):
 
     # -- lifecycle ----------------------------------------------------------
 
+    def run(self, *, load: Load = "wait") -> AbstractAsyncContextManager[Runtime]:
+        """The runtime's lifetime, as ``async with runtime`` but with a choice of loading.
+
+        Args:
+            load: ``"wait"``: entering returns once every model is ready (or,
+                with ``fail_fast``, raises if one failed). ``"background"``:
+                entering returns at once and the models load meanwhile; the
+                runtime is live, readiness says which model is still loading
+                (or failed, and why), and a request to a model that is not
+                ready yet gets :class:`NotReady` (a 503). A model that fails
+                stays ``FAILED``, whatever ``fail_fast`` says; leaving stops
+                models still loading. Servers want this: a load that takes
+                minutes must not keep a liveness probe from being answered.
+
+        Example:
+            >>> async with runtime.run(load="background"):
+            ...     ...  # health probes answer at once; models come ready
+
+        Added in 0.3.
+        """
+        return _Lifetime(self, load)
+
     async def __aenter__(self) -> Self:
+        await self._enter("wait")
+        return self
+
+    def start_sync(self, *, load: Load = "wait") -> None:
+        """Start in mds's background event loop, for code with no loop of its own.
+
+        Blocks until every model is ready (``load="wait"``), or only until
+        the runtime runs and its models are loading (``"background"``, see
+        :meth:`run`). Pair with :meth:`stop_sync`, or use ``with``; whatever
+        is still running at interpreter exit is stopped then.
+
+        Raises:
+            LifecycleError: already started, or (waiting, with ``fail_fast``)
+                a model failed to start.
+        """
+        self._start_sync(self.run(load=load))
+
+    async def _enter(self, load: Load) -> None:
         if self.running:
             raise LifecycleError(f"{self!r} is already running")
         await self._home.open()
@@ -242,20 +287,32 @@ class Runtime(LoopBound):
             raise
         self._tasks = tasks
         try:
-            failures = await self._start_models(list(self._models))
-            if failures and self.fail_fast:
-                names = "; ".join(
-                    f"{name!r}: {self._models[name].failure or exc}"
-                    for name, exc in failures.items()
-                )
-                raise LifecycleError(
-                    f"{len(failures)} of {len(self._models)} models failed to start: {names}"
-                ) from next(iter(failures.values()))
+            if load == "background":
+                self._loading = anyio.CancelScope()
+                tasks.start_soon(self._load_in_background, self._loading)
+            else:
+                await self._load_or_fail()
         except BaseException:
             await self._close(tasks, cancel=False)
             raise
         _current.started(self)
-        return self
+
+    async def _load_or_fail(self) -> None:
+        failures = await self._start_models(list(self._models))
+        if failures and self.fail_fast:
+            names = "; ".join(
+                f"{name!r}: {self._models[name].failure or exc}" for name, exc in failures.items()
+            )
+            raise LifecycleError(
+                f"{len(failures)} of {len(self._models)} models failed to start: {names}"
+            ) from next(iter(failures.values()))
+
+    async def _load_in_background(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            failures = await self._start_models(list(self._models))
+            for name in failures:  # each model logged its failure; it stays FAILED
+                logger.error("%r: model %r failed to load in the background", self, name)
+        self._loading = None
 
     async def __aexit__(
         self,
@@ -276,6 +333,8 @@ class Runtime(LoopBound):
         """Stop every model (draining unless ``cancel``), then the task group."""
         if cancel:
             tasks.cancel_scope.cancel()
+        if self._loading is not None:
+            self._loading.cancel()  # models still loading in the background stop loading
         for hosted in self._hosted.values():
             hosted.stop.set()
         try:
@@ -555,3 +614,23 @@ class Runtime(LoopBound):
     def statistics(self) -> dict[str, ModelStatistics]:
         """Each model's counters, by name."""
         return {name: model.statistics() for name, model in sorted(self._models.items())}
+
+
+class _Lifetime:
+    """``async with runtime.run(load=...)``."""
+
+    def __init__(self, runtime: Runtime, load: Load) -> None:
+        self._runtime = runtime
+        self._load = load
+
+    async def __aenter__(self) -> Runtime:
+        await self._runtime._enter(self._load)
+        return self._runtime
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._runtime.__aexit__(exc_type, exc, tb)

@@ -39,14 +39,15 @@ import anyio
 
 from . import _loop
 from ._deps import require
-from ._http.service import Call, Reply, Service, allowed, paths
-from ._runtime import Runtime
+from ._errors import MdsError
+from ._http.service import Call, Reply, Service, allowed, error_reply, paths
+from ._runtime import Load, Runtime
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
     from starlette.applications import Starlette
 
-__all__ = ["add_routes", "lifespan", "router"]
+__all__ = ["add_error_handlers", "add_routes", "lifespan", "router"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -105,11 +106,23 @@ def router(
     return found
 
 
-def lifespan(runtime: Runtime) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+def lifespan(
+    runtime: Runtime, *, load: Load = "background"
+) -> Callable[[Any], AbstractAsyncContextManager[None]]:
     """A FastAPI/Starlette lifespan that runs ``runtime`` for the app's lifetime.
 
-    Models load and warm up before the app takes its first request, and
-    drain when it shuts down. A runtime already running is left alone.
+    Models drain when the app shuts down. A runtime already running is left
+    alone.
+
+    Args:
+        runtime: the runtime to run.
+        load: ``"background"`` (the default): the server takes connections
+            at once, ``/health/live`` answers 200 and readiness 503 (with
+            each model's state) until every model is ready, as Kubernetes'
+            probes expect of a server whose models take minutes to load.
+            ``"wait"``: the app starts once every model is ready (or fails
+            to start if one fails), so startup code may call the models.
+            See :meth:`mds.Runtime.run`.
     """
 
     @asynccontextmanager
@@ -117,7 +130,7 @@ def lifespan(runtime: Runtime) -> Callable[[Any], AbstractAsyncContextManager[No
         if runtime.running:
             yield
             return
-        async with runtime:
+        async with runtime.run(load=load):
             yield
 
     return run
@@ -133,12 +146,15 @@ def add_routes(
     priority_header: str = "Mds-Priority",
     max_body_bytes: int = 64 * 1024 * 1024,
     retry_after: int = 1,
+    load: Load = "background",
 ) -> APIRouter:
-    """Add mds's routes to ``app`` and run ``runtime`` with the app's lifespan.
+    """Add mds's routes and error handlers to ``app``; run ``runtime`` with its lifespan.
 
-    The runtime starts before the app's own lifespan (so your startup code
-    can already call ``mds.serve``) and stops after it. The arguments are
-    those of :func:`router`.
+    The runtime starts before the app's own lifespan and stops after it;
+    ``load`` says whether the app waits for the models (see
+    :func:`lifespan`). Your own routes that call ``mds.serve`` answer mds's
+    errors with the same statuses and bodies as mds's routes (see
+    :func:`add_error_handlers`). The other arguments are those of :func:`router`.
 
     Returns:
         The router that was included.
@@ -157,8 +173,9 @@ def add_routes(
         retry_after=retry_after,
     )
     app.router.routes.extend(found.routes)
+    add_error_handlers(app, retry_after=retry_after)
     inner = app.router.lifespan_context
-    outer = lifespan(runtime)
+    outer = lifespan(runtime, load=load)
 
     @asynccontextmanager
     async def both(app: Any) -> AsyncIterator[Any]:
@@ -167,6 +184,35 @@ def add_routes(
 
     app.router.lifespan_context = both
     return found
+
+
+def add_error_handlers(app: Starlette, *, retry_after: int = 1) -> None:
+    """Answer mds's errors in ``app``'s own routes as mds's routes do.
+
+    An :class:`mds.MdsError` that a route of yours lets out (from
+    ``await mds.serve(...)``, say) becomes the status of mds's one table
+    (400 bad input, 404 unknown model, 429 overloaded, 503 not ready, 504
+    deadline, 500 inference failure) with mds's JSON error body, and
+    ``Retry-After`` on a 429 or 503. :func:`add_routes` calls it.
+
+    Example:
+        >>> app = FastAPI()
+        >>> mds.fastapi.add_error_handlers(app)
+        >>> @app.post("/classify")
+        ... async def classify(features: list[float]) -> dict:
+        ...     return await mds.serve("classifier", features)  # bad input: a 400
+
+    Added in 0.3.
+    """
+    from starlette.responses import Response
+
+    def handle(request: Any, exc: Exception) -> Response:
+        reply = error_reply(exc, retry_after)
+        return Response(
+            reply.body, reply.status, dict(reply.headers), media_type=reply.content_type
+        )
+
+    app.add_exception_handler(MdsError, handle)
 
 
 Endpoint = Callable[[Scope, Receive, Send], Awaitable[None]]

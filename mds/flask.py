@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deps import require
-from ._http.service import Call, Reply, Service, allowed, paths
-from ._runtime import Runtime
+from ._errors import MdsError
+from ._http.service import Call, Reply, Service, allowed, error_reply, paths
+from ._runtime import Load, Runtime
 
 if TYPE_CHECKING:
     from flask import Blueprint, Flask, Response
 
-__all__ = ["add_routes", "blueprint"]
+__all__ = ["add_error_handlers", "add_routes", "blueprint"]
 
 
 def blueprint(
@@ -89,18 +90,24 @@ def add_routes(
     priority_header: str = "Mds-Priority",
     max_body_bytes: int = 64 * 1024 * 1024,
     retry_after: int = 1,
+    load: Load = "background",
 ) -> Blueprint:
-    """Add mds's routes to ``app`` and start ``runtime`` if it is not running.
+    """Add mds's routes and error handlers to ``app``; start ``runtime`` if it is not running.
 
-    The runtime starts now, in mds's background event loop (models load and
-    warm up before this returns), and is drained and stopped at interpreter
-    exit. The other arguments are those of :func:`blueprint`.
+    The runtime starts now, in mds's background event loop, and is drained
+    and stopped at interpreter exit. With ``load="background"`` (the
+    default) its models load meanwhile: the server takes connections at
+    once, ``/health/live`` answers 200 and readiness 503 until every model
+    is ready, as Kubernetes' probes expect. With ``"wait"`` this returns once
+    every model is ready, and raises if one failed. Your own views that call
+    ``mds.serve_sync`` answer mds's errors as mds's routes do (see
+    :func:`add_error_handlers`). The other arguments are those of :func:`blueprint`.
 
     Returns:
         The Blueprint that was registered.
 
     Raises:
-        LifecycleError: a model failed to start.
+        LifecycleError: with ``load="wait"``, a model failed to start.
 
     Example:
         >>> app = Flask(__name__)
@@ -116,9 +123,38 @@ def add_routes(
         retry_after=retry_after,
     )
     app.register_blueprint(found, url_prefix=prefix or None)
+    add_error_handlers(app, retry_after=retry_after)
     if not runtime.running:
-        runtime.start_sync()
+        runtime.start_sync(load=load)
     return found
+
+
+def add_error_handlers(app: Flask, *, retry_after: int = 1) -> None:
+    """Answer mds's errors in ``app``'s own views as mds's routes do.
+
+    An :class:`mds.MdsError` that a view of yours lets out (from
+    ``mds.serve_sync(...)``, say) becomes the status of mds's one table
+    (400 bad input, 404 unknown model, 429 overloaded, 503 not ready, 504
+    deadline, 500 inference failure) with mds's JSON error body, and
+    ``Retry-After`` on a 429 or 503. :func:`add_routes` calls it.
+
+    Added in 0.3.
+    """
+    flask = require("flask", feature="mds.flask")
+
+    def handle(exc: MdsError) -> Response:
+        return _response(flask, error_reply(exc, retry_after))
+
+    app.register_error_handler(MdsError, handle)
+
+
+def _response(flask: Any, reply: Reply) -> Response:
+    response: Response = flask.Response(
+        reply.body, status=reply.status, content_type=reply.content_type
+    )
+    for key, value in reply.headers:
+        response.headers[key] = value
+    return response
 
 
 _END = object()
@@ -150,12 +186,7 @@ class _Views:
         self.flask = flask
 
     def _response(self, reply: Reply) -> Response:
-        response: Response = self.flask.Response(
-            reply.body, status=reply.status, content_type=reply.content_type
-        )
-        for key, value in reply.headers:
-            response.headers[key] = value
-        return response
+        return _response(self.flask, reply)
 
     def _answer(self, make: Callable[..., Reply], *args: Any) -> Response:
         try:

@@ -163,8 +163,18 @@ def test_app_examples_over_http(example: str) -> None:
         assert [a["label"] for a in answers] == expected_labels()
         assert all(abs(sum(a["scores"].values()) - 1) < 1e-5 for a in answers)
         bad = httpx.post(f"{url}/classify", json={"features": [1.0, 2.0]}, timeout=10)
-        assert bad.status_code == 400
-        assert bad.json()["detail"] == "model 'mlp' (version 1): expected a list of 16 numbers"
+        assert bad.status_code == 400  # the app's own route: mds's error table and body
+        assert bad.json() == {
+            "error": "model 'mlp' (version 1): expected a list of 16 numbers",
+            "type": "InvalidInput",
+            "model": "mlp",
+            "version": "1",
+        }
+        for route, body in ordinary_mistakes(
+            {"/classify": "features", "/models/mlp/infer": None, "/v2/models/mlp/infer": "v2"}
+        ):
+            answer = httpx.post(f"{url}{route}", content=body, timeout=10, headers=JSON_TYPE)
+            assert 400 <= answer.status_code < 500, (route, body[:60], answer.text[:300])
         # The bad request failed alone: the app goes on serving.
         assert [a["label"] for a in classify_all(url)] == expected_labels()
         # The routes mds added, through the example client.
@@ -182,6 +192,7 @@ def test_app_examples_over_http(example: str) -> None:
         binary_values = lines["v2 binary"].split(" ", 2)
         assert json_values[:2] == binary_values[:2] == ["200", "probabilities"]
         assert json_values[2] == binary_values[2]
+        assert lines["v2 rows"] == "200 {'label': [2], 'probabilities': [2, 4]}"
         assert lines["stream"].startswith("200 [")
         assert lines["stream"].count("'") == 8  # four labels, best first
         assert lines["bad input"] == "400 model 'mlp' (version 1): expected a list of 16 numbers"
@@ -190,6 +201,71 @@ def test_app_examples_over_http(example: str) -> None:
         mds_headers = httpx.get(f"{url}/health/live", timeout=10).headers
         if example.startswith("fastapi"):
             assert mds_headers["x-served-by"] == "fastapi-example"
+
+
+JSON_TYPE = {"content-type": "application/json"}
+
+#: Bodies a client gets wrong in ordinary ways: each must get a 4xx, not a 500.
+MISTAKES: list[bytes] = [
+    b"",
+    b"not json",
+    b"null",
+    b'"text"',
+    b"{}",
+    b"[]",
+    b"[1, 2]",
+    b'["a", "b", "c", "d"]',
+    b"[1, 2, 3, 4, 5]",
+    b"[[1, 2, 3, 4]]",
+    b"[1e39, 0, 0, 0]",
+    b"[true, false, null, 1]",
+]
+#: Not ordinary, but mds's own routes answer it with a 400 too (the apps'
+#: own routes parse JSON with their framework: Flask's answers it with a 500).
+NESTED = b"[" * 5000 + b"]" * 5000
+V2_MISTAKES: list[bytes] = [
+    b'{"inputs": []}',
+    b'{"inputs": [{"name": "features", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}',
+    b'{"inputs": [{"name": "features", "shape": [16], "datatype": "FP64", "data": '
+    + str([0.5] * 16).encode()
+    + b"}]}",
+    b'{"inputs": [{"name": "features", "shape": [16], "datatype": "FP32", "data": '
+    + str(["x"] * 16).replace("'", '"').encode()
+    + b"}]}",
+    b'{"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    b'{"inputs": [{"name": "features", "shape": [0, 4611686018427387904, 2], '
+    b'"datatype": "FP32", "data": []}]}',
+    b'{"inputs": [{"name": "features", "shape": ' + str([1] * 70).encode() + b", "
+    b'"datatype": "FP32", "data": [1]}]}',
+]
+
+
+def ordinary_mistakes(routes: dict[str, str | None]) -> list[tuple[str, bytes]]:
+    """``(route, body)`` for every mistake on every route.
+
+    ``routes`` maps each route to how it takes a request: ``None`` the body
+    itself (mds's route), ``"own"`` the body itself (the app's own route), a
+    key name the body under that key (the app's own), ``"v2"`` the protocol.
+    """
+    found = []
+    for route, shape in routes.items():
+        if shape == "v2":
+            found += [(route, body) for body in [*MISTAKES[:3], NESTED, *V2_MISTAKES]]
+        elif shape is None:
+            found += [(route, body) for body in [*MISTAKES, NESTED]]
+        elif shape == "own":
+            found += [(route, body) for body in MISTAKES]
+        else:
+            found += [(route, b'{"%s": %s}' % (shape.encode(), body)) for body in MISTAKES[2:]]
+    return found
+
+
+def wait_ready(status: Any, seconds: float = 60) -> None:
+    """Poll a readiness route as a probe would, until it answers 200."""
+    deadline = time.monotonic() + seconds
+    while status() != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.05)
 
 
 def readme_blocks() -> list[str]:
@@ -216,24 +292,40 @@ def test_the_readme_code_runs() -> None:
     handler, fastapi_block, flask_block, batching_block, _, pipeline_block, testing_block = blocks
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + fastapi_block, namespace)
+    routes = {
+        "/classify": "own",
+        "/models/classifier/infer": None,
+        "/v2/models/classifier/infer": "v2",
+    }
     with fastapi.TestClient(namespace["app"]) as client:
+        assert client.get("/health/live").status_code == 200  # at once, while loading
+        wait_ready(lambda: client.get("/health/ready").status_code)
         answer = client.post("/classify", json=[0.1, 0.2, 0.3, 0.4])
         assert answer.status_code == 200
         assert set(answer.json()) == {"label", "confidence"}
+        assert client.post("/classify", json=[1, 2, 3, 4]).status_code == 200  # ints are fine
 
         added = client.post("/models/classifier/infer", json=[0.1, 0.2, 0.3, 0.4])
         assert added.json() == answer.json()
         assert client.get("/v2/health/ready").status_code == 200
+        for route, body in ordinary_mistakes(routes):
+            got = client.post(route, content=body, headers=JSON_TYPE)
+            assert 400 <= got.status_code < 500, (route, body[:60], got.text[:300])
+        assert client.get("/models/classifier/infer").status_code == 405
 
     namespace = {"__name__": "readme"}
     exec(handler + flask_block, namespace)
     try:
         flask_client = namespace["flask_app"].test_client()
+        wait_ready(lambda: flask_client.get("/health/ready").status_code)
         answer = flask_client.post("/classify", json=[0.1, 0.2, 0.3, 0.4])
         assert answer.status_code == 200
         assert set(answer.get_json()) == {"label", "confidence"}
         added = flask_client.post("/models/classifier/infer", json=[0.1, 0.2, 0.3, 0.4])
         assert added.get_json() == answer.get_json()
+        for route, body in ordinary_mistakes(routes):
+            got = flask_client.post(route, data=body, headers=JSON_TYPE)
+            assert 400 <= got.status_code < 500, (route, body[:60], got.text[:300])
     finally:
         namespace["runtime"].stop_sync()
 

@@ -69,8 +69,8 @@ EXPECTED = {
         "serve_sync",
     ],
     "mds.testing": ["LifecycleReport", "assert_batch_invariant", "run_lifecycle"],
-    "mds.fastapi": ["add_routes", "lifespan", "router"],
-    "mds.flask": ["add_routes", "blueprint"],
+    "mds.fastapi": ["add_error_handlers", "add_routes", "lifespan", "router"],
+    "mds.flask": ["add_error_handlers", "add_routes", "blueprint"],
 }
 
 

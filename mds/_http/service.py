@@ -45,6 +45,7 @@ __all__ = [
     "Service",
     "V2Call",
     "allowed",
+    "error_reply",
     "error_status",
     "paths",
 ]
@@ -74,6 +75,26 @@ MAX_MESSAGE = 2000
 def error_status(exc: BaseException) -> int | None:
     """The HTTP status for ``exc`` by :data:`ERROR_STATUS`; ``None`` if it is not mds's."""
     return next((code for kind, code in ERROR_STATUS if isinstance(exc, kind)), None)
+
+
+def error_reply(exc: BaseException, retry_after: int = 1) -> Reply:
+    """The reply for a failed request: status by :data:`ERROR_STATUS`, JSON body.
+
+    The body is ``{"error": message, "type": class, ...where}``: where it
+    happened (``model``, ``version``, ``pipeline``, ``node``, ``instance``)
+    as fields too. The message is bounded: an error that quotes a huge input
+    sends its start and its size. A 429 or 503 says when to try again
+    (``Retry-After``). An error that is not mds's is a bug: the client gets
+    a bare 500, the log the whole story.
+    """
+    status = error_status(exc)
+    if status is None:
+        logger.error("unexpected error while serving a request", exc_info=exc)
+        return Reply(500, _encoder.encode({"error": "internal server error", "type": "Error"}))
+    assert isinstance(exc, MdsError)
+    headers = (("Retry-After", str(retry_after)),) if isinstance(exc, Unavailable) else ()
+    body = {"error": excerpt(str(exc), MAX_MESSAGE), "type": type(exc).__name__}
+    return Reply(status, _encoder.encode({**body, **exc.context()}), JSON, headers)
 
 
 #: (method, path, route) for every route both adapters add; ``route`` names
@@ -184,22 +205,8 @@ class Service:
     # -- errors -------------------------------------------------------------
 
     def error(self, exc: BaseException) -> Reply:
-        """The reply for a failed request: status by :data:`ERROR_STATUS`, JSON body.
-
-        The body is ``{"error": message, "type": class, ...where}``: where it
-        happened (``model``, ``version``, ``pipeline``, ``node``,
-        ``instance``) as fields too. The message is bounded: an error that
-        quotes a huge input sends its start and its size.
-        """
-        status = error_status(exc)
-        if status is None:
-            # Not ours: a bug somewhere. The client learns nothing of the internals.
-            logger.error("unexpected error while serving a request", exc_info=exc)
-            return Reply(500, _encoder.encode({"error": "internal server error", "type": "Error"}))
-        assert isinstance(exc, MdsError)
-        headers = self._retry if isinstance(exc, Unavailable) else ()
-        body = {"error": excerpt(str(exc), MAX_MESSAGE), "type": type(exc).__name__}
-        return Reply(status, _encoder.encode({**body, **exc.context()}), JSON, headers)
+        """The reply for a failed request: see :func:`error_reply`."""
+        return error_reply(exc, self.retry_after)
 
     def not_allowed(self, method: str, methods: tuple[str, ...]) -> Reply:
         """The answer to a method a path does not take (``methods``, from :func:`allowed`).

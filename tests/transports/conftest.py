@@ -210,7 +210,8 @@ def _fastapi_app(runtime: mds.Runtime, events: list[str]) -> Any:
     async def mine(body: dict[str, list[float]]) -> dict[str, Any]:
         return {"mine": await runtime.serve("linear", body["features"])}
 
-    mds.fastapi.add_routes(app, runtime, prefix="/ml", max_body_bytes=100_000)
+    # Loaded before the server takes requests: these tests are about the routes.
+    mds.fastapi.add_routes(app, runtime, prefix="/ml", max_body_bytes=100_000, load="wait")
     return app
 
 
@@ -230,7 +231,7 @@ def _flask_app(runtime: mds.Runtime) -> Any:
     def mine() -> Any:
         return {"mine": runtime.serve_sync("linear", request.get_json()["features"])}
 
-    mds.flask.add_routes(app, runtime, prefix="/ml", max_body_bytes=100_000)
+    mds.flask.add_routes(app, runtime, prefix="/ml", max_body_bytes=100_000, load="wait")
     return app
 
 

@@ -125,7 +125,7 @@ def test_the_router_and_lifespan_on_their_own() -> None:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        async with mds.fastapi.lifespan(runtime)(app):
+        async with mds.fastapi.lifespan(runtime, load="wait")(app):
             assert runtime.running
             yield
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -171,6 +172,30 @@ async def test_a_deadline_answers_in_time_and_an_expired_queued_item_is_never_co
         stats = model.statistics()
     assert handler.computed == [1, 3]
     assert stats.errors == {"DeadlineExceeded": 1}
+
+
+async def test_a_deadline_is_kept_while_preprocess_waits_for_a_thread() -> None:
+    started, gate = threading.Event(), threading.Event()
+
+    class Decoding(mds.ModelHandler[int, int]):
+        def preprocess(self, request: int) -> int:  # a plain method: in a thread
+            if request == 0:
+                started.set()
+                gate.wait(10)
+            return request
+
+        async def infer(self, batch: Sequence[int]) -> list[int]:
+            return list(batch)
+
+    config = mds.ModelConfig(worker_threads=1)
+    async with mds.ModelRuntime(Decoding(), config) as model, anyio.create_task_group() as tasks:
+        tasks.start_soon(model.serve, 0)  # holds the only thread
+        assert await anyio.to_thread.run_sync(started.wait, 10)
+        with pytest.raises(mds.DeadlineExceeded, match="deadline passed in preprocess"):
+            await model.serve(1, timeout=0.05)
+        assert not gate.is_set()  # answered while the thread was still busy
+        gate.set()
+    assert model.statistics().completed == 1
 
 
 async def test_the_models_default_timeout_applies() -> None:

@@ -217,3 +217,59 @@ def test_at_exit_a_call_in_a_thread_ends_before_the_process_does() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["main ended", "call ended"]
+
+
+async def test_a_call_cancelled_before_it_starts_is_withdrawn_at_once() -> None:
+    # One thread, busy: a second call waits in the queue. Its caller, cancelled
+    # (a deadline, say), leaves at once, and the call never runs.
+    threads = _threads.threads(1, "test-withdraw")
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocking() -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(threads.run, blocking)
+            await wait_for(started)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await threads.run(ran.append, "queued")
+            assert not release.is_set()  # left while the thread was still busy
+            release.set()
+        assert await threads.run(lambda: "next") == "next"
+        assert ran == []
+    finally:
+        release.set()
+        threads.close()
+
+
+async def test_per_request_threads_let_a_cancelled_caller_go_while_its_call_runs() -> None:
+    threads = _threads.threads(1, "test-abandon", abandon=True)
+    started, release = threading.Event(), threading.Event()
+    left: list[str] = []
+
+    def blocking() -> str:
+        started.set()
+        release.wait(10)
+        return "late"
+
+    async def caller(scope: anyio.CancelScope) -> None:
+        with scope:
+            await threads.run(blocking)
+        left.append("left")
+
+    scope = anyio.CancelScope()
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(caller, scope)
+            await wait_for(started)
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+        assert left == ["left"]  # gone although the call still runs
+        assert not release.is_set()
+    finally:
+        release.set()
+        threads.close()

@@ -357,6 +357,33 @@ async def test_callers_of_a_handed_over_batch_can_leave(
     assert results == {1: ["gave up"], 2: [20], 3: [30]}
     assert stats.cancelled == 1
     assert model.state is mds.ModelState.STOPPED
+    assert 1 not in {x for batch in handler.batches for x in batch}  # never computed
+
+
+async def test_a_handed_over_batch_leaves_out_items_whose_deadline_passed() -> None:
+    handler = Blocking()
+    async with model_of(handler, max_batch_size=2) as model:
+        async with anyio.create_task_group() as tasks:
+            await busy_with_first(model, handler, tasks)
+            answered = anyio.Event()
+            expired: list[BaseException] = []
+
+            async def call_with_deadline() -> None:
+                try:
+                    await model.serve(1, timeout=0.05)
+                except mds.DeadlineExceeded as exc:
+                    expired.append(exc)
+                answered.set()
+
+            tasks.start_soon(call_with_deadline)
+            tasks.start_soon(model.serve, 2)
+            await anyio.wait_all_tasks_blocked()
+            assert model.statistics().queued == 0  # [1, 2] is full: handed over
+            with anyio.fail_after(10):
+                await answered.wait()  # at its deadline, while the batch waited
+            handler.gate.set()
+    assert "while its batch was computed" in str(expired[0])
+    assert handler.batches == [[0], [2]]  # its batch started without it
 
 
 async def test_an_async_infer_never_gets_two_batches_at_once() -> None:

@@ -51,7 +51,7 @@ config = mds.ModelConfig(
         priority_levels=2,  # 0: interactive, 1: background
         default_priority=1,
     ),
-    timeout=1.0,
+    timeout=10.0,  # no request waits longer: its caller gets DeadlineExceeded
 )
 
 

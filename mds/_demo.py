@@ -173,7 +173,7 @@ async def _serve(weights: Path, requests: int, concurrency: int, out: TextIO) ->
     config = ModelConfig(
         instances=2,
         batching=BatchingConfig(max_batch_size=32, max_queue_size=4096),
-        timeout=5.0,
+        timeout=30.0,
         parameters={"weights": str(weights)},
     )
     model = runtime.add_model("spiral", SpiralClassifier, config)

@@ -68,8 +68,9 @@ class Instance:
         self.threads = own = threads(1, f"mds-{context.name}-{context.instance}")
         self._init = off_loop(handler.init, own)
         self._teardown = off_loop(handler.teardown, own)
-        self._warmup = off_loop(handler.warmup, shared)
-        self._health = off_loop(handler.health, shared)
+        # The defaults answer at once: no thread hop for them.
+        self._warmup = off_loop(handler.warmup, shared) if overrides(handler, "warmup") else None
+        self._health = off_loop(handler.health, shared) if overrides(handler, "health") else None
         # A plain infer runs on the one thread, batches in order of arrival:
         # the batcher may hand the next over while one computes.
         self.queues_batches = not is_async(handler.infer)
@@ -97,11 +98,11 @@ class Instance:
         await self._teardown()
 
     async def warmup_examples(self) -> list[Any]:
-        examples = await self._warmup()
+        examples = await self._warmup() if self._warmup is not None else None
         return [] if examples is None else list(examples)
 
     async def health(self) -> bool:
-        return bool(await self._health())
+        return bool(await self._health()) if self._health is not None else True
 
     # -- a batch ----------------------------------------------------------------
 

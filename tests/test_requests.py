@@ -198,6 +198,7 @@ async def test_a_deadline_is_kept_while_preprocess_waits_for_a_thread() -> None:
     assert model.statistics().completed == 1
 
 
+@pytest.mark.virtual_time  # the deadline must pass while the batch computes, not before
 async def test_the_models_default_timeout_applies() -> None:
     async with mds.ModelRuntime(Held(), mds.ModelConfig(timeout=0.05)) as model:
         with pytest.raises(mds.DeadlineExceeded, match="passed while its batch was computed"):
@@ -276,8 +277,9 @@ async def _open_when_draining(
     model: mds.ModelRuntime[int, int], gate: anyio.Event, call: Any
 ) -> None:
     # No event marks the start of a drain; poll the state.
-    while model.state is not mds.ModelState.DRAINING:  # noqa: ASYNC110
-        await anyio.sleep(0.01)
+    with anyio.fail_after(10):
+        while model.state is not mds.ModelState.DRAINING:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
     await call(-1)
     gate.set()
 

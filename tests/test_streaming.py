@@ -95,6 +95,7 @@ async def test_leaving_early_closes_the_generator_and_counts_a_cancel() -> None:
         assert (stats.cancelled, stats.in_flight) == (1, 0)
 
 
+@pytest.mark.virtual_time  # the deadline must pass between chunks, not before the first
 async def test_the_deadline_covers_the_whole_stream() -> None:
     handler = Paced()
     async with mds.ModelRuntime(handler, name="paced") as model:
@@ -120,7 +121,7 @@ async def test_a_draining_model_waits_for_open_streams() -> None:
                         first.set()
 
             async def release() -> None:
-                await anyio.sleep(0.1)
+                await anyio.wait_all_tasks_blocked()
                 assert model.state is mds.ModelState.DRAINING  # still, with a stream open
                 handler.go.set()
 

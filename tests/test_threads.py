@@ -67,13 +67,17 @@ async def test_never_more_calls_at_once_than_threads() -> None:
     threads = _threads.threads(3, "test-three")
     lock = threading.Lock()
     now = most = 0
+    first_three = threading.Barrier(3, timeout=10)  # the first three meet: they overlap
+    met = 0
 
     def call() -> None:
-        nonlocal now, most
+        nonlocal now, most, met
         with lock:
             now += 1
             most = max(most, now)
-        time.sleep(0.005)
+            meet, met = met < 3, met + 1
+        if meet:
+            first_three.wait()
         with lock:
             now -= 1
 
@@ -131,7 +135,7 @@ async def test_a_cancelled_caller_waits_until_its_call_ends() -> None:
             tasks.start_soon(caller, scope)
             await wait_for(started)
             scope.cancel()
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()
             assert left == []  # still waiting for the thread
             release.set()
         assert left == ["left"]
@@ -156,7 +160,8 @@ def test_a_task_cancelled_twice_still_waits_for_its_call() -> None:
         await wait_for(started)
         for _ in range(2):
             task.cancel()
-            await asyncio.sleep(0.02)
+            for _ in range(5):
+                await asyncio.sleep(0)
             assert not task.done()
         release.set()
         with pytest.raises(asyncio.CancelledError):
@@ -181,7 +186,7 @@ def run_script(source: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-c", textwrap.dedent(source)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=45,
     )
 
 
@@ -191,28 +196,28 @@ def test_at_exit_a_call_in_a_thread_ends_before_the_process_does() -> None:
     # in a daemon thread that exit would otherwise simply abandon.
     done = run_script(
         """
-        import asyncio, threading, time
-        from mds import _loop, _threads
+        import asyncio, threading
+        from mds import _threads
+
+        started, printed = threading.Event(), threading.Event()
 
         def slow():
-            time.sleep(0.3)
+            started.set()
+            printed.wait(30)  # still running when the main thread ends
             print("call ended", flush=True)
-
-        handed_over = threading.Event()
 
         def loop_thread():
             async def main():
                 threads = _threads.threads(1, "exiting")
                 task = asyncio.ensure_future(threads.run(slow))
-                await asyncio.sleep(0.05)
-                handed_over.set()
                 await asyncio.sleep(3600)
 
             asyncio.run(main())
 
         threading.Thread(target=loop_thread, daemon=True).start()
-        handed_over.wait()
+        started.wait(30)
         print("main ended", flush=True)
+        printed.set()
         """
     )
     assert done.returncode == 0, done.stderr

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,49 +11,18 @@ from numpy.testing import assert_allclose
 
 import mds
 
-torch = pytest.importorskip("torch")
+from .. import two_inputs
+
 pytest.importorskip("onnxruntime")
-
-
-class TwoInputs(torch.nn.Module):  # type: ignore[misc]
-    """Scores float features, shifted by an integer id per row: two inputs, two outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(4, 2)
-
-    def forward(self, x: Any, ids: Any) -> tuple[Any, Any]:
-        scores = self.linear(x) + ids.float().unsqueeze(1)
-        return scores, scores.argmax(dim=1)
-
-
-def export(module: Any, args: tuple[Any, ...], dynamic: bool = True) -> bytes:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
-        torch.onnx.export(
-            module,
-            args,
-            buffer,
-            input_names=["x", "ids"],
-            output_names=["scores", "best"],
-            dynamic_axes={"x": {0: "batch"}, "ids": {0: "batch"}} if dynamic else None,
-            dynamo=False,
-        )
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
 def onnx_model() -> bytes:
-    return export(TwoInputs().eval(), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64)))
+    return two_inputs.onnx_bytes()
 
 
 def expected(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        scores, _ = TwoInputs().eval()(torch.from_numpy(x), torch.from_numpy(ids))
-    result: np.ndarray = scores.numpy()
-    return result
+    return two_inputs.reference(x, ids)[0]
 
 
 BATCHED = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8, max_queue_delay=0.01))
@@ -132,8 +99,7 @@ async def test_lists_become_arrays_of_the_inputs_dtype(onnx_model: bytes) -> Non
 
 
 async def test_a_model_without_a_batch_axis_cannot_batch() -> None:
-    args = (torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64))
-    fixed = export(TwoInputs().eval(), args, dynamic=False)
+    fixed = two_inputs.onnx_bytes(batch_axis=False)
     with pytest.raises(mds.LifecycleError, match=r"no dynamic batch axis .*max_batch_size to 1"):
         async with mds.ModelRuntime(mds.OnnxHandler(fixed), BATCHED):
             pass

@@ -166,8 +166,9 @@ async def test_a_stop_that_cannot_wait_still_lets_a_running_infer_finish_first()
         async with mds.ModelRuntime(Blocking(), config) as model:
             tasks.start_soon(call, model)
             # infer runs in a plain thread: poll for it to start.
-            while "infer started" not in events:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+            with anyio.fail_after(10):
+                while "infer started" not in events:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
             # Leaving now: the drain times out, the worker is cancelled mid-infer.
             threading.Timer(0.2, release.set).start()
     assert events == ["infer started", "infer ended", "teardown"]

@@ -276,6 +276,58 @@ def test_pipeline_show_prints_text_mermaid_and_dot(
     assert "wrote the dot drawing" in capsys.readouterr().out
 
 
+def test_pipeline_show_imports_only_what_a_call_can_reach(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # The unreachable node's module needs a package this install lacks (as a
+    # node needing torch in a core-only install): it is never imported.
+    (tmp_path / "light.py").write_text(
+        textwrap.dedent(
+            """
+            import mds
+
+            class Light(mds.ModelHandler):
+                def infer(self, batch):
+                    return list(batch)
+
+            def tidy(value):
+                return value
+            """
+        )
+    )
+    (tmp_path / "heavy.py").write_text("import a_package_that_is_not_installed\n")
+    document = tmp_path / "pipeline.yaml"
+    document.write_text(
+        textwrap.dedent(
+            """
+            pipeline:
+              name: partly
+              nodes:
+              - name: tidy
+                function: light:tidy
+                next: light
+              - name: heavy
+                model_load_meta: {handler_module: heavy}
+              - name: light
+                model_load_meta: {handler_module: light}
+                next: null
+              - name: old_router
+                router: {by: heavy:route, routes: {a: light}}
+            """
+        )
+    )
+    assert main(["pipeline", "show", str(document)]) == 0
+    out = capsys.readouterr().out
+    assert "light       [model light:Light]  -> end" in out
+    assert "heavy       [model heavy (not loaded)]  -> light   (unreachable)" in out
+    assert "old_router  [router by heavy:route (not loaded)]  a -> light   (unreachable)" in out
+    assert "a_package_that_is_not_installed" not in sys.modules
+    # What a call can reach is imported, and its problems are named.
+    document.write_text(document.read_text().replace("next: light", "next: heavy"))
+    assert main(["pipeline", "show", str(document)]) == 1
+    assert "No module named 'a_package_that_is_not_installed'" in capsys.readouterr().err
+
+
 def test_pipeline_show_fails_with_the_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
@@ -286,6 +338,7 @@ def test_pipeline_show_fails_with_the_problem(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
+        timeout=45,
     )
     assert done.returncode == 1
     assert "node 'a' (pipeline.nodes[0]): next 'b' is not a node" in done.stderr

@@ -6,6 +6,7 @@ on a free loopback port for the whole module.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -18,10 +19,7 @@ import pytest
 
 import mds
 
-try:  # the optional parts these tests need; the test modules skip without them
-    import torch
-except ImportError:  # pragma: no cover - core-only installs
-    torch = None
+from .. import two_inputs
 
 
 class Echo(mds.ModelHandler[Any, Any]):
@@ -32,31 +30,56 @@ class Echo(mds.ModelHandler[Any, Any]):
 
 
 class Linear(mds.ModelHandler[list[float], dict[str, list[float]]]):
-    """A real torch layer: 4 features in, 2 scores out; rejects other lengths."""
-
-    def init(self, context: mds.ModelContext) -> None:
-        torch.manual_seed(0)
-        self.layer = torch.nn.Linear(4, 2).eval()
+    """A linear layer in numpy: 4 features in, 2 scores out; rejects other lengths."""
 
     def preprocess(self, request: list[float]) -> Any:
         if len(request) != 4:
             raise ValueError(f"expected 4 features, got {len(request)}")
-        return torch.tensor(request, dtype=torch.float32)
+        return np.asarray(request, dtype=np.float32)
 
     def infer(self, batch: Sequence[Any]) -> list[Any]:
-        with torch.inference_mode():
-            return list(self.layer(torch.stack(list(batch))))
+        return list(two_inputs.linear(np.stack(list(batch))))
 
     def postprocess(self, output: Any) -> dict[str, list[float]]:
         return {"scores": output.tolist()}
 
 
 def linear_reference(features: list[float]) -> list[float]:
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(4, 2).eval()
-    with torch.inference_mode():
-        result: list[float] = layer(torch.tensor(features, dtype=torch.float32)).tolist()
+    result: list[float] = two_inputs.linear(np.asarray(features, np.float32)).tolist()
     return result
+
+
+class Tensors(mds.ModelHandler[dict[str, Any], dict[str, Any]]):
+    """The ONNX test model's twin in numpy, declaring its tensors as OnnxHandler does."""
+
+    platform = "numpy"
+
+    def signature(self) -> Any:
+        spec = mds.TensorSpec
+        return (
+            {
+                "x": spec(name="x", dtype="float32", shape=(4,)),
+                "ids": spec(name="ids", dtype="int64", shape=()),
+            },
+            {
+                "scores": spec(name="scores", dtype="float32", shape=(2,)),
+                "best": spec(name="best", dtype="int64", shape=()),
+            },
+        )
+
+    def infer(self, batch: Sequence[dict[str, Any]]) -> list[Any]:
+        scores, best = two_inputs.reference(
+            np.stack([item["x"] for item in batch]), np.stack([item["ids"] for item in batch])
+        )
+        return [{"scores": s, "best": b} for s, b in zip(scores, best, strict=True)]
+
+
+def tensor_models() -> list[str]:
+    """The models that declare the two-input signature: numpy always, ONNX if installed."""
+    found = ["tensors"]
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        found.append("onnx")
+    return found
 
 
 class Slow(mds.ModelHandler[float, float]):
@@ -99,16 +122,15 @@ class Broken(mds.ModelHandler[Any, Any]):
         return list(batch)
 
 
-def make_runtime(onnx_model: bytes) -> mds.Runtime:
+def make_runtime() -> mds.Runtime:
     runtime = mds.Runtime(fail_fast=False)
     batched = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8, max_queue_delay=0.005))
     runtime.add_model("echo", Echo)
     runtime.add_model("linear", Linear, batched)
-    runtime.add_model(
-        "onnx",
-        lambda: mds.OnnxHandler(onnx_model),
-        batched,
-    )
+    runtime.add_model("tensors", Tensors, batched)
+    if "onnx" in tensor_models():
+        onnx_model = two_inputs.onnx_bytes()
+        runtime.add_model("onnx", lambda: mds.OnnxHandler(onnx_model), batched)
     runtime.add_model(
         "slow",
         Slow,
@@ -132,47 +154,19 @@ def make_runtime(onnx_model: bytes) -> mds.Runtime:
     return runtime
 
 
-def _two_inputs() -> Any:
-    """A torch module: float features shifted by an integer id; two inputs, two outputs."""
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(4, 2)
-
-    class TwoInputs(torch.nn.Module):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = linear
-
-        def forward(self, x: Any, ids: Any) -> tuple[Any, Any]:
-            scores = self.linear(x) + ids.float().unsqueeze(1)
-            return scores, scores.argmax(dim=1)
-
-    return TwoInputs().eval()
-
-
-@pytest.fixture(scope="session")
-def onnx_model() -> bytes:
-    import io
-    import warnings
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _two_inputs(),
-            (torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64)),
-            buffer,
-            input_names=["x", "ids"],
-            output_names=["scores", "best"],
-            dynamic_axes={"x": {0: "batch"}, "ids": {0: "batch"}},
-            dynamo=False,
-        )
-    return buffer.getvalue()
-
-
 def onnx_reference(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with torch.inference_mode():
-        scores, best = _two_inputs()(torch.from_numpy(x), torch.from_numpy(ids))
-    return scores.numpy(), best.numpy()
+    return two_inputs.reference(x, ids)
+
+
+def wait_for_statistics(served: Any, model: str, check: Any, seconds: float = 20) -> dict[str, Any]:
+    """Poll ``/ml/statistics`` until ``check(stats of model)`` holds; those stats."""
+    deadline = time.monotonic() + seconds
+    while True:
+        stats: dict[str, Any] = served.client.get("/ml/statistics").json()[model]
+        if check(stats):
+            return stats
+        assert time.monotonic() < deadline, f"{model}: never {check}, last {stats}"
+        time.sleep(0.02)
 
 
 class Served:
@@ -244,8 +238,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fastapi_server(onnx_model: bytes) -> Iterator[tuple[Served, list[str]]]:
-    runtime = make_runtime(onnx_model)
+def fastapi_server() -> Iterator[tuple[Served, list[str]]]:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    runtime = make_runtime()
     events: list[str] = []
     import uvicorn
 
@@ -256,7 +252,7 @@ def fastapi_server(onnx_model: bytes) -> Iterator[tuple[Served, list[str]]]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 20
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
@@ -271,10 +267,11 @@ def fastapi_server(onnx_model: bytes) -> Iterator[tuple[Served, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def flask_server(onnx_model: bytes) -> Iterator[Served]:
+def flask_server() -> Iterator[Served]:
+    pytest.importorskip("flask")
     from werkzeug.serving import make_server
 
-    runtime = make_runtime(onnx_model)
+    runtime = make_runtime()
     app = _flask_app(runtime)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -299,11 +296,11 @@ def server(request: pytest.FixtureRequest) -> Served:
 
 @pytest.fixture(name="linear_reference")
 def _linear_reference() -> Any:
-    """The Linear model's scores computed directly with torch."""
+    """The Linear model's scores computed directly with numpy."""
     return linear_reference
 
 
 @pytest.fixture(name="onnx_reference")
 def _onnx_reference() -> Any:
-    """The ONNX model's outputs computed directly with torch."""
+    """The ONNX model's outputs computed directly with numpy."""
     return onnx_reference

@@ -196,7 +196,7 @@ def serving(kind: str, runtime: mds.Runtime, **options: Any) -> Iterator[Server]
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        wait_for(lambda: server.started or not thread.is_alive())
+        wait_for(lambda: server.started or not thread.is_alive(), seconds=20)
         assert thread.is_alive(), "uvicorn did not start"
         served = Server(kind, f"http://127.0.0.1:{port}", runtime)
         try:

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-for _module in ("torch", "onnxruntime", "fastapi", "flask", "uvicorn"):
-    pytest.importorskip(_module)
+from .conftest import tensor_models, wait_for_statistics
 
 pytestmark = pytest.mark.slow
+
+#: The models with the two-input signature: "tensors" (numpy) always, "onnx"
+#: (a real ONNX Runtime session) where onnxruntime and onnx are installed.
+TENSOR_MODELS = pytest.mark.parametrize("model", tensor_models())
+PLATFORMS = {"tensors": "numpy", "onnx": "onnxruntime_onnx"}
 
 
 # -- health and metadata ------------------------------------------------------
@@ -45,19 +49,21 @@ def test_liveness_and_readiness(server: Any) -> None:
     assert client.get("/ml/models/nothing/ready").status_code == 404
 
 
-def test_metadata(server: Any) -> None:
+@TENSOR_MODELS
+def test_metadata(server: Any, model: str) -> None:
     client = server.client
     assert client.get("/ml/v2").json() == {
         "name": "mds",
         "version": __import__("mds").__version__,
         "extensions": ["binary_tensor_data"],
     }
-    onnx = client.get("/ml/v2/models/onnx").json()
-    # Read from the model itself; one request is one row (the batch axis is left out).
+    onnx = client.get(f"/ml/v2/models/{model}").json()
+    # The signature (read from the model by OnnxHandler); one request is one
+    # row (the batch axis is left out).
     assert onnx == {
-        "name": "onnx",
+        "name": model,
         "versions": ["1"],
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORMS[model],
         "inputs": [
             {"name": "x", "datatype": "FP32", "shape": [4]},
             {"name": "ids", "datatype": "INT64", "shape": []},
@@ -67,15 +73,15 @@ def test_metadata(server: Any) -> None:
             {"name": "best", "datatype": "INT64", "shape": []},
         ],
     }
-    assert client.get("/ml/v2/models/onnx/versions/1").json() == onnx
-    assert client.get("/ml/models/onnx").json() == onnx
+    assert client.get(f"/ml/v2/models/{model}/versions/1").json() == onnx
+    assert client.get(f"/ml/models/{model}").json() == onnx
     assert client.get("/ml/models/linear").json()["platform"] == "python"
     assert client.get("/ml/models/scored").json()["platform"] == "ensemble"
     names = [m["name"] for m in client.get("/ml/models").json()]
-    assert names == sorted(names) and {"linear", "onnx", "scored", "broken"} <= set(names)
-    wrong = client.get("/ml/v2/models/onnx/versions/7")
+    assert names == sorted(names) and {"linear", model, "scored", "broken"} <= set(names)
+    wrong = client.get(f"/ml/v2/models/{model}/versions/7")
     assert wrong.status_code == 404
-    assert wrong.json()["error"] == "model 'onnx': no version '7'; it has version 1"
+    assert wrong.json()["error"] == f"model '{model}': no version '7'; it has version 1"
     missing = client.get("/ml/v2/models/nothing")
     assert missing.status_code == 404
     assert missing.json()["type"] == "ModelNotFound"
@@ -86,7 +92,7 @@ def test_statistics(server: Any) -> None:
     server.client.post("/ml/models/echo/infer", json=1)
     stats = server.client.get("/ml/statistics").json()
     assert stats["echo"]["completed"] >= 1
-    assert set(stats) >= {"echo", "linear", "onnx"}
+    assert set(stats) >= {"echo", "linear", *tensor_models()}
 
 
 # -- mds's own JSON route -----------------------------------------------------
@@ -151,12 +157,10 @@ def test_overloaded_gets_429_with_retry_after(server: Any) -> None:
     assert client.post("/ml/models/slow/infer", json=0.0).status_code == 200  # now idle
     # One computing, one queued (max_queue_size=1), the third is refused at once.
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        first = pool.submit(client.post, "/ml/models/slow/infer", json=1.0)
-        import time
-
-        time.sleep(0.3)
+        first = pool.submit(client.post, "/ml/models/slow/infer", json=3.0)
+        wait_for_statistics(server, "slow", lambda s: s["in_flight"] == 1 and s["queued"] == 0)
         second = pool.submit(client.post, "/ml/models/slow/infer", json=0.01)
-        time.sleep(0.3)
+        wait_for_statistics(server, "slow", lambda s: s["queued"] == 1)
         third = client.post("/ml/models/slow/infer", json=0.01)
         message = _error(third, 429, "Overloaded")
         assert third.headers["retry-after"] == "1"
@@ -208,13 +212,14 @@ def _v2_rows(x: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
     }
 
 
-def test_v2_inference_on_a_real_onnx_model(server: Any, onnx_reference: Any) -> None:
+@TENSOR_MODELS
+def test_v2_inference_on_a_tensor_model(server: Any, onnx_reference: Any, model: str) -> None:
     x = np.array([0.5, -1.0, 2.0, 0.25], dtype=np.float32)
     ids = np.array(3, dtype=np.int64)
-    response = server.client.post("/ml/v2/models/onnx/infer", json=_v2_rows(x, ids))
+    response = server.client.post(f"/ml/v2/models/{model}/infer", json=_v2_rows(x, ids))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model_name"] == "onnx" and body["model_version"] == "1" and body["id"] == "req-1"
+    assert body["model_name"] == model and body["model_version"] == "1" and body["id"] == "req-1"
     outputs = {o["name"]: o for o in body["outputs"]}
     scores, best = onnx_reference(x[None], ids[None])
     assert outputs["scores"]["datatype"] == "FP32" and outputs["scores"]["shape"] == [2]
@@ -227,7 +232,7 @@ def test_v2_inference_on_a_real_onnx_model(server: Any, onnx_reference: Any) -> 
     }
     # Outputs asked for by name: only those come back.
     request = {**_v2_rows(x, ids), "outputs": [{"name": "best"}]}
-    response = server.client.post("/ml/v2/models/onnx/versions/1/infer", json=request)
+    response = server.client.post(f"/ml/v2/models/{model}/versions/1/infer", json=request)
     assert [o["name"] for o in response.json()["outputs"]] == ["best"]
 
 
@@ -268,14 +273,15 @@ def _split_binary(response: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     return head, raw
 
 
-def test_v2_binary_tensors_both_ways(server: Any, onnx_reference: Any) -> None:
+@TENSOR_MODELS
+def test_v2_binary_tensors_both_ways(server: Any, onnx_reference: Any, model: str) -> None:
     x = np.array([1.0, 2.0, -3.0, 0.5], dtype=np.float32)
     ids = np.array(1, dtype=np.int64)
     body, headers = _binary_body(
         [("x", "FP32", [4], x.tobytes()), ("ids", "INT64", [], ids.tobytes())],
         outputs=[{"name": "scores", "parameters": {"binary_data": True}}, {"name": "best"}],
     )
-    response = server.client.post("/ml/v2/models/onnx/infer", content=body, headers=headers)
+    response = server.client.post(f"/ml/v2/models/{model}/infer", content=body, headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
     head, raw = _split_binary(response)
@@ -288,7 +294,7 @@ def test_v2_binary_tensors_both_ways(server: Any, onnx_reference: Any) -> None:
         [("x", "FP32", [4], x.tobytes()), ("ids", "INT64", [], ids.tobytes())],
         parameters={"binary_data_output": True},
     )
-    response = server.client.post("/ml/v2/models/onnx/infer", content=body, headers=headers)
+    response = server.client.post(f"/ml/v2/models/{model}/infer", content=body, headers=headers)
     head, raw = _split_binary(response)
     assert set(raw) == {"scores", "best"}
     assert np.frombuffer(raw["best"], dtype="<i8")[0] == best[0]
@@ -409,16 +415,19 @@ def test_malformed_v2_bodies_get_a_400_that_names_the_problem(
     assert server.client.get("/ml/v2/health/live").status_code == 200
 
 
-def test_v2_requests_checked_against_the_models_inputs(server: Any) -> None:
+@TENSOR_MODELS
+def test_v2_requests_checked_against_the_models_inputs(server: Any, model: str) -> None:
     client = server.client
     only_x = {"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-    message = _error(client.post("/ml/v2/models/onnx/infer", json=only_x), 400, "InvalidInput")
-    assert message == "model 'onnx' (version 1): input 'ids' is missing; it needs x, ids"
+    message = _error(client.post(f"/ml/v2/models/{model}/infer", json=only_x), 400, "InvalidInput")
+    assert message == f"model '{model}' (version 1): input 'ids' is missing; it needs x, ids"
     extra = {
         "inputs": [*only_x["inputs"], {"name": "y", "shape": [1], "datatype": "FP32", "data": [1]}]
     }
-    message = _error(client.post("/ml/v2/models/onnx/infer", json=extra), 400, "InvalidInput")
-    assert message == "model 'onnx' (version 1): the model has no input 'y'; its inputs are x, ids"
+    message = _error(client.post(f"/ml/v2/models/{model}/infer", json=extra), 400, "InvalidInput")
+    assert (
+        message == f"model '{model}' (version 1): the model has no input 'y'; its inputs are x, ids"
+    )
     wrong_shape = {
         "inputs": [
             {"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]},
@@ -431,10 +440,12 @@ def test_v2_requests_checked_against_the_models_inputs(server: Any) -> None:
             {"name": "ids", "shape": [], "datatype": "INT64", "data": [1]},
         ]
     }
-    message = _error(client.post("/ml/v2/models/onnx/infer", json=wrong_shape), 400, "InvalidInput")
+    message = _error(
+        client.post(f"/ml/v2/models/{model}/infer", json=wrong_shape), 400, "InvalidInput"
+    )
     assert "'x'" in message
     asked = {"inputs": right_shape["inputs"], "outputs": [{"name": "nope"}]}
-    message = _error(client.post("/ml/v2/models/onnx/infer", json=asked), 400, "InvalidInput")
+    message = _error(client.post(f"/ml/v2/models/{model}/infer", json=asked), 400, "InvalidInput")
     assert "no output 'nope'" in message
 
 

@@ -17,6 +17,7 @@ from ._config import ModelConfig, check_name
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
+from ._hosting import Hosting
 from ._model import ModelRuntime
 from ._pipeline.graph import Pipeline
 from ._pipeline.nodes import ModelNode
@@ -30,14 +31,6 @@ __all__ = ["Load", "Runtime"]
 Load = Literal["wait", "background"]
 
 logger = logging.getLogger(__name__)
-
-
-class _Hosted:
-    """The task that keeps one model running inside a runtime."""
-
-    def __init__(self) -> None:
-        self.stop = anyio.Event()
-        self.done = anyio.Event()
 
 
 class Runtime(LoopBound):
@@ -71,9 +64,7 @@ class Runtime(LoopBound):
         self.devices: DeviceManager = devices if devices is not None else DeviceManager.default()
         self._models: dict[str, ModelRuntime[Any, Any]] = {}
         self._pipelines: dict[str, PipelineRuntime] = {}
-        self._hosted: dict[str, _Hosted] = {}
-        self._tasks: anyio.abc.TaskGroup | None = None
-        self._loading: anyio.CancelScope | None = None
+        self._hosting = Hosting(self._models, self)
         self._home = Home(self._not_running)
 
     def __repr__(self) -> str:
@@ -84,7 +75,7 @@ class Runtime(LoopBound):
     @property
     def running(self) -> bool:
         """Whether the runtime is started and not yet stopped."""
-        return self._tasks is not None
+        return self._hosting.open
 
     @property
     def models(self) -> Mapping[str, ModelRuntime[Any, Any]]:
@@ -279,26 +270,23 @@ class Runtime(LoopBound):
         if self.running:
             raise LifecycleError(f"{self!r} is already running")
         await self._home.open()
-        tasks = anyio.create_task_group()
         try:
-            await tasks.__aenter__()
+            await self._hosting.enter()
         except BaseException:  # pragma: no cover - entering a task group does not fail
             await self._home.close()
             raise
-        self._tasks = tasks
         try:
             if load == "background":
-                self._loading = anyio.CancelScope()
-                tasks.start_soon(self._load_in_background, self._loading)
+                self._hosting.start_all_in_background()
             else:
                 await self._load_or_fail()
         except BaseException:
-            await self._close(tasks, cancel=False)
+            await self._close(cancel=False)
             raise
         _current.started(self)
 
     async def _load_or_fail(self) -> None:
-        failures = await self._start_models(list(self._models))
+        failures = await self._hosting.start_all()
         if failures and self.fail_fast:
             names = "; ".join(
                 f"{name!r}: {self._models[name].failure or exc}" for name, exc in failures.items()
@@ -307,81 +295,26 @@ class Runtime(LoopBound):
                 f"{len(failures)} of {len(self._models)} models failed to start: {names}"
             ) from next(iter(failures.values()))
 
-    async def _load_in_background(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            failures = await self._start_models(list(self._models))
-            for name in failures:  # each model logged its failure; it stays FAILED
-                logger.error("%r: model %r failed to load in the background", self, name)
-        self._loading = None
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        tasks = self._tasks
-        if tasks is None:
+        if not self.running:
             return
         try:
             # Leaving on an error: stop at once, without waiting for a drain.
-            await self._close(tasks, cancel=exc_type is not None)
+            await self._close(cancel=exc_type is not None)
         finally:
             _current.stopped(self)
 
-    async def _close(self, tasks: anyio.abc.TaskGroup, *, cancel: bool) -> None:
-        """Stop every model (draining unless ``cancel``), then the task group."""
-        if cancel:
-            tasks.cancel_scope.cancel()
-        if self._loading is not None:
-            self._loading.cancel()  # models still loading in the background stop loading
-        for hosted in self._hosted.values():
-            hosted.stop.set()
+    async def _close(self, *, cancel: bool) -> None:
+        """Stop every model (draining unless ``cancel``), then stop taking calls."""
         try:
-            await tasks.__aexit__(None, None, None)
+            await self._hosting.close(cancel=cancel)
         finally:
-            self._tasks = None
-            self._hosted.clear()
             await self._home.close()
-
-    async def _start_models(self, names: list[str]) -> dict[str, MdsError]:
-        """Start models at once; the failures, by name."""
-        failures: dict[str, MdsError] = {}
-
-        async def start(name: str) -> None:
-            try:
-                await self._start_model(name)
-            except MdsError as exc:
-                failures[name] = exc
-
-        async with anyio.create_task_group() as tasks:
-            for name in names:
-                tasks.start_soon(start, name)
-        return failures
-
-    async def _start_model(self, name: str) -> None:
-        assert self._tasks is not None
-        hosted = _Hosted()
-        self._hosted[name] = hosted
-        try:
-            await self._tasks.start(self._host, self._models[name], hosted)
-        except BaseException:
-            del self._hosted[name]
-            raise
-
-    @staticmethod
-    async def _host(
-        model: ModelRuntime[Any, Any],
-        hosted: _Hosted,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        try:
-            async with model:
-                task_status.started()
-                await hosted.stop.wait()
-        finally:
-            hosted.done.set()
 
     async def start_model(self, name: str) -> None:
         """Start one model of a running runtime: again after a failure or a stop.
@@ -394,9 +327,9 @@ class Runtime(LoopBound):
         model = self.model(name)
         if not self.running:
             raise LifecycleError(f"{self!r} is not running; start it first")
-        if name in self._hosted:
+        if self._hosting.hosts(name):
             raise LifecycleError(f"model {name!r} is already {model.state.value}")
-        await self._start_model(name)
+        await self._hosting.start(name)
 
     async def stop_model(self, name: str) -> None:
         """Stop one model (drain, then teardown); the others go on serving.
@@ -406,11 +339,8 @@ class Runtime(LoopBound):
             LifecycleError: the model is not running.
         """
         self.model(name)
-        hosted = self._hosted.pop(name, None)
-        if hosted is None:
+        if not await self._hosting.stop(name):
             raise LifecycleError(f"model {name!r} is not running")
-        hosted.stop.set()
-        await hosted.done.wait()
 
     def _not_running(self) -> MdsError:
         return NotReady(

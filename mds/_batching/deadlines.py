@@ -89,19 +89,14 @@ class DeadlineWatch:
         wake = math.inf
         queue = self._queue
         for lane in queue.lanes():
-            while lane:
-                item = lane[0]
-                if item.state != QUEUED:
-                    lane.popleft()
-                    queue.stale -= 1
-                    continue
+            while (item := queue.front(lane)) is not None:
                 deadline = item.deadline
                 if deadline is None:
                     break
                 if deadline > now:
                     wake = min(wake, deadline)
                     break
-                self._expire(item)  # now DONE: popped on the next turn
+                self._expire(item)  # now DONE: dropped by the next front()
         return wake
 
     def _expire(self, item: Item) -> None:

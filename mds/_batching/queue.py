@@ -161,6 +161,16 @@ class RequestQueue:
         ]
         self.count = sum(self.counts)
 
+    def front(self, lane: deque[Item]) -> Item | None:
+        """The first item of ``lane`` still queued; those that left before it are dropped."""
+        while lane:
+            item = lane[0]
+            if item.state == QUEUED:
+                return item
+            lane.popleft()
+            self.stale -= 1
+        return None
+
     def next_lane(self) -> deque[Item] | None:
         """The lane a batch comes from: the highest level, then the oldest head."""
         for level, lanes in enumerate(self._levels):
@@ -168,10 +178,8 @@ class RequestQueue:
                 continue
             best: deque[Item] | None = None
             for lane in lanes.values():
-                while lane and lane[0].state != QUEUED:
-                    lane.popleft()
-                    self.stale -= 1
-                if lane and (best is None or lane[0].seq < best[0].seq):
+                head = self.front(lane)
+                if head is not None and (best is None or head.seq < best[0].seq):
                     best = lane
             if best is not None:
                 return best

@@ -87,8 +87,12 @@ def serve(
     try:
         runtime = _running[-1]  # no lock: a read of a list item is atomic
     except IndexError:
-        runtime = current_runtime()  # raises NotReady
+        return _not_running()  # raised where the call is awaited, as by an async def
     return runtime.serve(model, request, timeout=timeout, priority=priority, trace=trace)
+
+
+async def _not_running() -> Any:
+    return current_runtime()  # raises NotReady
 
 
 def serve_sync(

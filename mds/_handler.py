@@ -111,7 +111,7 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
     collator: ClassVar[Collator | None] = None
 
     #: What the model runs on, as the Open Inference Protocol's metadata
-    #: reports it (``"pytorch"``, ``"onnxruntime_onnx"``, ...).
+    #: reports it (``"pytorch"``, ``"onnxruntime_onnx"``, ...). Added in 0.3.
     platform: ClassVar[str] = "python"
 
     def init(self, context: ModelContext) -> Awaitable[None] | None:

@@ -90,7 +90,8 @@ class Hosting:
         try:
             await self._tasks.start(_host, self._models[name], hosted)
         except BaseException:
-            del self._hosted[name]
+            if self._hosted.get(name) is hosted:  # not stopped meanwhile
+                del self._hosted[name]
             raise
 
     async def stop(self, name: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -29,11 +28,22 @@ def as_item_error(exc: BaseException, problem: str, instance: int | None = None)
     :class:`InferenceError` that says what failed. The cause is chained.
     """
     if isinstance(exc, MdsError):
-        error: MdsError = copy.copy(exc)
+        error = _copy(exc)
         error.__cause__ = exc.__cause__ if exc.__cause__ is not None else exc
         return error.add_context(instance=instance)
     error = InferenceError(f"{problem}: {describe(exc)}", instance=instance)
     error.__cause__ = exc
+    return error
+
+
+def _copy(exc: MdsError) -> MdsError:
+    """A copy of ``exc`` made without calling its ``__init__`` (which may be the user's own)."""
+    try:
+        error: MdsError = type(exc).__new__(type(exc), *exc.args)
+        error.args = exc.args
+        error.__dict__.update(exc.__dict__)
+    except Exception:  # pragma: no cover - a class that cannot be made this way: share it
+        return exc
     return error
 
 

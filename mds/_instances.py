@@ -316,6 +316,12 @@ async def _on_each(
     async def one(instance: Instance) -> None:
         try:
             await step(instance)
+        except anyio.get_cancelled_exc_class():
+            # The step's thread was waited for, or never ran it: torn down
+            # either way, as a teardown after a withdrawn init is harmless.
+            if done is not None:
+                done.append(instance)
+            raise
         except Exception as exc:
             failures.append(exc)
         else:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, overload
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -15,15 +15,16 @@ from . import _loop
 from ._batching.batcher import Batcher
 from ._batching.stats import BatchStats
 from ._bridge import Home, LoopBound
-from ._config import BatchingConfig, ModelConfig, check_name
+from ._config import BatchingConfig, ModelConfig, check_name, queue_limits
 from ._deprecation import renamed
 from ._devices.device import DeviceInfo
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, NotReady, Overloaded
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._instances import Instances, Source, source_name, start_instances
+from ._servable import Serving
 from ._statistics import RequestCounts, counted, snapshot
-from ._status import ModelHealth, ModelStatistics, Traced
+from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
 from ._tensors import Signature
 
 __all__ = ["ModelRuntime", "run_batch", "watch_states"]
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 _RUNNING = (ModelState.LOADING, ModelState.WARMING, ModelState.READY, ModelState.DRAINING)
 
 
-class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
+class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealth]):
     """Serves one model: its lifecycle, instances, batcher and statistics.
 
     Use it with ``async with`` (or ``with`` / :meth:`start_sync` from sync
@@ -129,6 +130,14 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         """
         loaded = self._loaded
         return loaded.platform if loaded is not None else "python"
+
+    @property
+    def queue_capacity(self) -> int:
+        """The most requests that may wait in its queue at once (at any one priority level).
+
+        Added in 0.3.
+        """
+        return max(queue_limits(self.config.batching))
 
     @property
     def streams(self) -> bool:
@@ -282,80 +291,8 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
 
     # -- requests -----------------------------------------------------------
 
-    @overload
-    def serve(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[False] = False,
-    ) -> Coroutine[Any, Any, ResponseT]: ...
-
-    @overload
-    def serve(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[True],
-    ) -> Coroutine[Any, Any, Traced[ResponseT]]: ...
-
-    @overload
-    def serve(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Coroutine[Any, Any, ResponseT | Traced[ResponseT]]: ...
-
-    def serve(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Coroutine[Any, Any, Any]:
-        """Serve one request: preprocess, batched infer, postprocess. Await it.
-
-        Callable from any thread or event loop; from another loop the call is
-        forwarded to the model's own loop.
-
-        Args:
-            request: the request, as the handler's ``preprocess`` takes it.
-            timeout: this request's deadline in seconds from now; defaults to
-                ``config.timeout``. When it passes the caller gets
-                :class:`DeadlineExceeded` at once; a request whose deadline
-                passed before its batch started is never computed.
-            priority: its priority level (0 is the highest); defaults to
-                ``batching.default_priority``.
-            trace: return a :class:`Traced` with the response and where the
-                call's time went.
-
-        Returns:
-            The response from the handler's ``postprocess`` (in a
-            :class:`Traced` with ``trace=True``).
-
-        Raises:
-            NotReady: the model is not ``READY``; the message names its state.
-            Overloaded: the request's priority level is full.
-            InvalidInput: ``preprocess`` rejected the request (or its cost or
-                priority cannot be batched).
-            DeadlineExceeded: the deadline passed first.
-            InferenceError: ``infer`` or ``postprocess`` failed for it.
-
-        Added in 0.3 (the name; ``infer`` before).
-        """
-        # A plain def handing back the request path's coroutine, so that a
-        # request makes one coroutine fewer: about 5% of the batcher's cost
-        # per request (benchmarks/batcher.py). Awaiting it is all callers see.
-        return self._home.call(self._serve, request, timeout, priority, trace, False)
-
-    infer = renamed(serve, old="infer", owner="ModelRuntime")
+    infer = renamed(Serving.serve, old="infer", owner="ModelRuntime")
+    infer_sync = renamed(Serving.serve_sync, old="infer_sync", owner="ModelRuntime")
 
     async def _serve(
         self,
@@ -434,107 +371,12 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
             value=response, trace=item.trace(self.name, began, preprocessed, computed, now)
         )
 
-    @overload
-    def serve_sync(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[False] = False,
-    ) -> ResponseT: ...
-
-    @overload
-    def serve_sync(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[True],
-    ) -> Traced[ResponseT]: ...
-
-    @overload
-    def serve_sync(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> ResponseT | Traced[ResponseT]: ...
-
-    def serve_sync(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> ResponseT | Traced[ResponseT]:
-        """Blocking form of :meth:`serve`, for threads without an event loop.
-
-        Thread-safe. Works from a thread that runs its own loop (a notebook)
-        as long as the model lives in another one (started with
-        :meth:`start_sync`).
-
-        Added in 0.3 (the name; ``infer_sync`` before).
-        """
-        result: ResponseT | Traced[ResponseT] = self._home.call_sync(
-            self._serve, request, timeout, priority, trace, False
-        )
-        return result
-
-    infer_sync = renamed(serve_sync, old="infer_sync", owner="ModelRuntime")
-
     def _ended(self, exc: BaseException | None) -> None:
         """A stream ended (``exc``: how it failed): context for its error; a drain may end."""
         if isinstance(exc, MdsError):
             exc.add_context(model=self.name, version=self.version)
         if self._idle is not None and not self._counts.in_flight:
             self._idle.set()
-
-    def stream(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-    ) -> AsyncIterator[Any]:
-        """Serve one request and yield its response in chunks, as they are made.
-
-        For a handler whose ``postprocess`` is a generator (``def`` or
-        ``async def`` with ``yield``): the request is batched and computed
-        like any other, then each value ``postprocess`` yields for it comes
-        out here at once. (:meth:`serve` on such a model returns the list of
-        all chunks.) A model whose ``postprocess`` does not yield gives its
-        whole response as one chunk. The deadline covers the whole stream;
-        leaving the loop early closes ``postprocess``'s generator.
-
-        Callable from any event loop; from another loop each chunk is
-        fetched from the model's own.
-
-        Raises:
-            MdsError: what :meth:`serve` raises, before the first chunk or,
-                for ``postprocess``'s errors, between chunks.
-
-        Added in 0.2.
-        """
-        return self._home.iterate(self._serve, request, timeout, priority, False, True)
-
-    def stream_sync(
-        self,
-        request: RequestT,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-    ) -> Iterator[Any]:
-        """Blocking form of :meth:`stream`, for threads without an event loop (Flask).
-
-        The request is sent when iteration begins; closing the iterator early
-        stops the stream.
-        """
-        return self._home.iterate_sync(self._serve, request, timeout, priority, False, True)
 
     def set_batching(self, batching: BatchingConfig) -> None:
         """Change how requests are batched, from the next batch on.
@@ -557,14 +399,6 @@ class ModelRuntime(LoopBound, Generic[RequestT, ResponseT]):
         logger.info("%s: batching is now %s", self._where, batching)
 
     # -- what callers can read ----------------------------------------------
-
-    def health(self) -> Coroutine[Any, Any, ModelHealth]:
-        """Readiness: ``READY`` and every instance's ``health`` check passes.
-
-        Checks run at once, each bounded by ``config.health_timeout``.
-        Callable from any event loop. Await it.
-        """
-        return self._home.call(self._health)
 
     async def _health(self) -> ModelHealth:
         loaded = self._loaded

@@ -37,16 +37,19 @@ class Runtime(LoopBound):
     """Holds models by name and serves them; starts and stops them together.
 
     ``async with runtime:`` starts every model (init, warm-up) at once and,
-    on leaving, drains in-flight requests and tears the models down. From
-    sync code (Flask, scripts, notebooks) use :meth:`start_sync` and
-    :meth:`stop_sync`, or ``with runtime:``. While it runs, it is the runtime
-    that :func:`mds.serve` uses (the most recently started one).
+    on leaving, drains in-flight requests and tears the models down;
+    ``async with runtime.run(load="background"):`` returns before the models
+    are ready (see :meth:`run`). From sync code (Flask, scripts, notebooks)
+    use :meth:`start_sync` and :meth:`stop_sync`, or ``with runtime:``. While
+    it runs, it is the runtime that :func:`mds.serve` uses (the most recently
+    started one).
 
     Args:
         fail_fast: if a model fails to start, stop the others and raise
             (the default). With ``False`` the runtime runs without it; the
             model reports ``FAILED`` with its cause, readiness is false, and
-            :meth:`start_model` can try again.
+            :meth:`start_model` can try again. (Loading in the background,
+            a model that fails stays ``FAILED`` either way.)
         devices: the device manager that places its models' instances;
             defaults to :meth:`DeviceManager.default`.
 
@@ -180,6 +183,15 @@ class Runtime(LoopBound):
         self._pipelines[name] = served
         return served
 
+    @property
+    def servables(self) -> Mapping[str, Servable]:
+        """Every model and pipeline, by name (read-only; a new mapping each time).
+
+        Added in 0.3.
+        """
+        found: dict[str, Servable] = {**self._models, **self._pipelines}
+        return MappingProxyType(dict(sorted(found.items())))
+
     def pipeline(self, name: str) -> PipelineRuntime:
         """The pipeline called ``name``.
 
@@ -263,6 +275,8 @@ class Runtime(LoopBound):
         Raises:
             LifecycleError: already started, or (waiting, with ``fail_fast``)
                 a model failed to start.
+
+        Added in 0.1; ``load`` in 0.3.
         """
         self._start_sync(self.run(load=load))
 
@@ -383,7 +397,10 @@ class Runtime(LoopBound):
         # fewer per request on the path mds.serve takes.
         found: Servable | None = self._models.get(model) or self._pipelines.get(model)
         if found is None:
-            found = self.servable(model)  # raises ModelNotFound
+            try:
+                found = self.servable(model)
+            except MdsError as exc:  # raised where the call is awaited, as by an async def
+                return _raising(exc)
         return found.serve(request, timeout=timeout, priority=priority, trace=trace)
 
     def serve_sync(
@@ -425,30 +442,11 @@ class Runtime(LoopBound):
 
         Added in 0.3.
         """
-        target = self.servable(model)
-        return self._home.call(self._serve_many, target, list(requests), timeout, priority)
-
-    async def _serve_many(
-        self,
-        target: Servable,
-        requests: list[Any],
-        timeout: float | None,
-        priority: int | None,
-    ) -> list[Any]:
-        outcomes: list[Any] = [None] * len(requests)
-
-        async def one(index: int) -> None:
-            try:
-                outcomes[index] = await target.serve(
-                    requests[index], timeout=timeout, priority=priority
-                )
-            except MdsError as exc:
-                outcomes[index] = exc
-
-        async with anyio.create_task_group() as tasks:
-            for index in range(len(requests)):
-                tasks.start_soon(one, index)
-        return outcomes
+        try:
+            target = self.servable(model)
+        except MdsError as exc:
+            return _raising(exc)
+        return target.serve_many(requests, timeout=timeout, priority=priority)
 
     def serve_many_sync(
         self,
@@ -465,7 +463,7 @@ class Runtime(LoopBound):
         target = self.servable(model)
         if not self.running:
             raise self._not_running()
-        return self._home.call_sync(self._serve_many, target, list(requests), timeout, priority)
+        return target.serve_many_sync(requests, timeout=timeout, priority=priority)
 
     def stream(
         self,
@@ -564,3 +562,8 @@ class _Lifetime:
         tb: TracebackType | None,
     ) -> None:
         await self._runtime.__aexit__(exc_type, exc, tb)
+
+
+async def _raising(error: BaseException) -> Any:
+    """A coroutine that raises ``error`` when awaited."""
+    raise error

@@ -6,22 +6,35 @@ transport never asks which kind it holds.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator, Sequence
+from typing import Any, Generic, Literal, Protocol, overload
 
+import anyio
+from typing_extensions import TypeVar
+
+from ._bridge import Home, process_portal
 from ._errors import MdsError
-from ._handler import ModelState
-from ._status import ModelHealth, PipelineHealth
+from ._handler import ModelState, RequestT, ResponseT
+from ._status import CallTrace, ModelHealth, PipelineHealth, Traced
 from ._tensors import Signature
 
-__all__ = ["Servable", "Signature"]
+__all__ = ["Servable", "Serving", "Signature"]
+
+TraceT = TypeVar("TraceT", default=CallTrace)
+HealthT = TypeVar("HealthT", bound=ModelHealth | PipelineHealth, default=ModelHealth)
 
 
 class Servable(Protocol):
     """What a runtime serves by name: a :class:`ModelRuntime` or a :class:`PipelineRuntime`.
 
     Every call is callable from any thread or event loop: it is forwarded
-    to the loop the servable lives in when need be.
+    to the loop the servable lives in when need be. A transport (yours, or
+    one of mds's) serves through this alone, whatever it holds.
+
+    Example:
+        >>> target = runtime.servable("classifier")
+        >>> target.platform, target.signature()
+        >>> response = await target.serve(request, timeout=1.0)
 
     Added in 0.3.
     """
@@ -59,6 +72,11 @@ class Servable(Protocol):
     @property
     def streams(self) -> bool:
         """Whether its responses come in chunks (see :meth:`stream`)."""
+        ...
+
+    @property
+    def queue_capacity(self) -> int | None:
+        """The most requests it holds queued at once; ``None`` where no one queue bounds it."""
         ...
 
     def signature(self) -> Signature | None:
@@ -111,6 +129,269 @@ class Servable(Protocol):
         """Blocking form of :meth:`stream`."""
         ...
 
+    def serve_many(
+        self, requests: Sequence[Any], *, timeout: float | None = None, priority: int | None = None
+    ) -> Coroutine[Any, Any, list[Any]]:
+        """Serve requests at once (they batch together); each's response or error in its place."""
+        ...
+
+    def serve_many_sync(
+        self, requests: Sequence[Any], *, timeout: float | None = None, priority: int | None = None
+    ) -> list[Any]:
+        """Blocking form of :meth:`serve_many`."""
+        ...
+
     def health(self) -> Awaitable[ModelHealth | PipelineHealth]:
         """Readiness now, with the reason when not ready. Await it."""
         ...
+
+    def health_sync(self) -> ModelHealth | PipelineHealth:
+        """Blocking form of :meth:`health`."""
+        ...
+
+
+class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
+    """The request forms every servable offers, written once over its request path.
+
+    A servable implements ``_serve(request, timeout, priority, trace, stream)``
+    (awaited in its own loop; with ``stream``, it returns the async iterator
+    of chunks) and ``_health()``, and keeps its :class:`~mds._bridge.Home`
+    in ``_home``; this gives it :meth:`serve`, :meth:`stream`,
+    :meth:`serve_many` and :meth:`health` and their blocking forms, callable
+    from any thread or event loop.
+    """
+
+    _home: Home
+
+    async def _serve(
+        self, request: Any, timeout: float | None, priority: int | None, trace: bool, stream: bool
+    ) -> Any:
+        raise NotImplementedError
+
+    async def _health(self) -> HealthT:
+        raise NotImplementedError
+
+    @overload
+    def serve(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[False] = False,
+    ) -> Coroutine[Any, Any, ResponseT]: ...
+
+    @overload
+    def serve(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[True],
+    ) -> Coroutine[Any, Any, Traced[ResponseT, TraceT]]: ...
+
+    @overload
+    def serve(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Coroutine[Any, Any, ResponseT | Traced[ResponseT, TraceT]]: ...
+
+    def serve(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> Coroutine[Any, Any, Any]:
+        """Serve one request. Await it.
+
+        Callable from any thread or event loop; from another loop the call is
+        forwarded to this one's own.
+
+        Args:
+            request: the request, as the model's ``preprocess`` (or the
+                pipeline's first node) takes it.
+            timeout: this request's deadline in seconds from now; defaults
+                to the configured one. When it passes the caller gets
+                :class:`DeadlineExceeded` at once; a request whose deadline
+                passed before its batch started is never computed.
+            priority: its priority level (0 is the highest); defaults to
+                the configured one.
+            trace: return a :class:`Traced` with the response and where the
+                call's time went.
+
+        Returns:
+            The response (in a :class:`Traced` with ``trace=True``).
+
+        Raises:
+            NotReady: it is not ready; the message names the state.
+            Overloaded: the request's priority level is full.
+            InvalidInput: ``preprocess`` rejected the request (or its cost or
+                priority cannot be batched).
+            DeadlineExceeded: the deadline passed first.
+            InferenceError: ``infer`` or ``postprocess`` failed for it.
+
+        Added in 0.3 (the name; ``infer`` before).
+        """
+        # A plain def handing back the request path's coroutine, so that a
+        # request makes one coroutine fewer: about 5% of the batcher's cost
+        # per request (benchmarks/batcher.py). Awaiting it is all callers see.
+        return self._home.call(self._serve, request, timeout, priority, trace, False)
+
+    @overload
+    def serve_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[False] = False,
+    ) -> ResponseT: ...
+
+    @overload
+    def serve_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: Literal[True],
+    ) -> Traced[ResponseT, TraceT]: ...
+
+    @overload
+    def serve_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> ResponseT | Traced[ResponseT, TraceT]: ...
+
+    def serve_sync(
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        trace: bool = False,
+    ) -> ResponseT | Traced[ResponseT, TraceT]:
+        """Blocking form of :meth:`serve`, for threads without an event loop.
+
+        Thread-safe. Works from a thread that runs its own loop (a notebook)
+        as long as this lives in another one (started with ``start_sync``).
+
+        Added in 0.3 (the name; ``infer_sync`` before).
+        """
+        result: ResponseT | Traced[ResponseT, TraceT] = self._home.call_sync(
+            self._serve, request, timeout, priority, trace, False
+        )
+        return result
+
+    def stream(
+        self, request: RequestT, *, timeout: float | None = None, priority: int | None = None
+    ) -> AsyncIterator[Any]:
+        """Serve one request and yield its response in chunks, as they are made.
+
+        For a handler whose ``postprocess`` is a generator (``def`` or
+        ``async def`` with ``yield``): the request is batched and computed
+        like any other, then each value ``postprocess`` yields for it comes
+        out here at once. (:meth:`serve` on such a model returns the list of
+        all chunks.) A model whose ``postprocess`` does not yield, and a
+        pipeline, give the whole response as one chunk. The deadline covers
+        the whole stream; leaving the loop early closes ``postprocess``'s
+        generator.
+
+        Callable from any event loop; from another loop each chunk is
+        fetched from this one's own.
+
+        Raises:
+            MdsError: what :meth:`serve` raises, before the first chunk or,
+                for ``postprocess``'s errors, between chunks.
+
+        Added in 0.2.
+        """
+        return self._home.iterate(self._serve, request, timeout, priority, False, True)
+
+    def stream_sync(
+        self, request: RequestT, *, timeout: float | None = None, priority: int | None = None
+    ) -> Iterator[Any]:
+        """Blocking form of :meth:`stream`, for threads without an event loop (Flask).
+
+        The request is sent when iteration begins; closing the iterator early
+        stops the stream.
+        """
+        return self._home.iterate_sync(self._serve, request, timeout, priority, False, True)
+
+    def serve_many(
+        self,
+        requests: Sequence[RequestT],
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> Coroutine[Any, Any, list[ResponseT | MdsError]]:
+        """Serve several requests at once: they batch together. Await it.
+
+        Returns:
+            Per request, in order: its response, or the :class:`MdsError` it
+            failed with (one failing request does not fail the others).
+
+        Added in 0.3.
+        """
+        return self._home.call(self._serve_many, list(requests), timeout, priority)
+
+    async def _serve_many(
+        self, requests: list[Any], timeout: float | None, priority: int | None
+    ) -> list[Any]:
+        outcomes: list[Any] = [None] * len(requests)
+
+        async def one(index: int) -> None:
+            try:
+                request = requests[index]
+                outcomes[index] = await self._serve(request, timeout, priority, False, False)
+            except MdsError as exc:
+                outcomes[index] = exc
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(len(requests)):
+                tasks.start_soon(one, index)
+        return outcomes
+
+    def serve_many_sync(
+        self,
+        requests: Sequence[RequestT],
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> list[ResponseT | MdsError]:
+        """Blocking form of :meth:`serve_many`, for threads without an event loop.
+
+        Added in 0.3.
+        """
+        result: list[ResponseT | MdsError] = self._home.call_sync(
+            self._serve_many, list(requests), timeout, priority
+        )
+        return result
+
+    def health(self) -> Coroutine[Any, Any, HealthT]:
+        """Readiness now, with the reason when not ready. Await it.
+
+        Callable from any event loop.
+        """
+        return self._home.call(self._health)
+
+    def health_sync(self) -> HealthT:
+        """Blocking form of :meth:`health`, for threads without an event loop.
+
+        Added in 0.3.
+        """
+        if self._home.portal is None:  # not running: nothing to ask its loop
+            result: HealthT = process_portal().call(self._health)
+            return result
+        return self._home.call_sync(self._health)

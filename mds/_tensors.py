@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ._errors import InvalidInput, excerpt, quote
+from ._errors import ConfigError, InvalidInput, excerpt, quote
 
 __all__ = ["InputCheck", "Signature", "TensorSpec", "dims", "is_tensor"]
 
@@ -28,6 +28,15 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     dtype: str
     shape: tuple[int | str | None, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            np.dtype(self.dtype)
+        except TypeError:
+            raise ConfigError(
+                f"TensorSpec {self.name!r}: {self.dtype!r} is not a numpy dtype's name "
+                "(float32, int64, bool, object, ...)"
+            ) from None
 
     def describe(self) -> str:
         """``"x (float32 [?, 4])"``, for messages."""
@@ -102,15 +111,11 @@ class InputCheck:
         else:
             try:
                 array = np.asarray(value)
-                if array.dtype != expected and not np.can_cast(
-                    array.dtype, expected, casting="same_kind"
-                ):
-                    raise TypeError(f"{array.dtype} values")
-                array = array.astype(expected, copy=False)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise InvalidInput(
                     f"input {name!r}: expected {expected} values, got {excerpt(str(exc))}"
                 ) from None
+            array = _cast(array, expected, name)
         got_shape = tuple(array.shape)
         if len(got_shape) != len(shape) or any(
             isinstance(want, int) and want != got
@@ -121,6 +126,39 @@ class InputCheck:
                 f"input {name!r}: expected shape {dims(shape)}{per}, got {dims(got_shape)}"
             )
         return array
+
+
+def _cast(array: np.ndarray, expected: np.dtype[Any], name: str) -> np.ndarray:
+    """Values that came as lists (from JSON), as ``expected``: never wrapped, never inf."""
+    if array.dtype == expected:
+        return array
+    kind, want = array.dtype.kind, expected.kind
+    got = f"{array.dtype} values" if kind != "O" else "values of mixed or unbounded types"
+    if want in "iu":
+        if kind not in "iu":
+            raise InvalidInput(f"input {name!r}: expected whole numbers ({expected}), got {got}")
+        if array.size:
+            info = np.iinfo(expected)
+            low, high = array.min(), array.max()
+            if low < info.min or high > info.max:
+                bad = low if low < info.min else high
+                raise InvalidInput(
+                    f"input {name!r}: {bad} is out of {expected}'s range ({info.min} to {info.max})"
+                )
+        return array.astype(expected)
+    if want in "fc":
+        if kind not in "iuf":
+            raise InvalidInput(f"input {name!r}: expected numbers ({expected}), got {got}")
+        with np.errstate(over="ignore"):
+            cast = array.astype(expected)
+        if not np.isfinite(cast[np.isfinite(array)]).all():
+            raise InvalidInput(f"input {name!r}: a value is out of {expected}'s range")
+        return cast
+    if want == "b" and kind != "b":
+        raise InvalidInput(f"input {name!r}: expected true or false (bool), got {got}")
+    if want == "O" and kind not in "USO":
+        raise InvalidInput(f"input {name!r}: expected strings, got {got}")
+    return array.astype(expected)
 
 
 def dims(shape: Sequence[Any]) -> str:

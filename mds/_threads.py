@@ -123,20 +123,6 @@ def _take(call: _Call) -> bool:
     return True
 
 
-def _settle(call: _Call, result: Any, error: BaseException | None) -> None:
-    """On the loop: hand the thread's outcome to the caller."""
-    call.settled = True
-    if call.then is not None:
-        call.then.set_result(None)
-    future = call.future
-    if future.cancelled():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
-
-
 class _LoopThreads:
     """Threads of our own fed from one queue; each outcome returns by ``call_soon_threadsafe``.
 
@@ -153,7 +139,9 @@ class _LoopThreads:
         self._abandon = abandon
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._pending = 0  # calls handed over and not yet settled (counted on the loop)
+        # Calls handed over and not yet done, counted on the loop: a call whose
+        # caller left counts until its thread is done with it.
+        self._pending = 0
         self._closed = False
         _every.add(self)
         _close_all_at_exit()
@@ -169,8 +157,11 @@ class _LoopThreads:
         try:
             return cast(T, await call.future)
         except asyncio.CancelledError:
-            if _take(call) or self._abandon or call.settled:
-                raise  # withdrawn before it started, or not waited for
+            if _take(call):  # withdrawn before it started: it never will
+                self._pending -= 1
+                raise
+            if self._abandon or call.settled:
+                raise  # not waited for
             # Like anyio, wait for the thread (it cannot be stopped), so that
             # nothing else runs on this instance meanwhile.
             call.then = then = self._loop.create_future()
@@ -181,8 +172,20 @@ class _LoopThreads:
                     except asyncio.CancelledError:
                         pass  # cancelled again: still waiting; raised below
             raise
-        finally:
-            self._pending -= 1
+
+    def _settle(self, call: _Call, result: Any, error: BaseException | None) -> None:
+        """On the loop: hand the thread's outcome to the caller, if it still waits."""
+        self._pending -= 1
+        call.settled = True
+        if call.then is not None:
+            call.then.set_result(None)
+        future = call.future
+        if future.cancelled():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
     def _start_thread(self) -> None:
         thread = threading.Thread(
@@ -196,7 +199,7 @@ class _LoopThreads:
             self._calls.put(None)
 
     def _work(self) -> None:
-        calls, loop = self._calls, self._loop
+        calls, loop, settle = self._calls, self._loop, self._settle
         while (call := calls.get()) is not None:
             if not _take(call):
                 continue  # its caller withdrew it
@@ -207,7 +210,7 @@ class _LoopThreads:
             except BaseException as exc:
                 error = exc
             try:
-                loop.call_soon_threadsafe(_settle, call, result, error)
+                loop.call_soon_threadsafe(settle, call, result, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
             del call, result, error  # hold nothing while idle

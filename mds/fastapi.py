@@ -122,7 +122,8 @@ def lifespan(
             probes expect of a server whose models take minutes to load.
             ``"wait"``: the app starts once every model is ready (or fails
             to start if one fails), so startup code may call the models.
-            See :meth:`mds.Runtime.run`.
+            See :meth:`mds.Runtime.run`. Added in 0.3; before, the app always
+            waited.
     """
 
     @asynccontextmanager
@@ -151,10 +152,11 @@ def add_routes(
     """Add mds's routes and error handlers to ``app``; run ``runtime`` with its lifespan.
 
     The runtime starts before the app's own lifespan and stops after it;
-    ``load`` says whether the app waits for the models (see
-    :func:`lifespan`). Your own routes that call ``mds.serve`` answer mds's
-    errors with the same statuses and bodies as mds's routes (see
-    :func:`add_error_handlers`). The other arguments are those of :func:`router`.
+    ``load`` says whether the app waits for the models (see :func:`lifespan`;
+    added in 0.3, when the default became ``"background"``). Your own routes
+    that call ``mds.serve`` answer mds's errors with the same statuses and
+    bodies as mds's routes (see :func:`add_error_handlers`). The other
+    arguments are those of :func:`router`.
 
     Returns:
         The router that was included.
@@ -278,8 +280,8 @@ class _Routes:
         await self._reply(send, self._model_ready, params["name"], True, params.get("version"))
 
     async def _model_ready(self, name: str, v2: bool, version: str | None = None) -> Reply:
-        self.service.target(name, version)
-        return self.service.model_ready(name, await self.runtime.health(), v2)
+        target = self.service.target(name, version)
+        return self.service.model_ready(target, await target.health(), v2)
 
     async def statistics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send(send, self.service.statistics())
@@ -323,15 +325,11 @@ class _Routes:
             if call.streams:
                 await self._stream(receive, send, call)
                 return
-            runtime = self.runtime
+            target = call.target
             if call.rows is None:
-                work = runtime.serve(
-                    call.name, call.payload, timeout=call.timeout, priority=call.priority
-                )
+                work = target.serve(call.payload, timeout=call.timeout, priority=call.priority)
             else:
-                work = runtime.serve_many(
-                    call.name, call.rows, timeout=call.timeout, priority=call.priority
-                )
+                work = target.serve_many(call.rows, timeout=call.timeout, priority=call.priority)
             result = await _watching(receive, work)
             if result is _GONE:
                 return
@@ -348,9 +346,7 @@ class _Routes:
         service = self.service
         chunks = cast(
             "AsyncGenerator[Any, None]",
-            self.runtime.stream(
-                call.name, call.payload, timeout=call.timeout, priority=call.priority
-            ),
+            call.target.stream(call.payload, timeout=call.timeout, priority=call.priority),
         )
         try:
             chunk = await _watching(receive, anext(chunks, _GONE))

@@ -102,6 +102,7 @@ def add_routes(
     every model is ready, and raises if one failed. Your own views that call
     ``mds.serve_sync`` answer mds's errors as mds's routes do (see
     :func:`add_error_handlers`). The other arguments are those of :func:`blueprint`.
+    (``load``, the error handlers and the background default: added in 0.3.)
 
     Returns:
         The Blueprint that was registered.
@@ -124,6 +125,7 @@ def add_routes(
     )
     app.register_blueprint(found, url_prefix=prefix or None)
     add_error_handlers(app, retry_after=retry_after)
+    _answer_other_methods(app, found)
     if not runtime.running:
         runtime.start_sync(load=load)
     return found
@@ -146,6 +148,34 @@ def add_error_handlers(app: Flask, *, retry_after: int = 1) -> None:
         return _response(flask, error_reply(exc, retry_after))
 
     app.register_error_handler(MdsError, handle)
+
+
+def _answer_other_methods(app: Flask, found: Blueprint) -> None:
+    """Mds's 405 for a method Flask routes nowhere (``TRACE``...) on one of mds's paths.
+
+    Routing fails before a blueprint is known, so this is the app's handler;
+    it answers as Flask would for any path that is not mds's.
+    """
+    flask = require("flask", feature="mds.flask")
+    from werkzeug.exceptions import MethodNotAllowed
+
+    def handle(exc: MethodNotAllowed) -> Any:
+        request = flask.request
+        adapter = app.url_map.bind_to_environ(request.environ)
+        for method in exc.valid_methods or ():
+            try:
+                endpoint, _ = adapter.match(method=method)
+            except Exception:
+                continue
+            view = app.view_functions.get(endpoint)
+            if endpoint.startswith(f"{found.name}.") and isinstance(view, _Dispatch):
+                return view.views._response(
+                    view.views.service.not_allowed(request.method, view.allowed)
+                )
+            break
+        return exc.get_response()
+
+    app.register_error_handler(MethodNotAllowed, handle)
 
 
 def _response(flask: Any, reply: Reply) -> Response:
@@ -210,8 +240,8 @@ class _Views:
         return self._answer(self._model_ready, name, True, version)
 
     def _model_ready(self, name: str, v2: bool, version: str | None) -> Reply:
-        self.service.target(name, version)
-        return self.service.model_ready(name, self.runtime.health_sync(), v2)
+        target = self.service.target(name, version)
+        return self.service.model_ready(target, target.health_sync(), v2)
 
     def statistics(self) -> Response:
         return self._response(self.service.statistics())
@@ -242,13 +272,14 @@ class _Views:
             call = service.request(name, version, body, request.headers, v2=v2)
             if call.streams:
                 return self._stream(call)
+            target = call.target
             if call.rows is None:
-                result = self.runtime.serve_sync(
-                    call.name, call.payload, timeout=call.timeout, priority=call.priority
+                result = target.serve_sync(
+                    call.payload, timeout=call.timeout, priority=call.priority
                 )
             else:
-                result = self.runtime.serve_many_sync(
-                    call.name, call.rows, timeout=call.timeout, priority=call.priority
+                result = target.serve_many_sync(
+                    call.rows, timeout=call.timeout, priority=call.priority
                 )
             reply = service.reply(call, result)
         except Exception as exc:
@@ -257,9 +288,7 @@ class _Views:
 
     def _stream(self, call: Call) -> Response:
         service = self.service
-        chunks = self.runtime.stream_sync(
-            call.name, call.payload, timeout=call.timeout, priority=call.priority
-        )
+        chunks = call.target.stream_sync(call.payload, timeout=call.timeout, priority=call.priority)
         try:
             first = next(chunks, _END)
         except Exception as exc:

@@ -109,6 +109,22 @@ async def test_serve_without_a_running_runtime_says_so(doubler: Any) -> None:
         runtime.serve_sync("doubler", 1.0)
 
 
+async def test_serve_raises_where_it_is_awaited_as_an_async_function_does(doubler: Any) -> None:
+    # Making the call (to hand it to a task group, say) never raises; awaiting it does.
+    call = mds.serve("doubler", 1.0)
+    with pytest.raises(mds.NotReady, match="no mds runtime is running"):
+        await call
+    async with make_runtime(doubler) as runtime:
+        for call in (
+            mds.serve("nothing", 1.0),
+            runtime.serve("nothing", 1.0),
+            runtime.serve_many("nothing", [1.0]),
+        ):
+            with pytest.raises(mds.ModelNotFound, match="no model named 'nothing'"):
+                await call
+        assert await runtime.serve_many("doubler", [1.0, 2.0]) == [2.0, 4.0]
+
+
 async def test_an_unknown_model_is_named_with_the_known_ones(doubler: Any) -> None:
     async with make_runtime(doubler):
         with pytest.raises(mds.ModelNotFound, match=r"no model named 'tripler'; .* 'doubler'"):

@@ -278,3 +278,27 @@ async def test_per_request_threads_let_a_cancelled_caller_go_while_its_call_runs
     finally:
         release.set()
         threads.close()
+
+
+async def test_a_call_its_caller_left_still_holds_its_thread() -> None:
+    # The caller let go of a running call: the next call gets another thread
+    # rather than waiting behind it.
+    threads = _threads.threads(2, "test-held", abandon=True)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking() -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(threads.run, blocking)
+                await wait_for(started)
+                scope.cancel()
+        with anyio.fail_after(10):
+            assert await threads.run(lambda: "next") == "next"  # while blocking still runs
+        assert not release.is_set()
+    finally:
+        release.set()
+        threads.close()

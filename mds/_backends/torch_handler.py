@@ -236,17 +236,21 @@ class TorchHandler(ModelHandler[Any, Any]):
     def check(self, request: Any) -> Any:
         """The request, checked against the model's inputs: an array, or a dict of them.
 
-        A model with one input gets its array (or tensor), one with several a
-        dict by input name. With no inputs known, the request as it is.
+        A model with one input gets its array (or tensor), sent alone or in
+        a dict under the input's name (as the protocol sends it); one with
+        several, a dict by input name. With no inputs known, the request as
+        it is.
 
         Raises:
             InvalidInput: a missing or unknown input, a wrong dtype or shape.
+
+        Added in 0.3.
         """
         check = self._check
         if check is None:
             return request
         checked = check(request)
-        if len(checked) == 1 and not isinstance(request, Mapping):
+        if len(checked) == 1:
             return next(iter(checked.values()))
         return checked
 

@@ -30,7 +30,15 @@ import anyio
 
 from .. import _loop
 from .._config import BatchingConfig, queue_limits
-from .._errors import ConfigError, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from .._errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InferenceError,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+    describe,
+)
 from .deadlines import DeadlineWatch
 from .queue import DONE, QUEUED, RUNNING, BatchInfo, Item, RequestQueue
 from .stats import BatchStats
@@ -418,11 +426,17 @@ class Batcher(Generic[W]):
         info.instance = worker.index
         try:
             outcomes = await self._isolate(worker, batch)
-        except BaseException:
-            # Cancelled (a stop that could not wait): nobody is left waiting.
+        except anyio.get_cancelled_exc_class():
+            # A stop that could not wait: nobody is left waiting.
             for item in batch:
                 item.settle(Unavailable("the model stopped while computing this request"))
             raise
+        except Exception as exc:
+            # A fault of mds's own (user code's are answered per item): this
+            # batch fails, the worker goes on.
+            logger.exception("%s: computing a batch failed", self._name)
+            error = InferenceError(f"computing the batch failed: {describe(exc)}")
+            outcomes = [error] * len(batch)
         finally:
             # A batch handed over early started when the one before it ended.
             finished = self._clock()

@@ -29,7 +29,7 @@ from .._errors import (
 )
 from .._runtime import Runtime
 from .._servable import Servable
-from .._status import RuntimeHealth
+from .._status import ModelHealth, PipelineHealth, RuntimeHealth
 from .._version import __version__
 from . import protocol
 from . import v2 as v2_protocol
@@ -152,12 +152,12 @@ class Reply(NamedTuple):
 class Call(NamedTuple):
     """One decoded inference request, from either route family.
 
-    Serve ``payload``, or each of ``rows`` at once when it is not ``None``
-    (a protocol request with a batch axis), and make the reply with
-    :meth:`Service.reply`.
+    Serve ``payload`` with ``target``, or each of ``rows`` at once when it is
+    not ``None`` (a protocol request with a batch axis), and make the reply
+    with :meth:`Service.reply`.
     """
 
-    name: str
+    target: Servable
     payload: Any
     rows: list[Any] | None
     timeout: float | None
@@ -262,19 +262,19 @@ class Service:
         return Reply(200 if live else 503, _encoder.encode({"live": live}))
 
     def ready(self, health: RuntimeHealth) -> Reply:
-        ready = health.ready and all(p.ready for p in health.pipelines.values())
+        ready = health.ready  # every model; so every pipeline, made of them
         return Reply(200 if ready else 503, _encoder.encode(health), JSON, self._unless(ready))
 
     def target(self, name: str, version: str | None = None) -> Servable:
         """The model or pipeline called ``name`` (at ``version``, if given)."""
         return self.runtime.servable(name, version)
 
-    def model_ready(self, name: str, health: RuntimeHealth, v2: bool = False) -> Reply:
-        report = health.models.get(name) or health.pipelines.get(name)
-        if report is None:
-            raise ModelNotFound(f"no model or pipeline called {name!r}")
+    def model_ready(
+        self, target: Servable, report: ModelHealth | PipelineHealth, v2: bool = False
+    ) -> Reply:
+        """One model's or pipeline's readiness, from its own ``health()``."""
         body = (
-            {"name": name, "ready": report.ready}
+            {"name": target.name, "ready": report.ready}
             if v2
             else msgspec.to_builtins(report, enc_hook=_enc_hook)
         )
@@ -298,9 +298,8 @@ class Service:
         return Reply(200, _encoder.encode(self.metadata(self.target(name, version))))
 
     def models(self) -> Reply:
-        runtime = self.runtime
-        names = sorted([*runtime.models, *runtime.pipelines])
-        return Reply(200, _encoder.encode([self.metadata(self.target(n)) for n in names]))
+        servables = self.runtime.servables.values()
+        return Reply(200, _encoder.encode([self.metadata(target) for target in servables]))
 
     def metadata(self, target: Servable) -> ModelMetadata:
         inputs, outputs = target.signature() or ({}, {})
@@ -381,7 +380,7 @@ class Service:
                 "a model that streams takes one request at a time: send the tensors "
                 "without a batch axis"
             )
-        return Call(name, payload, rows, timeout, priority, streams, v2_call)
+        return Call(target, payload, rows, timeout, priority, streams, v2_call)
 
     def reply(self, call: Call, result: Any) -> Reply:
         """The response to ``call`` for the model's ``result`` (each row's, with rows)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._errors import InferenceError, InvalidInput, MdsError, describe, excerpt, quote
 from .._servable import Servable
-from .._tensors import InputCheck, TensorSpec, dims
+from .._tensors import InputCheck, Signature, TensorSpec, dims
 from . import protocol
 from .protocol import InferRequest, TensorMetadata
 
@@ -60,11 +60,30 @@ def decode(target: Servable, body: bytes, header_length: str | None) -> V2Call:
     _check_names("input", tensors, inputs, missing=True)
     if request.outputs:
         _check_names("output", {o.name: None for o in request.outputs}, outputs, missing=False)
-    check = InputCheck(inputs)
+    check = _check_of(signature)
     rows = _rows(tensors, inputs)
     if rows is None:
         return V2Call(target, request, _from_tensors(target, check(tensors)), None)
+    capacity = target.queue_capacity
+    if capacity is not None and len(rows) > capacity:
+        raise InvalidInput(
+            f"the request has {len(rows)} rows; the model queues at most {capacity} requests "
+            "at once: send at most that many rows"
+        )
     return V2Call(target, request, None, [_from_tensors(target, check(row)) for row in rows])
+
+
+_checks: dict[int, tuple[Signature, InputCheck]] = {}
+
+
+def _check_of(signature: Signature) -> InputCheck:
+    """The input check for ``signature``, made once (a model's signature is made once a start)."""
+    found = _checks.get(id(signature))
+    if found is None or found[0] is not signature:
+        if len(_checks) > 256:  # models restarted many times: forget the old ones
+            _checks.clear()
+        found = _checks[id(signature)] = (signature, InputCheck(signature[0]))
+    return found[1]
 
 
 def _rows(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
-from typing import Any, Literal, overload
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from .. import _loop
 from .._bridge import Home
@@ -11,6 +11,7 @@ from .._deprecation import renamed
 from .._errors import MdsError, NotReady
 from .._handler import ModelState
 from .._model import ModelRuntime
+from .._servable import Serving
 from .._status import ModelHealth, NodeTrace, PipelineHealth, PipelineTrace, Traced
 from .._tensors import Signature
 from .graph import Pipeline
@@ -19,7 +20,7 @@ from .runners import Runner, compile_nodes
 __all__ = ["PipelineRuntime"]
 
 
-class PipelineRuntime:
+class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
     """A pipeline as a runtime serves it: its nodes bound to the runtime's models.
 
     Made by :meth:`Runtime.add_pipeline`; serve it with :func:`mds.serve`,
@@ -34,6 +35,8 @@ class PipelineRuntime:
     platform = "ensemble"
     #: A pipeline gives its whole response at once.
     streams = False
+    #: No one queue bounds a pipeline (each model node has its own).
+    queue_capacity = None
 
     def __init__(
         self,
@@ -108,71 +111,12 @@ class PipelineRuntime:
 
     # -- requests ---------------------------------------------------------------
 
-    @overload
-    def serve(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[False] = False,
-    ) -> Coroutine[Any, Any, Any]: ...
-
-    @overload
-    def serve(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: Literal[True],
-    ) -> Coroutine[Any, Any, Traced[Any, PipelineTrace]]: ...
-
-    @overload
-    def serve(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Coroutine[Any, Any, Any]: ...
-
-    def serve(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Coroutine[Any, Any, Any]:
-        """Serve one request through the pipeline. Await it.
-
-        Callable from any thread or event loop (forwarded to the runtime's
-        loop when needed).
-
-        Args:
-            request: the first node's input.
-            timeout: a deadline in seconds from now for the whole call;
-                defaults to the pipeline's ``timeout``. Each model node's
-                own ``timeout`` still bounds that node.
-            priority: the priority level at every model node.
-            trace: return a :class:`Traced` with a :class:`PipelineTrace`.
-
-        Raises:
-            NotReady: a model node is not ready; the message names it.
-            MdsError: a node's error, of the same class, with the pipeline
-                and the node in its context (and so in its message).
-
-        Added in 0.3 (the name; ``infer`` before).
-        """
-        return self._home.call(self._serve, request, timeout, priority, trace)
-
-    infer = renamed(serve, old="infer", owner="PipelineRuntime")
+    infer = renamed(Serving.serve, old="infer", owner="PipelineRuntime")
 
     async def _serve(
-        self, request: Any, timeout: float | None, priority: int | None, trace: bool
+        self, request: Any, timeout: float | None, priority: int | None, trace: bool, stream: bool
     ) -> Any:
+        """One request through the graph, in the runtime's loop (``stream``: as one chunk)."""
         for node, model in self.models.items():
             if not model.ready:
                 raise NotReady(
@@ -194,6 +138,8 @@ class PipelineRuntime:
                 exc.add_context(pipeline=self.name, node=runner.name)
                 raise
             runner = following
+        if stream:
+            return _one_chunk(value)
         if traces is None:
             return value
         nodes = tuple(_shifted(t, began) for t in traces)
@@ -207,45 +153,10 @@ class PipelineRuntime:
             ),
         )
 
-    def serve_sync(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Any:
-        """Blocking form of :meth:`serve`, for threads with no event loop.
-
-        Added in 0.3.
-        """
-        return self._home.call_sync(self._serve, request, timeout, priority, trace)
-
-    async def stream(
-        self, request: Any, *, timeout: float | None = None, priority: int | None = None
-    ) -> AsyncIterator[Any]:
-        """The whole response as one chunk (a pipeline does not stream).
-
-        Added in 0.3.
-        """
-        yield await self.serve(request, timeout=timeout, priority=priority)
-
-    def stream_sync(
-        self, request: Any, *, timeout: float | None = None, priority: int | None = None
-    ) -> Iterator[Any]:
-        """Blocking form of :meth:`stream`.
-
-        Added in 0.3.
-        """
-        yield self.serve_sync(request, timeout=timeout, priority=priority)
-
     # -- health -----------------------------------------------------------------
 
-    async def health(self) -> PipelineHealth:
-        """Readiness: every model node's, together.
-
-        Added in 0.3 (before, the runtime's health only).
-        """
+    async def _health(self) -> PipelineHealth:
+        """Readiness: every model node's, together (see :meth:`health`)."""
         reports = {model.name: await model.health() for model in self.models.values()}
         return self.health_from(reports)
 
@@ -261,6 +172,10 @@ class PipelineRuntime:
                 why = report.reason if report is not None else "not reported"
                 reason = f"node {node!r} (model {model.name!r}) is not ready: {why}"
         return PipelineHealth(name=self.name, ready=reason is None, reason=reason, nodes=nodes)
+
+
+async def _one_chunk(value: Any) -> AsyncIterator[Any]:
+    yield value
 
 
 def _shifted(trace: NodeTrace, began: float) -> NodeTrace:

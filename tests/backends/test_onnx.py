@@ -80,7 +80,7 @@ async def test_bad_requests_fail_alone_naming_the_input(onnx_model: bytes, serve
             {**good, "x": np.ones((1, 4), np.float32)},
             "input 'x': expected shape (4) per request",
         ),
-        ({**good, "ids": 1.5}, "input 'ids': expected int64 values, got float64 values"),
+        ({**good, "ids": 1.5}, "input 'ids': expected whole numbers (int64), got float64 values"),
         (np.ones(4, np.float32), "the model takes 2 inputs"),
     ]
     async with mds.ModelRuntime(mds.OnnxHandler(onnx_model), BATCHED) as model:
@@ -136,3 +136,20 @@ async def test_unknown_outputs_and_providers_fail_the_start(
             pass
     with pytest.raises(mds.ConfigError, match="graph_optimization 'max'"):
         mds.OnnxHandler(onnx_model, graph_optimization="max")  # type: ignore[arg-type]
+
+
+async def test_values_that_do_not_fit_an_inputs_dtype_are_refused_never_wrapped(
+    onnx_model: bytes,
+) -> None:
+    async with mds.ModelRuntime(mds.OnnxHandler(onnx_model)) as model:
+        for request, problem in [
+            ({"x": [1e39, 0, 0, 0], "ids": 1}, "input 'x': a value is out of float32's range"),
+            ({"x": [1, 2, 3, 4], "ids": 2**70}, "input 'ids': expected whole numbers (int64)"),
+            ({"x": [1, 2, 3, 4], "ids": 1.5}, "input 'ids': expected whole numbers (int64)"),
+            ({"x": [True, False, True, False], "ids": 1}, "expected numbers (float32)"),
+            ({"x": ["a", "b", "c", "d"], "ids": 1}, "expected numbers (float32), got <U1"),
+        ]:
+            with pytest.raises(
+                mds.InvalidInput, match=problem.replace("(", r"\(").replace(")", r"\)")
+            ):
+                await model.serve(request)

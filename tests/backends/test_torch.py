@@ -190,3 +190,84 @@ async def test_a_bad_request_fails_alone(inputs: np.ndarray) -> None:
     assert_allclose(np.stack(results[:3]), direct(make_mlp(), inputs[:3]), rtol=1e-5)
     assert isinstance(results[3], mds.InferenceError)
     assert "mat1 and mat2 shapes cannot be multiplied" in str(results[3])
+
+
+async def answers(model: mds.ModelRuntime[Any, Any], requests: list[Any]) -> list[Any]:
+    results: list[Any] = []
+    for request in requests:
+        try:
+            results.append(await model.serve(request))
+        except mds.MdsError as exc:
+            results.append(exc)
+    return results
+
+
+@pytest.mark.parametrize("declared", ["examples", "inputs"])
+async def test_requests_are_checked_against_the_models_inputs(
+    inputs: np.ndarray, declared: str
+) -> None:
+    # Known from the warm-up examples, or declared: checked before the batch,
+    # each mistake a 400 (InvalidInput) that names the input, alone.
+    if declared == "examples":
+        handler = mds.TorchHandler(make_mlp, examples=[np.zeros(8, np.float32)])
+        name = "input"
+    else:
+        spec = mds.TensorSpec(name="x", dtype="float32", shape=(8,))
+        handler = mds.TorchHandler(make_mlp, inputs=[spec])
+        name = "x"
+    async with mds.ModelRuntime(handler, BATCHED) as model:
+        assert model.signature() == (
+            {name: mds.TensorSpec(name=name, dtype="float32", shape=(8,))},
+            {},
+        )
+        results = await answers(
+            model,
+            [
+                inputs[0],
+                inputs[1].tolist(),  # JSON: a list becomes a float32 array
+                [1, 2, 3, 4, 5, 6, 7, 8],  # ints cast to floats
+                {name: inputs[2]},  # the protocol's form: a dict by input name
+                np.zeros(5, np.float32),  # wrong width
+                inputs[3].astype(np.float64),  # float64 row for a float32 model
+                np.array(["a"] * 8),  # strings
+                inputs[:2],  # a batch sent as one request: wrong rank
+                {"other": inputs[0]},
+            ],
+        )
+    expected = direct(make_mlp(), inputs[:3])
+    assert_allclose(np.stack([results[0], results[1], results[3]]), expected, rtol=1e-5)
+    assert_allclose(results[2], direct(make_mlp(), np.arange(1, 9, dtype=np.float32)[None])[0])
+    problems = [str(r) for r in results[4:]]
+    assert all(isinstance(r, mds.InvalidInput) for r in results[4:]), problems
+    assert f"input '{name}': expected shape (8) per request" in problems[0]
+    assert f"input '{name}': expected dtype float32, got float64" in problems[1]
+    assert f"input '{name}': expected dtype float32, got <U1" in problems[2]
+    assert "expected shape (8) per request" in problems[3] and "got (2, 8)" in problems[3]
+    assert f"input '{name}' is missing" in problems[4]
+
+
+def test_a_torch_model_serves_protocol_rows_through_its_batcher(inputs: np.ndarray) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    import mds.fastapi
+
+    runtime = mds.Runtime()
+    handler = functools.partial(mds.TorchHandler, make_mlp, examples=[np.zeros(8, np.float32)])
+    runtime.add_model("mlp", handler, BATCHED)
+    app = FastAPI()
+    mds.fastapi.add_routes(app, runtime, load="wait")
+    rows = inputs[:5]
+    request = {"inputs": [{"name": "input", "shape": [5, 8], "datatype": "FP32"}]}
+    request["inputs"][0]["data"] = rows.ravel().tolist()
+    with TestClient(app) as client:
+        response = client.post("/v2/models/mlp/infer", json=request)
+        (output,) = response.json()["outputs"]
+        assert output["shape"] == [5, 3] and output["name"] == "output0"
+        got = np.asarray(output["data"], np.float32).reshape(5, 3)
+        assert_allclose(got, direct(make_mlp(), rows), rtol=1e-5)
+        bad = {"inputs": [{"name": "input", "shape": [5], "datatype": "FP32", "data": [0] * 5}]}
+        wrong = client.post("/v2/models/mlp/infer", json=bad)
+        assert wrong.status_code == 400
+        assert "input 'input': expected shape (8)" in wrong.json()["error"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import pytest
 
 import mds
 
@@ -138,6 +139,34 @@ async def test_no_user_code_error_stops_the_batcher(serve_all: Serve) -> None:
     assert "cannot split 5" in str(answers[5])
 
 
+class Rejected(mds.InvalidInput):
+    """A handler's own error class, with a constructor of its own."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"[{code}] {text}")
+        self.code = code
+
+
+async def test_a_handlers_own_error_classes_fail_their_items_and_nothing_else(
+    serve_all: Serve,
+) -> None:
+    class Strict(mds.ModelHandler[int, int]):
+        async def infer(self, batch: Sequence[int]) -> list[Any]:
+            if 13 in batch:
+                raise Rejected(13, "thirteen spoils the batch")
+            return [Rejected(x, "odd") if x % 2 else x for x in batch]
+
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8), timeout=30)
+    async with mds.ModelRuntime(Strict(), config, name="strict") as model:
+        answers = await serve_all(model, [0, 1, 2, 13])
+        assert await serve_all(model, [4, 6]) == [4, 6]  # the batcher serves on
+    assert answers[0] == 0 and answers[2] == 2
+    for index, code in ((1, 1), (3, 13)):
+        error = answers[index]
+        assert isinstance(error, Rejected) and error.code == code  # its own class, a 400
+        assert (error.model, error.instance) == ("strict", 0)
+
+
 async def test_a_stop_that_cannot_wait_still_lets_a_running_infer_finish_first() -> None:
     """Teardown never overlaps a plain infer that is still running in its thread."""
     events: list[str] = []
@@ -174,3 +203,32 @@ async def test_a_stop_that_cannot_wait_still_lets_a_running_infer_finish_first()
     assert events == ["infer started", "infer ended", "teardown"]
     # One answer: the result if it was back before the stop took effect.
     assert len(answers) == 1 and (answers[0] == 1 or isinstance(answers[0], mds.Unavailable))
+
+
+@pytest.mark.virtual_time
+async def test_deadlines_are_kept_while_a_failing_batch_is_split() -> None:
+    # Each try takes a second and a poisoned item makes it fail, so finding it
+    # takes several; every caller still hears at its deadline, to the instant.
+    class Poisoned(mds.ModelHandler[int, int]):
+        async def infer(self, batch: Sequence[int]) -> list[int]:
+            await anyio.sleep(1.0)
+            if 0 in batch:
+                raise RuntimeError("poisoned")
+            return list(batch)
+
+    answered: dict[int, float] = {}
+    config = mds.ModelConfig(timeout=0.5, batching=mds.BatchingConfig(max_batch_size=8))
+    async with mds.ModelRuntime(Poisoned(), config) as model:
+        began = anyio.current_time()
+
+        async def call(x: int) -> None:
+            with pytest.raises(mds.DeadlineExceeded, match="deadline passed while"):
+                await model.serve(x)
+            answered[x] = anyio.current_time() - began
+
+        async with anyio.create_task_group() as tasks:
+            for x in range(8):
+                tasks.start_soon(call, x)
+        assert model.statistics().isolation_splits <= 1  # still on the first tries
+    assert sorted(answered) == list(range(8))
+    assert all(abs(when - 0.5) < 1e-3 for when in answered.values()), answered

@@ -97,7 +97,7 @@ class SlowToLoad(mds.ModelHandler[Any, Any]):
 
 def make_runtime() -> mds.Runtime:
     runtime = mds.Runtime()
-    batching = mds.BatchingConfig(max_batch_size=16, max_queue_delay=0.005)
+    batching = mds.BatchingConfig(max_batch_size=16, max_queue_delay=0.005, max_queue_size=16)
     runtime.add_model("doubling", Doubling, mds.ModelConfig(batching=batching))
     runtime.add_model("special", Special)
     runtime.add_model("chatty", Chatty)
@@ -360,6 +360,14 @@ def test_error_bodies_are_bounded_whatever_they_quote(server: Server) -> None:
 # -- outputs JSON cannot write -------------------------------------------------
 
 
+def test_more_rows_than_the_model_can_queue_are_refused_at_once(server: Server) -> None:
+    rows = np.zeros((17, ROW), np.float32)  # doubling queues at most 16
+    request = v2_json("x", [17, ROW], "FP32", rows.ravel().tolist())
+    response = server.client.post("/v2/models/doubling/infer", json=request)
+    body = error_of(response, 400, "InvalidInput")
+    assert "the request has 17 rows; the model queues at most 16" in body["error"]
+
+
 def test_nan_and_infinities_read_back_through_tritonclient(server: Server) -> None:
     client = pytest.importorskip("tritonclient.http")
     triton = client.InferenceServerClient(server.url.removeprefix("http://"))
@@ -451,6 +459,13 @@ def test_a_wrong_method_is_a_405_in_mds_shape_with_allow(server: Server) -> None
     options = server.client.request("OPTIONS", "/models/doubling/infer")
     assert options.status_code == 200 and options.headers["allow"] == "OPTIONS, POST"
     assert server.client.head("/health/live").status_code == 200
+    # Methods no route of any app takes, on an mds path: mds's 405 too.
+    for method in ("TRACE", "PROPFIND"):
+        response = server.client.request(method, "/models/doubling/infer")
+        assert error_of(response, 405, "MethodNotAllowed")["error"].startswith(method)
+        assert response.headers["allow"] == "OPTIONS, POST"
+    # The app's own paths keep its framework's answer.
+    assert server.client.request("TRACE", "/own/bad").status_code == 405
 
 
 @pytest.mark.parametrize(

@@ -322,7 +322,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 began = self._clock()
                 deadline = began + timeout
             if steps.pre is None:
-                value = request
+                value = request if steps.pre_plain is None else steps.preprocess_plain(request)
                 now = began if deadline is not None else None  # still "now"
             else:
                 value = await steps.preprocess(request, deadline)

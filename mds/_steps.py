@@ -18,7 +18,7 @@ import anyio
 from ._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
 from ._handler import ModelHandler
 from ._instance import overrides
-from ._threads import Threads, off_loop
+from ._threads import Threads, off_loop, plain_form
 
 __all__ = ["Steps"]
 
@@ -32,8 +32,12 @@ class Steps:
         self._name = name  # for logs
         #: The handler's own steps, or ``None`` where it keeps the default
         #: (identity): the caller skips those without a call.
+        pre = handler.preprocess if overrides(handler, "preprocess") else None
+        #: ``preprocess`` as a plain call on the loop, where mds's own handler
+        #: marks it cheap (a check of the request): no coroutine per request.
+        self.pre_plain = plain_form(pre) if pre is not None else None
         self.pre: Callable[[Any], Awaitable[Any]] | None = (
-            off_loop(handler.preprocess, threads) if overrides(handler, "preprocess") else None
+            off_loop(pre, threads) if pre is not None and self.pre_plain is None else None
         )
         post = handler.postprocess
         #: Whether ``postprocess`` yields: the model streams its responses.
@@ -57,9 +61,22 @@ class Steps:
     async def preprocess(self, request: Any, deadline: float | None) -> Any:
         """The model input for ``request``; :class:`InvalidInput` if it is rejected."""
         if self.pre is None:
-            return request
+            return request if self.pre_plain is None else self.preprocess_plain(request)
         try:
+            if deadline is None:  # the common case, with no coroutine of _within's
+                return await self.pre(request)
             return await _within(self.pre, request, deadline, "preprocess")
+        except MdsError:
+            raise
+        except Exception as exc:
+            logger.debug("%s: preprocess rejected a request", self._name, exc_info=True)
+            raise InvalidInput(f"preprocess rejected the request: {describe(exc)}") from exc
+
+    def preprocess_plain(self, request: Any) -> Any:
+        """:meth:`preprocess` for a handler whose step is plain (``pre_plain``)."""
+        assert self.pre_plain is not None
+        try:
+            return self.pre_plain(request)
         except MdsError:
             raise
         except Exception as exc:
@@ -82,6 +99,8 @@ class Steps:
         if self.post is None:
             return output
         try:
+            if deadline is None:
+                return await self.post(output)
             return await _within(self.post, output, deadline, "postprocess")
         except MdsError:
             raise

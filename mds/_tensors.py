@@ -3,7 +3,7 @@
 # No `from __future__ import annotations`: msgspec reads these annotations.
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -67,38 +67,42 @@ class InputCheck:
     def __init__(self, specs: Mapping[str, TensorSpec], *, batched: bool = True) -> None:
         self.specs = dict(specs)
         self.batched = batched
-        # What each value is compared with, worked out once: this runs per request.
+        # What each value is compared with, worked out once: this runs per
+        # request. A shape of fixed sizes is compared as one tuple.
         self._expect = {
-            name: (np.dtype(spec.dtype), spec.shape) for name, spec in self.specs.items()
+            name: (np.dtype(spec.dtype), spec.shape, _fixed(spec.shape))
+            for name, spec in self.specs.items()
         }
+        #: The one input's name, for a model with one input.
+        self.single: str | None = next(iter(self.specs)) if len(self.specs) == 1 else None
 
     def __call__(self, request: Any) -> dict[str, Any]:
         """The request's value for each input, checked; raises :class:`InvalidInput`."""
         specs = self.specs
-        if not isinstance(request, Mapping):
-            if len(specs) != 1:
+        if isinstance(request, np.ndarray) or not isinstance(request, Mapping):
+            if self.single is None:
                 raise InvalidInput(
                     f"the model takes {len(specs)} inputs "
                     f"({', '.join(s.describe() for s in specs.values())}); send a dict "
                     "of input name to array"
                 )
-            request = {next(iter(specs)): request}
-        missing = [name for name in specs if name not in request]
-        if missing:
+            return {self.single: self.one(self.single, request)}
+        if request.keys() != specs.keys():
+            missing = [name for name in specs if name not in request]
+            if missing:
+                raise InvalidInput(
+                    f"input {missing[0]!r} is missing; the model takes "
+                    + ", ".join(spec.describe() for spec in specs.values())
+                )
+            unknown = next(name for name in request if name not in specs)
             raise InvalidInput(
-                f"input {missing[0]!r} is missing; the model takes "
-                + ", ".join(spec.describe() for spec in specs.values())
-            )
-        unknown = [name for name in request if name not in specs]
-        if unknown:
-            raise InvalidInput(
-                f"the model has no input {quote(unknown[0])}; its inputs are {', '.join(specs)}"
+                f"the model has no input {quote(unknown)}; its inputs are {', '.join(specs)}"
             )
         return {name: self.one(name, request[name]) for name in specs}
 
     def one(self, name: str, value: Any) -> Any:
         """``value`` for input ``name``, checked: an array (or the torch tensor given)."""
-        expected, shape = self._expect[name]
+        expected, shape, fixed = self._expect[name]
         if isinstance(value, np.ndarray):
             if value.dtype != expected:
                 raise InvalidInput(f"input {name!r}: expected dtype {expected}, got {value.dtype}")
@@ -117,15 +121,25 @@ class InputCheck:
                 ) from None
             array = _cast(array, expected, name)
         got_shape = tuple(array.shape)
-        if len(got_shape) != len(shape) or any(
-            isinstance(want, int) and want != got
-            for want, got in zip(shape, got_shape, strict=False)
+        if got_shape != fixed and (
+            len(got_shape) != len(shape)
+            or any(
+                isinstance(want, int) and want != got
+                for want, got in zip(shape, got_shape, strict=False)
+            )
         ):
             per = " per request (the batch axis is added by batching)" if self.batched else ""
             raise InvalidInput(
                 f"input {name!r}: expected shape {dims(shape)}{per}, got {dims(got_shape)}"
             )
         return array
+
+
+def _fixed(shape: tuple[int | str | None, ...]) -> tuple[int, ...] | None:
+    """``shape`` where every dimension has a size; else ``None``."""
+    if all(isinstance(dim, int) for dim in shape):
+        return cast(tuple[int, ...], shape)
+    return None
 
 
 def _cast(array: np.ndarray, expected: np.dtype[Any], name: str) -> np.ndarray:

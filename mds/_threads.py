@@ -17,16 +17,17 @@ import inspect
 import queue
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 
 from . import _exit, _loop
 
-__all__ = ["Threads", "is_async", "off_loop", "threads"]
+__all__ = ["Threads", "is_async", "off_loop", "on_loop", "plain_form", "threads"]
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 class Threads(Protocol):
@@ -68,6 +69,31 @@ def is_async(fn: Callable[..., Any]) -> bool:
         return True
     call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's own method
     return call is not None and inspect.iscoroutinefunction(call)
+
+
+def on_loop(fn: Callable[[S, Any], T]) -> Callable[[S, Any], Coroutine[Any, Any, T]]:
+    """A cheap plain method, as an ``async def`` that runs it on the loop.
+
+    Awaiting it works as for any async step; mds itself calls the plain
+    method (see :func:`plain_form`), which spares a request two coroutines.
+    For mds's own handlers' checks, which run per request.
+    """
+
+    @functools.wraps(fn)
+    async def step(self: S, arg: Any) -> T:
+        return fn(self, arg)
+
+    step.__mds_plain__ = fn  # type: ignore[attr-defined]
+    return step
+
+
+def plain_form(step: Callable[[Any], Any]) -> Callable[[Any], Any] | None:
+    """The plain method behind a bound step that :func:`on_loop` made, bound; else ``None``."""
+    fn = getattr(step, "__mds_plain__", None)
+    owner = getattr(step, "__self__", None)
+    if fn is None or owner is None:
+        return None
+    return cast(Callable[[Any], Any], functools.partial(fn, owner))
 
 
 def off_loop(fn: Callable[..., Any], threads: Threads) -> Callable[..., Awaitable[Any]]:

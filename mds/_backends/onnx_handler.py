@@ -21,6 +21,7 @@ from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
 from .._tensors import InputCheck, TensorSpec
+from .._threads import on_loop
 
 __all__ = ["OnnxHandler", "TensorSpec"]
 
@@ -260,7 +261,8 @@ class OnnxHandler(ModelHandler[Any, Any]):
 
     # -- a request --------------------------------------------------------------
 
-    async def preprocess(self, request: Any) -> Any:
+    @on_loop
+    def preprocess(self, request: Any) -> Any:
         """Check the request against the model's inputs (see :meth:`check`).
 
         Cheap, so it runs on the event loop (no thread hop). A subclass that

@@ -18,6 +18,7 @@ from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
 from .._tensors import InputCheck, Signature, TensorSpec, is_tensor
+from .._threads import on_loop
 
 if TYPE_CHECKING:
     import torch
@@ -46,10 +47,12 @@ class TorchHandler(ModelHandler[Any, Any]):
     Requests are checked before they are batched when the model's inputs are
     known: declared in ``inputs``, or read from the warm-up ``examples``
     (their dtypes and shapes; with :class:`mds.Pad`, the first axis may
-    vary). A missing or unknown input, a wrong dtype (a float64 row for a
-    float32 model, strings) or a wrong shape then fails that request alone
-    with :class:`mds.InvalidInput` naming the input, what was expected and
-    what came, and lists (from JSON) become arrays of the input's dtype.
+    vary; not when a subclass's own ``preprocess`` makes the model's input
+    from them: declare ``inputs`` then). A missing or unknown input, a wrong
+    dtype (a float64 row for a float32 model, strings) or a wrong shape then
+    fails that request alone with :class:`mds.InvalidInput` naming the input,
+    what was expected and what came, and lists (from JSON) become arrays of
+    the input's dtype.
     The inputs are the model's :meth:`signature` for the protocol routes.
 
     :meth:`forward` calls the module: ``module(**batch)`` for a dict,
@@ -78,8 +81,9 @@ class TorchHandler(ModelHandler[Any, Any]):
         copy_stream: on CUDA, copy inputs on a side stream that the compute
             stream waits for, so copies overlap other work on the GPU.
         examples: example requests for warm-up (see
-            :meth:`ModelHandler.warmup`); without ``inputs``, they also say
-            what a request must look like.
+            :meth:`ModelHandler.warmup`); without ``inputs`` (and with this
+            class's own ``preprocess``), they also say what a request must
+            look like.
         inputs: the tensors one request carries (no batch axis), to check
             requests against: one for a request that is an array, several
             for a dict (added in 0.3).
@@ -210,7 +214,10 @@ class TorchHandler(ModelHandler[Any, Any]):
         self._cuda = self.device.type == "cuda"
         if self._cuda and self.copy_stream:
             self._stream = torch.cuda.Stream(device=self.device)
-        if self.inputs is None and self.examples:
+        # A subclass's own preprocess takes requests of its own form: its
+        # examples say nothing about the model's input.
+        own_preprocess = type(self).preprocess is TorchHandler.preprocess
+        if self.inputs is None and self.examples and own_preprocess:
             self.inputs = _inputs_of(self.examples, varying_first=isinstance(self.collator, Pad))
         if self.inputs:
             self._check = InputCheck(self.inputs)
@@ -224,12 +231,13 @@ class TorchHandler(ModelHandler[Any, Any]):
 
     # -- a request --------------------------------------------------------------
 
-    async def preprocess(self, request: Any) -> Any:
+    @on_loop
+    def preprocess(self, request: Any) -> Any:
         """Check the request against the model's inputs, if known (see :meth:`check`).
 
         Cheap, so it runs on the event loop (no thread hop). A subclass that
         decodes or tokenises should override it with a plain ``def`` that
-        calls :meth:`check` at the end.
+        calls :meth:`check` at the end, and declare ``inputs``.
         """
         return self.check(request)
 
@@ -249,6 +257,11 @@ class TorchHandler(ModelHandler[Any, Any]):
         check = self._check
         if check is None:
             return request
+        single = check.single
+        if single is not None and (
+            isinstance(request, np.ndarray) or not isinstance(request, Mapping)
+        ):
+            return check.one(single, request)
         checked = check(request)
         if len(checked) == 1:
             return next(iter(checked.values()))

@@ -246,6 +246,41 @@ async def test_requests_are_checked_against_the_models_inputs(
     assert f"input '{name}' is missing" in problems[4]
 
 
+class Scaled(mds.TorchHandler):
+    """Extends the check the way the docs say: a plain ``preprocess`` (run in a thread)."""
+
+    def preprocess(self, request: Any) -> Any:
+        return self.check(np.asarray(request["pixels"], np.float32) / 255)
+
+
+class Logged(mds.TorchHandler):
+    """Or an async one that awaits the handler's own."""
+
+    seen = 0
+
+    async def preprocess(self, request: Any) -> Any:
+        Logged.seen += 1
+        return await super().preprocess(request)
+
+
+@pytest.mark.parametrize("kind", [Scaled, Logged])
+async def test_a_subclass_extends_the_check(inputs: np.ndarray, kind: type) -> None:
+    # With a preprocess of its own, a subclass declares the model's inputs
+    # (its examples are requests of its own form).
+    spec = mds.TensorSpec(name="input", dtype="float32", shape=(8,))
+    example = {"pixels": [0.0] * 8} if kind is Scaled else np.zeros(8, np.float32)
+    handler = kind(make_mlp, inputs=[spec], examples=[example])
+    good: Any = {"pixels": inputs[0] * 255} if kind is Scaled else inputs[0]
+    bad: Any = {"pixels": [1.0] * 5} if kind is Scaled else np.zeros(5, np.float32)
+    async with mds.ModelRuntime(handler, BATCHED) as model:
+        results = await answers(model, [good, bad])
+    assert_allclose(results[0], direct(make_mlp(), inputs[:1])[0], rtol=1e-4)
+    assert isinstance(results[1], mds.InvalidInput)
+    assert "input 'input': expected shape (8) per request" in str(results[1])
+    if kind is Logged:
+        assert Logged.seen >= 2  # its own step ran, not only the check behind it
+
+
 def test_a_torch_model_serves_protocol_rows_through_its_batcher(inputs: np.ndarray) -> None:
     pytest.importorskip("fastapi")
     from fastapi import FastAPI

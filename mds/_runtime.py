@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
@@ -13,6 +13,7 @@ import anyio.abc
 
 from . import _current
 from ._bridge import Home, LoopBound, process_portal
+from ._by_name import ByName
 from ._config import ModelConfig, check_name
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
@@ -33,7 +34,7 @@ Load = Literal["wait", "background"]
 logger = logging.getLogger(__name__)
 
 
-class Runtime(LoopBound):
+class Runtime(ByName, LoopBound):
     """Holds models by name and serves them; starts and stops them together.
 
     ``async with runtime:`` starts every model (init, warm-up) at once and,
@@ -67,6 +68,7 @@ class Runtime(LoopBound):
         self.devices: DeviceManager = devices if devices is not None else DeviceManager.default()
         self._models: dict[str, ModelRuntime[Any, Any]] = {}
         self._pipelines: dict[str, PipelineRuntime] = {}
+        self._servables: dict[str, Servable] = {}  # both, by name: what requests name
         self._hosting = Hosting(self._models, self)
         self._home = Home(self._not_running)
 
@@ -119,7 +121,7 @@ class Runtime(LoopBound):
         if name in self._models or name in self._pipelines:
             raise ConfigError(f"a model or pipeline named {name!r} was already added")
         model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
-        self._models[name] = model
+        self._models[name] = self._servables[name] = model
         return model
 
     @property
@@ -180,7 +182,7 @@ class Runtime(LoopBound):
                 model_name, node.handler, node.config, version=node.version
             )
         served = PipelineRuntime(pipeline, models, home=self._home)
-        self._pipelines[name] = served
+        self._pipelines[name] = self._servables[name] = served
         return served
 
     @property
@@ -189,8 +191,7 @@ class Runtime(LoopBound):
 
         Added in 0.3.
         """
-        found: dict[str, Servable] = {**self._models, **self._pipelines}
-        return MappingProxyType(dict(sorted(found.items())))
+        return MappingProxyType(dict(sorted(self._servables.items())))
 
     def pipeline(self, name: str) -> PipelineRuntime:
         """The pipeline called ``name``.
@@ -213,7 +214,7 @@ class Runtime(LoopBound):
 
         Added in 0.3.
         """
-        found: Servable | None = self._models.get(name) or self._pipelines.get(name)
+        found = self._servables.get(name)
         if found is None:
             known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
             pipelines = ", ".join(repr(n) for n in sorted(self._pipelines))
@@ -361,148 +362,6 @@ class Runtime(LoopBound):
             f"{self!r} is not running; start it first (async with runtime, or runtime.start_sync())"
         )
 
-    # -- requests -----------------------------------------------------------
-
-    def serve(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Coroutine[Any, Any, Any]:
-        """Serve one request with the model or pipeline called ``model``. Await it.
-
-        Callable from any thread or event loop (forwarded to the runtime's own
-        loop when needed).
-
-        Args:
-            model: the model's (or pipeline's) name.
-            request: the request, as the model's ``preprocess`` takes it.
-            timeout: deadline in seconds from now; defaults to the model's.
-            priority: priority level (0 is the highest); defaults to the model's.
-            trace: return a :class:`Traced` with where the call's time went.
-
-        Returns:
-            The model's response (in a :class:`Traced` with ``trace=True``).
-
-        Raises:
-            ModelNotFound: no such model.
-            MdsError: the errors :meth:`ModelRuntime.serve` raises (``NotReady``,
-                ``Overloaded``, ``InvalidInput``, ``DeadlineExceeded``,
-                ``InferenceError``).
-        """
-        # A plain def handing back the servable's coroutine: one coroutine
-        # fewer per request on the path mds.serve takes.
-        found: Servable | None = self._models.get(model) or self._pipelines.get(model)
-        if found is None:
-            try:
-                found = self.servable(model)
-            except MdsError as exc:  # raised where the call is awaited, as by an async def
-                return _raising(exc)
-        return found.serve(request, timeout=timeout, priority=priority, trace=trace)
-
-    def serve_sync(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-        trace: bool = False,
-    ) -> Any:
-        """Blocking form of :meth:`serve`, for threads with no event loop (Flask).
-
-        Thread-safe; every call reuses the runtime's one loop.
-        """
-        target = self.servable(model)
-        if not self.running:
-            raise self._not_running()
-        return target.serve_sync(request, timeout=timeout, priority=priority, trace=trace)
-
-    def serve_many(
-        self,
-        model: str,
-        requests: Sequence[Any],
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-    ) -> Coroutine[Any, Any, list[Any]]:
-        """Serve several requests with one model or pipeline at once: they batch together.
-
-        Each request is served as by :meth:`serve`, all concurrently. Await it.
-
-        Returns:
-            Per request, in order: its response, or the :class:`MdsError` it
-            failed with (one failing request does not fail the others).
-
-        Raises:
-            ModelNotFound: no such model.
-
-        Added in 0.3.
-        """
-        try:
-            target = self.servable(model)
-        except MdsError as exc:
-            return _raising(exc)
-        return target.serve_many(requests, timeout=timeout, priority=priority)
-
-    def serve_many_sync(
-        self,
-        model: str,
-        requests: Sequence[Any],
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-    ) -> list[Any]:
-        """Blocking form of :meth:`serve_many`, for threads with no event loop (Flask).
-
-        Added in 0.3.
-        """
-        target = self.servable(model)
-        if not self.running:
-            raise self._not_running()
-        return target.serve_many_sync(requests, timeout=timeout, priority=priority)
-
-    def stream(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-    ) -> AsyncIterator[Any]:
-        """Serve one request and yield its response in chunks: see :meth:`ModelRuntime.stream`.
-
-        A pipeline, like a model whose ``postprocess`` does not yield, gives
-        its whole response as one chunk.
-
-        Raises:
-            ModelNotFound: no such model.
-            MdsError: the errors :meth:`serve` raises.
-
-        Added in 0.2.
-        """
-        return self.servable(model).stream(request, timeout=timeout, priority=priority)
-
-    def stream_sync(
-        self,
-        model: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        priority: int | None = None,
-    ) -> Iterator[Any]:
-        """Blocking form of :meth:`stream`, for threads with no event loop (Flask).
-
-        Added in 0.2.
-        """
-        target = self.servable(model)
-        if not self.running:
-            raise self._not_running()
-        return target.stream_sync(request, timeout=timeout, priority=priority)
-
     # -- what callers can read ----------------------------------------------
 
     def health(self) -> Coroutine[Any, Any, RuntimeHealth]:
@@ -562,8 +421,3 @@ class _Lifetime:
         tb: TracebackType | None,
     ) -> None:
         await self._runtime.__aexit__(exc_type, exc, tb)
-
-
-async def _raising(error: BaseException) -> Any:
-    """A coroutine that raises ``error`` when awaited."""
-    raise error

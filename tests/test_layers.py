@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("a model's instances", {"_instances"}),
     ("the servable contract, a model", {"_servable", "_model"}),
     ("pipelines", {"_pipeline"}),
-    ("the runtime, mds.serve", {"_runtime", "_current", "_hosting"}),
+    ("the runtime, mds.serve", {"_runtime", "_by_name", "_current", "_hosting"}),
     ("transports, public namespaces", {"_http", "fastapi", "flask", "testing", "_demo"}),
     ("the package and the command line", {"__init__", "__main__"}),
 ]

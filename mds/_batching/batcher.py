@@ -416,7 +416,6 @@ class Batcher(Generic[W]):
 
     async def _run(self, worker: W, batch: list[Item], handed: float, slot: _Slot) -> None:
         """Compute ``batch`` on ``worker`` and settle every item in it."""
-        stats = self.stats
         if batch[0].length is None:
             padding = 0.0
         else:
@@ -444,14 +443,7 @@ class Batcher(Generic[W]):
             slot.finished = finished
             info.infer_seconds = finished - started
             waits = [started - item.enqueued for item in batch]
-            stats.queue_wait_seconds += sum(waits)
-            stats.recent_waits.extend(waits)
-            stats.batches += 1
-            stats.batched_items += info.size
-            stats.batched_cost += info.cost
-            stats.sizes[info.size] += 1
-            stats.infer_seconds += info.infer_seconds
-            stats.padding_sum += padding
+            self.stats.record(info.size, info.cost, padding, info.infer_seconds, waits)
         for item, outcome in zip(batch, outcomes, strict=True):
             item.batch = info
             if item.state == RUNNING:  # not already answered (deadline, caller gone)

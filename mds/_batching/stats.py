@@ -22,3 +22,16 @@ class BatchStats:
         self.isolation_splits = 0
         self.out_of_memory = 0
         self.padding_sum = 0.0
+
+    def record(
+        self, size: int, cost: int, padding: float, seconds: float, waits: list[float]
+    ) -> None:
+        """One computed batch: its size, cost, padding ratio, compute time and items' waits."""
+        self.batches += 1
+        self.batched_items += size
+        self.batched_cost += cost
+        self.sizes[size] += 1
+        self.infer_seconds += seconds
+        self.padding_sum += padding
+        self.queue_wait_seconds += sum(waits)
+        self.recent_waits.extend(waits)

@@ -321,9 +321,12 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             else:
                 began = self._clock()
                 deadline = began + timeout
-            if steps.pre is None:
-                value = request if steps.pre_plain is None else steps.preprocess_plain(request)
+            if steps.pre is None and steps.pre_plain is None:
+                value = request
                 now = began if deadline is not None else None  # still "now"
+            elif steps.pre is None:  # a check, on the loop: time passed
+                value = steps.preprocess_plain(request)
+                now = None
             else:
                 value = await steps.preprocess(request, deadline)
                 now = None

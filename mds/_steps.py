@@ -30,12 +30,13 @@ class Steps:
 
     def __init__(self, handler: ModelHandler[Any, Any], name: str, threads: Threads) -> None:
         self._name = name  # for logs
-        #: The handler's own steps, or ``None`` where it keeps the default
-        #: (identity): the caller skips those without a call.
+        # The handler's own steps are ``None`` where it keeps the default
+        # (identity): the caller skips those without a call.
         pre = handler.preprocess if overrides(handler, "preprocess") else None
         #: ``preprocess`` as a plain call on the loop, where mds's own handler
-        #: marks it cheap (a check of the request): no coroutine per request.
+        #: marks it as one (a check of the request): no coroutine per request.
         self.pre_plain = plain_form(pre) if pre is not None else None
+        #: Otherwise the handler's own ``preprocess``, awaited or run in a thread.
         self.pre: Callable[[Any], Awaitable[Any]] | None = (
             off_loop(pre, threads) if pre is not None and self.pre_plain is None else None
         )

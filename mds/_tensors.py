@@ -87,17 +87,18 @@ class InputCheck:
                     "of input name to array"
                 )
             return {self.single: self.one(self.single, request)}
-        if request.keys() != specs.keys():
+        if request.keys() != specs.keys():  # (a Mapping's keys may not be set-like)
             missing = [name for name in specs if name not in request]
             if missing:
                 raise InvalidInput(
                     f"input {missing[0]!r} is missing; the model takes "
                     + ", ".join(spec.describe() for spec in specs.values())
                 )
-            unknown = next(name for name in request if name not in specs)
-            raise InvalidInput(
-                f"the model has no input {quote(unknown)}; its inputs are {', '.join(specs)}"
-            )
+            unknown = [name for name in request if name not in specs]
+            if unknown:
+                raise InvalidInput(
+                    f"the model has no input {quote(unknown[0])}; its inputs are {', '.join(specs)}"
+                )
         return {name: self.one(name, request[name]) for name in specs}
 
     def one(self, name: str, value: Any) -> Any:

@@ -17,17 +17,17 @@ import inspect
 import queue
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, cast
 
 import anyio
 
 from . import _exit, _loop
 
-__all__ = ["Threads", "is_async", "off_loop", "on_loop", "plain_form", "threads"]
+__all__ = ["Threads", "is_async", "off_loop", "plain_as", "plain_form", "threads"]
 
 T = TypeVar("T")
-S = TypeVar("S")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Threads(Protocol):
@@ -71,29 +71,34 @@ def is_async(fn: Callable[..., Any]) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-def on_loop(fn: Callable[[S, Any], T]) -> Callable[[S, Any], Coroutine[Any, Any, T]]:
-    """A cheap plain method, as an ``async def`` that runs it on the loop.
+#: The async steps whose whole body is ``return self.<method>(request)``, and
+#: that method's name. Keyed by the function itself, so that a wrapper of
+#: one (``functools.wraps`` copies attributes) is not taken for it.
+_plain: dict[Callable[..., Any], str] = {}
 
-    Awaiting it works as for any async step; mds itself calls the plain
-    method (see :func:`plain_form`), which spares a request two coroutines.
-    For mds's own handlers' checks, which run per request.
+
+def plain_as(method: str) -> Callable[[F], F]:
+    """Mark an ``async def`` step whose whole body is ``return self.<method>(request)``.
+
+    mds then calls that plain method on the loop itself (see
+    :func:`plain_form`), sparing a request the step's two coroutines; awaiting
+    the step works as before. For mds's own handlers' checks, which run per
+    request.
     """
 
-    @functools.wraps(fn)
-    async def step(self: S, arg: Any) -> T:
-        return fn(self, arg)
+    def mark(fn: F) -> F:
+        _plain[fn] = method
+        return fn
 
-    step.__mds_plain__ = fn  # type: ignore[attr-defined]
-    return step
+    return mark
 
 
 def plain_form(step: Callable[[Any], Any]) -> Callable[[Any], Any] | None:
-    """The plain method behind a bound step that :func:`on_loop` made, bound; else ``None``."""
-    fn = getattr(step, "__mds_plain__", None)
-    owner = getattr(step, "__self__", None)
-    if fn is None or owner is None:
+    """The plain method behind a bound step marked with :func:`plain_as`, bound; else ``None``."""
+    method = _plain.get(getattr(step, "__func__", None))  # type: ignore[arg-type]
+    if method is None:
         return None
-    return cast(Callable[[Any], Any], functools.partial(fn, owner))
+    return cast(Callable[[Any], Any], getattr(step.__self__, method))  # type: ignore[attr-defined]
 
 
 def off_loop(fn: Callable[..., Any], threads: Threads) -> Callable[..., Awaitable[Any]]:
@@ -210,6 +215,8 @@ class _LoopThreads:
             return
         if error is None:
             future.set_result(result)
+        elif isinstance(error, StopIteration):  # a future refuses it: the caller would hang
+            future.set_exception(RuntimeError(f"the call raised StopIteration: {error!r}"))
         else:
             future.set_exception(error)
 

@@ -97,6 +97,19 @@ def test_every_export_reports_a_public_module(module: object) -> None:
             assert obj.__module__ in PUBLIC_MODULES, f"{name} reports {obj.__module__}"
 
 
+@pytest.mark.parametrize(
+    "form", ["serve", "serve_sync", "serve_many", "serve_many_sync", "stream", "stream_sync"]
+)
+def test_the_runtime_serves_by_name_as_a_servable_does(form: str) -> None:
+    # Runtime.<form>(name, ...) takes what Servable.<form>(...) takes, after the name.
+    by_name = list(inspect.signature(getattr(mds.Runtime, form)).parameters.values())
+    direct = list(inspect.signature(getattr(mds.Servable, form)).parameters.values())
+    assert [p.name for p in by_name[:3]] == ["self", "model", direct[1].name]
+    assert [(p.name, p.kind, p.default) for p in by_name[3:]] == [
+        (p.name, p.kind, p.default) for p in direct[2:]
+    ]
+
+
 def test_every_exported_exception_derives_from_mds_error() -> None:
     for name in mds.__all__:
         obj = getattr(mds, name)

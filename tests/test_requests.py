@@ -123,6 +123,31 @@ async def test_a_wrong_number_of_outputs_names_the_handler_and_both_counts(
     assert problem in str(info.value)
 
 
+class Exhausted(mds.ModelHandler[int, int]):
+    """Plain steps (run in threads) that leak a StopIteration, as ``next()`` does."""
+
+    def preprocess(self, request: int) -> int:
+        if request < 0:
+            return next(iter([]))
+        return request
+
+    def infer(self, batch: Sequence[int]) -> list[int]:
+        if any(item == 13 for item in batch):
+            next(iter([]))
+        return list(batch)
+
+
+async def test_a_stopiteration_from_a_thread_fails_its_request_and_nothing_hangs() -> None:
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4), timeout=30.0)
+    async with mds.ModelRuntime(Exhausted(), config) as model:
+        results = await model.serve_many([1, -1, 13, 2])
+        assert results[0] == 1 and results[3] == 2
+        assert isinstance(results[1], mds.InvalidInput), results[1]
+        assert "StopIteration" in str(results[1])
+        assert isinstance(results[2], mds.InferenceError), results[2]
+        assert await model.serve(3) == 3
+
+
 async def test_an_array_output_is_split_into_rows() -> None:
     class Linear(mds.ModelHandler[list[float], list[float]]):
         async def infer(self, batch: Sequence[list[float]]) -> np.ndarray:

@@ -21,7 +21,7 @@ from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
 from .._tensors import InputCheck, TensorSpec
-from .._threads import on_loop
+from .._threads import plain_as
 
 __all__ = ["OnnxHandler", "TensorSpec"]
 
@@ -261,8 +261,8 @@ class OnnxHandler(ModelHandler[Any, Any]):
 
     # -- a request --------------------------------------------------------------
 
-    @on_loop
-    def preprocess(self, request: Any) -> Any:
+    @plain_as("check")  # mds calls check itself, on the loop
+    async def preprocess(self, request: Any) -> Any:
         """Check the request against the model's inputs (see :meth:`check`).
 
         Cheap, so it runs on the event loop (no thread hop). A subclass that

@@ -18,7 +18,7 @@ from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
 from .._handler import ModelContext, ModelHandler
 from .._tensors import InputCheck, Signature, TensorSpec, is_tensor
-from .._threads import on_loop
+from .._threads import plain_as
 
 if TYPE_CHECKING:
     import torch
@@ -219,6 +219,12 @@ class TorchHandler(ModelHandler[Any, Any]):
         own_preprocess = type(self).preprocess is TorchHandler.preprocess
         if self.inputs is None and self.examples and own_preprocess:
             self.inputs = _inputs_of(self.examples, varying_first=isinstance(self.collator, Pad))
+        elif self.inputs is None and self.examples:
+            logger.info(
+                "%s has a preprocess of its own, so its examples are not read as the model's "
+                "inputs; pass inputs=[mds.TensorSpec(...)] to check requests",
+                type(self).__name__,
+            )
         if self.inputs:
             self._check = InputCheck(self.inputs)
 
@@ -231,8 +237,8 @@ class TorchHandler(ModelHandler[Any, Any]):
 
     # -- a request --------------------------------------------------------------
 
-    @on_loop
-    def preprocess(self, request: Any) -> Any:
+    @plain_as("check")  # mds calls check itself, on the loop
+    async def preprocess(self, request: Any) -> Any:
         """Check the request against the model's inputs, if known (see :meth:`check`).
 
         Cheap, so it runs on the event loop (no thread hop). A subclass that

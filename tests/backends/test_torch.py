@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,94 @@ def test_a_torch_model_serves_protocol_rows_through_its_batcher(inputs: np.ndarr
         wrong = client.post("/v2/models/mlp/infer", json=bad)
         assert wrong.status_code == 400
         assert "input 'input': expected shape (8)" in wrong.json()["error"]
+
+
+class SlowCheck(mds.TorchHandler):
+    """The handler's own check, made slow: the request path calls it on the loop."""
+
+    def check(self, request: Any) -> Any:
+        # Busy for 20 ms of the loop's clock (a sleep would block the loop).
+        until = time.monotonic() + 0.02
+        while time.monotonic() < until:
+            pass
+        return super().check(request)
+
+
+# asyncio: trio's virtual clock does not move while the loop is busy.
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_check_counts_as_preprocess_and_its_time_is_not_queueing(
+    inputs: np.ndarray,
+) -> None:
+    handler = SlowCheck(make_mlp, examples=[np.zeros(8, np.float32)])
+    async with mds.ModelRuntime(handler, BATCHED) as model:
+        traced = await model.serve(inputs[0], timeout=30.0, trace=True)
+        trace = traced.trace
+        # The parts are measured one after the other: they never add up to more.
+        parts = trace.preprocess_seconds + trace.queue_wait + trace.infer_seconds
+        assert parts <= trace.total_seconds + 1e-6, trace
+        assert trace.preprocess_seconds >= 0.02
+        # A deadline that passes during the check: refused before it is queued.
+        with pytest.raises(mds.DeadlineExceeded, match="before it was queued"):
+            await model.serve(inputs[0], timeout=0.005)
+        assert model.statistics().queued == 0
+
+
+async def test_the_handlers_own_preprocess_still_awaits_as_before(inputs: np.ndarray) -> None:
+    handler = mds.TorchHandler(make_mlp, examples=[np.zeros(8, np.float32)])
+    async with mds.ModelRuntime(handler, BATCHED):
+        checked = await handler.preprocess(request=inputs[0].tolist())
+        assert checked.dtype == np.float32 and checked.shape == (8,)
+        with pytest.raises(mds.InvalidInput, match="expected shape"):
+            await handler.preprocess(np.zeros(3, np.float32))
+
+
+def counted(step: Any) -> Any:
+    @functools.wraps(step)
+    async def wrapper(self: Any, request: Any) -> Any:
+        wrapper.calls += 1  # type: ignore[attr-defined]
+        return await step(self, request)
+
+    wrapper.calls = 0  # type: ignore[attr-defined]
+    return wrapper
+
+
+class Wrapped(mds.TorchHandler):
+    preprocess = counted(mds.TorchHandler.preprocess)
+
+
+async def test_a_wrapper_of_the_handlers_preprocess_runs(inputs: np.ndarray) -> None:
+    spec = mds.TensorSpec(name="input", dtype="float32", shape=(8,))
+    handler = Wrapped(make_mlp, inputs=[spec])
+    async with mds.ModelRuntime(handler, BATCHED) as model:
+        await model.serve(inputs[0])
+        with pytest.raises(mds.InvalidInput):
+            await model.serve(np.zeros(3, np.float32))
+    assert Wrapped.preprocess.calls >= 2  # type: ignore[attr-defined]
+
+
+class Request(Mapping[str, Any]):
+    """A Mapping whose keys() is a plain list, not a set-like view."""
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> Any:  # type: ignore[override]
+        return list(self._values)
+
+
+async def test_any_mapping_serves_as_a_request(inputs: np.ndarray) -> None:
+    handler = mds.TorchHandler(make_mlp, examples=[{"input": np.zeros(8, np.float32)}])
+    async with mds.ModelRuntime(handler, BATCHED) as model:
+        result = await model.serve(Request(input=inputs[0]))
+        assert_allclose(result, direct(make_mlp(), inputs[:1])[0], rtol=1e-5)
+        with pytest.raises(mds.InvalidInput, match="no input 'other'"):
+            await model.serve(Request(input=inputs[0], other=inputs[1]))

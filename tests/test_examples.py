@@ -90,7 +90,8 @@ def serving(example: str) -> Iterator[str]:
     """Start an example app as its own process; yield its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / example)],
+        # faulthandler: a process that will not stop shows where its threads are.
+        [sys.executable, "-X", "faulthandler", str(EXAMPLES / example)],
         cwd=ROOT,
         env={**os.environ, "PORT": str(port)},
         stdout=subprocess.PIPE,
@@ -115,8 +116,13 @@ def serving(example: str) -> Iterator[str]:
         try:
             output = process.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0]
+            process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            try:
+                output = process.communicate(timeout=10)[0]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                output = process.communicate()[0]
+            pytest.fail(f"the example did not stop within 30 s of SIGINT:\n{output}")
         assert process.returncode == 0, output
         assert "teardown failed" not in output, output
 

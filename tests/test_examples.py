@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from .servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -77,12 +78,6 @@ def test_the_demo() -> None:
     in_flight = re.search(r"(\d+) requests were in flight at stop; (\d+) answered", out)
     assert in_flight is not None and in_flight[2] == "300"
     assert "state stopped" in out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -178,21 +178,6 @@ async def test_a_factory_that_makes_no_module_fails_the_start() -> None:
             pass
 
 
-async def test_a_bad_request_fails_alone(inputs: np.ndarray) -> None:
-    requests: list[Any] = [*inputs[:3], np.zeros(5, np.float32)]
-    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4, max_queue_delay=0.01))
-    async with mds.ModelRuntime(mds.TorchHandler(make_mlp), config) as model:
-        results: list[Any] = []
-        for request in requests:
-            try:
-                results.append(await model.serve(request))
-            except mds.MdsError as exc:
-                results.append(exc)
-    assert_allclose(np.stack(results[:3]), direct(make_mlp(), inputs[:3]), rtol=1e-5)
-    assert isinstance(results[3], mds.InferenceError)
-    assert "mat1 and mat2 shapes cannot be multiplied" in str(results[3])
-
-
 async def answers(model: mds.ModelRuntime[Any, Any], requests: list[Any]) -> list[Any]:
     results: list[Any] = []
     for request in requests:
@@ -201,6 +186,16 @@ async def answers(model: mds.ModelRuntime[Any, Any], requests: list[Any]) -> lis
         except mds.MdsError as exc:
             results.append(exc)
     return results
+
+
+async def test_a_bad_request_fails_alone(inputs: np.ndarray) -> None:
+    requests: list[Any] = [*inputs[:3], np.zeros(5, np.float32)]
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4, max_queue_delay=0.01))
+    async with mds.ModelRuntime(mds.TorchHandler(make_mlp), config) as model:
+        results = await answers(model, requests)
+    assert_allclose(np.stack(results[:3]), direct(make_mlp(), inputs[:3]), rtol=1e-5)
+    assert isinstance(results[3], mds.InferenceError)
+    assert "mat1 and mat2 shapes cannot be multiplied" in str(results[3])
 
 
 @pytest.mark.parametrize("declared", ["examples", "inputs"])

@@ -7,19 +7,18 @@ on a free loopback port for the whole module.
 from __future__ import annotations
 
 import importlib.util
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
-import httpx
 import numpy as np
 import pytest
 
 import mds
 
 from .. import two_inputs
+from ..servers import Served, running
 
 
 class Echo(mds.ModelHandler[Any, Any]):
@@ -169,16 +168,6 @@ def wait_for_statistics(served: Any, model: str, check: Any, seconds: float = 20
         time.sleep(0.02)
 
 
-class Served:
-    """A running server: its base URL, its runtime, and a client for it."""
-
-    def __init__(self, kind: str, url: str, runtime: mds.Runtime) -> None:
-        self.kind = kind
-        self.url = url
-        self.runtime = runtime
-        self.client = httpx.Client(base_url=url, timeout=30)
-
-
 def _fastapi_app(runtime: mds.Runtime, events: list[str]) -> Any:
     from contextlib import asynccontextmanager
 
@@ -229,38 +218,14 @@ def _flask_app(runtime: mds.Runtime) -> Any:
     return app
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fastapi_server() -> Iterator[tuple[Served, list[str]]]:
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     runtime = make_runtime()
     events: list[str] = []
-    import uvicorn
-
-    port = _free_port()
-    config = uvicorn.Config(
-        _fastapi_app(runtime, events), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    served = Served("fastapi", f"http://127.0.0.1:{port}", runtime)
-    yield served, events
-    served.client.close()
-    server.should_exit = True
-    thread.join(30)
+    with running("fastapi", _fastapi_app(runtime, events), runtime) as served:
+        yield served, events
     # mds stopped with the app, after the app's own shutdown ran.
     assert events[-1] == "app stops; mds running: True"
     assert not runtime.running
@@ -269,19 +234,9 @@ def fastapi_server() -> Iterator[tuple[Served, list[str]]]:
 @pytest.fixture(scope="module")
 def flask_server() -> Iterator[Served]:
     pytest.importorskip("flask")
-    from werkzeug.serving import make_server
-
     runtime = make_runtime()
-    app = _flask_app(runtime)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    served = Served("flask", f"http://127.0.0.1:{server.server_port}", runtime)
-    yield served
-    served.client.close()
-    server.shutdown()
-    thread.join(30)
-    runtime.stop_sync()
+    with running("flask", _flask_app(runtime), runtime) as served:
+        yield served
 
 
 @pytest.fixture(params=["fastapi", "flask"])

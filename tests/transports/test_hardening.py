@@ -19,6 +19,8 @@ import pytest
 
 import mds
 
+from ..servers import Served, running
+
 pytestmark = pytest.mark.slow
 
 ROW = 4
@@ -104,14 +106,6 @@ def make_runtime() -> mds.Runtime:
     return runtime
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(check: Any, seconds: float = 60) -> None:
     """Poll ``check()`` as a probe would until it is true."""
     deadline = time.monotonic() + seconds
@@ -175,56 +169,19 @@ def own_sync(kind: str) -> Any:
     return mds.serve_sync("doubling", [1, 2] if kind == "bad" else [1, 2, 3, 4])
 
 
-class Server:
-    def __init__(self, kind: str, url: str, runtime: mds.Runtime) -> None:
-        self.kind = kind
-        self.url = url
-        self.runtime = runtime
-        self.client = httpx.Client(base_url=url, timeout=30)
-
-
 @contextmanager
-def serving(kind: str, runtime: mds.Runtime, **options: Any) -> Iterator[Server]:
+def serving(kind: str, runtime: mds.Runtime, **options: Any) -> Iterator[Served]:
     """``runtime`` behind a real server: uvicorn + FastAPI, or werkzeug + Flask."""
+    pytest.importorskip(kind)
     if kind == "fastapi":
-        pytest.importorskip("fastapi")
-        uvicorn = pytest.importorskip("uvicorn")
-        port = free_port()
-        config = uvicorn.Config(
-            fastapi_app(runtime, **options), host="127.0.0.1", port=port, log_level="warning"
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for(lambda: server.started or not thread.is_alive(), seconds=20)
-        assert thread.is_alive(), "uvicorn did not start"
-        served = Server(kind, f"http://127.0.0.1:{port}", runtime)
-        try:
-            yield served
-        finally:
-            served.client.close()
-            server.should_exit = True
-            thread.join(30)
-        return
-    pytest.importorskip("flask")
-    from werkzeug.serving import make_server
-
-    app = flask_app(runtime, **options)
-    wsgi = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=wsgi.serve_forever, daemon=True)
-    thread.start()
-    served = Server(kind, f"http://127.0.0.1:{wsgi.server_port}", runtime)
-    try:
+        pytest.importorskip("uvicorn")
+    app = fastapi_app(runtime, **options) if kind == "fastapi" else flask_app(runtime, **options)
+    with running(kind, app, runtime) as served:
         yield served
-    finally:
-        served.client.close()
-        wsgi.shutdown()
-        thread.join(30)
-        runtime.stop_sync()
 
 
 @pytest.fixture(scope="module", params=["fastapi", "flask"])
-def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest) -> Iterator[Served]:
     """Each test that takes this runs against both adapters, models loaded first."""
     with serving(request.param, make_runtime(), load="wait") as served:
         yield served
@@ -281,7 +238,7 @@ VALUE_PROBLEMS: list[tuple[str, str, Any, str]] = [
     ("case", "shape", "problem"), SHAPE_PROBLEMS, ids=[c[0] for c in SHAPE_PROBLEMS]
 )
 def test_shapes_no_tensor_can_have_are_400s_json_and_binary(
-    server: Server, case: str, shape: list[Any], problem: str
+    server: Served, case: str, shape: list[Any], problem: str
 ) -> None:
     url = "/v2/models/doubling/infer"
     response = server.client.post(url, json=v2_json("x", shape, "FP32", []))
@@ -297,7 +254,7 @@ def test_shapes_no_tensor_can_have_are_400s_json_and_binary(
     ("case", "datatype", "data", "problem"), VALUE_PROBLEMS, ids=[c[0] for c in VALUE_PROBLEMS]
 )
 def test_values_that_do_not_fit_the_datatype_are_refused(
-    server: Server, case: str, datatype: str, data: Any, problem: str
+    server: Served, case: str, datatype: str, data: Any, problem: str
 ) -> None:
     response = server.client.post(
         "/v2/models/doubling/infer", json=v2_json("x", [ROW], datatype, data)
@@ -306,7 +263,7 @@ def test_values_that_do_not_fit_the_datatype_are_refused(
     assert problem in body["error"], body["error"]
 
 
-def test_json_nested_too_deeply_is_a_400_on_both_routes(server: Server) -> None:
+def test_json_nested_too_deeply_is_a_400_on_both_routes(server: Served) -> None:
     headers = {"content-type": "application/json"}
     response = server.client.post("/models/doubling/infer", content=DEEP, headers=headers)
     assert "nested too deeply" in error_of(response, 400, "DecodeError")["error"]
@@ -320,7 +277,7 @@ def test_json_nested_too_deeply_is_a_400_on_both_routes(server: Server) -> None:
     assert answer.json() == {"y": [2.0, 4.0, 6.0, 8.0]}
 
 
-def test_inputs_are_checked_per_row_before_the_batch(server: Server) -> None:
+def test_inputs_are_checked_per_row_before_the_batch(server: Served) -> None:
     url = "/v2/models/doubling/infer"
     cases = [
         (v2_json("x", [3], "FP32", [1, 2, 3]), "input 'x': expected shape (4)"),
@@ -340,7 +297,7 @@ def test_inputs_are_checked_per_row_before_the_batch(server: Server) -> None:
 # -- bounded error bodies ------------------------------------------------------
 
 
-def test_error_bodies_are_bounded_whatever_they_quote(server: Server) -> None:
+def test_error_bodies_are_bounded_whatever_they_quote(server: Served) -> None:
     huge = "z" * 10_000_000
     response = server.client.post("/models/chatty/infer", json=huge)
     body = error_of(response, 400, "InvalidInput")
@@ -360,7 +317,7 @@ def test_error_bodies_are_bounded_whatever_they_quote(server: Server) -> None:
 # -- outputs JSON cannot write -------------------------------------------------
 
 
-def test_more_rows_than_the_model_can_queue_are_refused_at_once(server: Server) -> None:
+def test_more_rows_than_the_model_can_queue_are_refused_at_once(server: Served) -> None:
     rows = np.zeros((17, ROW), np.float32)  # doubling queues at most 16
     request = v2_json("x", [17, ROW], "FP32", rows.ravel().tolist())
     response = server.client.post("/v2/models/doubling/infer", json=request)
@@ -368,7 +325,7 @@ def test_more_rows_than_the_model_can_queue_are_refused_at_once(server: Server) 
     assert "the request has 17 rows; the model queues at most 16" in body["error"]
 
 
-def test_nan_and_infinities_read_back_through_tritonclient(server: Server) -> None:
+def test_nan_and_infinities_read_back_through_tritonclient(server: Served) -> None:
     client = pytest.importorskip("tritonclient.http")
     triton = client.InferenceServerClient(server.url.removeprefix("http://"))
     data = np.zeros((1,), dtype=np.float32)
@@ -386,7 +343,7 @@ def test_nan_and_infinities_read_back_through_tritonclient(server: Server) -> No
 # -- a batch axis, as Triton's clients send ---------------------------------------
 
 
-def test_rows_are_served_through_the_batcher_and_joined_in_order(server: Server) -> None:
+def test_rows_are_served_through_the_batcher_and_joined_in_order(server: Served) -> None:
     client = pytest.importorskip("tritonclient.http")
     triton = client.InferenceServerClient(server.url.removeprefix("http://"))
     rows = np.arange(8 * ROW, dtype=np.float32).reshape(8, ROW)
@@ -415,7 +372,7 @@ def test_rows_are_served_through_the_batcher_and_joined_in_order(server: Server)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # aiohttp runs on asyncio
-async def test_rows_through_tritonclients_aio_client(server: Server, anyio_backend: str) -> None:
+async def test_rows_through_tritonclients_aio_client(server: Served, anyio_backend: str) -> None:
     aio = pytest.importorskip("tritonclient.http.aio")
     http = pytest.importorskip("tritonclient.http")
     triton = aio.InferenceServerClient(server.url.removeprefix("http://"))
@@ -432,7 +389,7 @@ async def test_rows_through_tritonclients_aio_client(server: Server, anyio_backe
         await triton.close()
 
 
-def test_one_handler_serves_both_routes(server: Server) -> None:
+def test_one_handler_serves_both_routes(server: Served) -> None:
     json_route = server.client.post("/models/doubling/infer", json=[1, 2, 3, 4])
     assert json_route.json() == {"y": [2.0, 4.0, 6.0, 8.0]}
     request = v2_json("x", [ROW], "FP32", [1, 2, 3, 4])
@@ -445,7 +402,7 @@ def test_one_handler_serves_both_routes(server: Server) -> None:
 # -- methods, and the apps' own routes ----------------------------------------
 
 
-def test_a_wrong_method_is_a_405_in_mds_shape_with_allow(server: Server) -> None:
+def test_a_wrong_method_is_a_405_in_mds_shape_with_allow(server: Served) -> None:
     for method, path, allow in [
         ("GET", "/models/doubling/infer", "OPTIONS, POST"),
         ("DELETE", "/v2/models/doubling/infer", "OPTIONS, POST"),
@@ -480,7 +437,7 @@ def test_a_wrong_method_is_a_405_in_mds_shape_with_allow(server: Server) -> None
     ],
 )
 def test_the_apps_own_routes_answer_mds_errors_from_the_same_table(
-    server: Server, kind: str, status: int, error: str
+    server: Served, kind: str, status: int, error: str
 ) -> None:
     response = server.client.post(f"/own/{kind}")
     body = error_of(response, status, error)

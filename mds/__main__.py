@@ -1,4 +1,4 @@
-"""The command line: ``python -m mds demo``, ``python -m mds pipeline show FILE``."""
+"""The command line: ``mds demo``, ``mds pipeline show FILE``, ``mds batch TARGET INPUT OUTPUT``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="text (default), a Mermaid flowchart, or Graphviz DOT",
     )
     show.add_argument("--output", "-o", help="write to this file instead of printing")
+    from ._batch.command import add_arguments, run_command
+
+    add_arguments(
+        commands.add_parser(
+            "batch",
+            help="serve every row of a file through a model or pipeline, resumable",
+            description="Serve every row of INPUT through a handler or a pipeline, writing "
+            "the responses to the folder OUTPUT in committed parts; --resume continues a "
+            "run that was stopped or killed.",
+        )
+    )
     args = parser.parse_args(argv)
+    if args.command == "batch":
+        return run_command(args)
     if args.command == "pipeline":
         return _show_pipeline(args.file, args.format, args.output)
     if args.command == "demo":

@@ -15,6 +15,7 @@ _EXTRAS = {
     "fastapi": "fastapi",
     "starlette": "fastapi",
     "flask": "flask",
+    "pyarrow": "arrow",
 }
 
 DISTRIBUTION = "mds-serving"

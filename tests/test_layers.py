@@ -22,10 +22,13 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("batching", {"_batching"}),
     ("one instance, per-request steps, counters", {"_instance", "_steps", "_statistics"}),
     ("a model's instances", {"_instances"}),
-    ("the servable contract, a model", {"_servable", "_model"}),
+    ("the servable contract, a model, named tensors", {"_servable", "_model", "_named"}),
     ("pipelines", {"_pipeline"}),
     ("the runtime, mds.serve", {"_runtime", "_by_name", "_current", "_hosting"}),
-    ("transports, public namespaces", {"_http", "fastapi", "flask", "testing", "_demo"}),
+    (
+        "transports, public namespaces",
+        {"_http", "_batch", "batch", "fastapi", "flask", "testing", "_demo"},
+    ),
     ("the package and the command line", {"__init__", "__main__"}),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}

@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
-from .._errors import InferenceError, InvalidInput, MdsError, describe, excerpt, quote
+from .._errors import InferenceError, InvalidInput, MdsError, excerpt, quote
+from .._named import input_check, named_outputs, request_from_tensors
 from .._servable import Servable
-from .._tensors import InputCheck, Signature, TensorSpec, dims
+from .._tensors import TensorSpec, dims
 from . import protocol
 from .protocol import InferRequest, TensorMetadata
 
@@ -55,35 +56,22 @@ def decode(target: Servable, body: bytes, header_length: str | None) -> V2Call:
     tensors = protocol.decode_inputs(request, binary)
     signature = target.signature()
     if signature is None:
-        return V2Call(target, request, _from_tensors(target, tensors), None)
+        return V2Call(target, request, request_from_tensors(target, tensors), None)
     inputs, outputs = signature
     _check_names("input", tensors, inputs, missing=True)
     if request.outputs:
         _check_names("output", {o.name: None for o in request.outputs}, outputs, missing=False)
-    check = _check_of(signature)
+    check = input_check(signature)
     rows = _rows(tensors, inputs)
     if rows is None:
-        return V2Call(target, request, _from_tensors(target, check(tensors)), None)
+        return V2Call(target, request, request_from_tensors(target, check(tensors)), None)
     capacity = target.queue_capacity
     if capacity is not None and len(rows) > capacity:
         raise InvalidInput(
             f"the request has {len(rows)} rows; the model queues at most {capacity} requests "
             "at once: send at most that many rows"
         )
-    return V2Call(target, request, None, [_from_tensors(target, check(row)) for row in rows])
-
-
-_checks: dict[int, tuple[Signature, InputCheck]] = {}
-
-
-def _check_of(signature: Signature) -> InputCheck:
-    """The input check for ``signature``, made once (a model's signature is made once a start)."""
-    found = _checks.get(id(signature))
-    if found is None or found[0] is not signature:
-        if len(_checks) > 256:  # models restarted many times: forget the old ones
-            _checks.clear()
-        found = _checks[id(signature)] = (signature, InputCheck(signature[0]))
-    return found[1]
+    return V2Call(target, request, None, [request_from_tensors(target, check(row)) for row in rows])
 
 
 def _rows(
@@ -109,15 +97,6 @@ def _rows(
     return [{name: tensor[i] for name, tensor in tensors.items()} for i in range(count)]
 
 
-def _from_tensors(target: Servable, tensors: dict[str, Any]) -> Any:
-    try:
-        return target.from_tensors(tensors)
-    except MdsError:
-        raise
-    except Exception as exc:
-        raise InvalidInput(f"the request's tensors make no request: {describe(exc)}") from exc
-
-
 def encode(call: V2Call, result: Any, *, binary_ok: bool = True) -> tuple[bytes, int | None]:
     """The response body for ``result``, and its JSON part's length if binary data follows.
 
@@ -129,7 +108,7 @@ def encode(call: V2Call, result: Any, *, binary_ok: bool = True) -> tuple[bytes,
             failed row), or the outputs cannot be sent.
     """
     if call.rows is None:
-        values = _named(call.target, result)
+        values = named_outputs(call.target, result)
     else:
         values = _joined(call.target, result)
     request = call.request
@@ -162,28 +141,12 @@ def encode(call: V2Call, result: Any, *, binary_ok: bool = True) -> tuple[bytes,
     return b"".join([head, *chunks]), len(head)
 
 
-def _named(target: Servable, response: Any) -> dict[str, Any]:
-    """One response's output tensors by name (see :meth:`ModelHandler.to_tensors`)."""
-    try:
-        tensors = target.to_tensors(response)
-    except MdsError:
-        raise
-    except Exception as exc:
-        raise InferenceError(f"to_tensors failed: {describe(exc)}") from exc
-    if isinstance(tensors, Mapping):
-        return {str(k): v for k, v in tensors.items()}
-    signature = target.signature()
-    if signature is not None and len(signature[1]) == 1:
-        return {next(iter(signature[1])): tensors}
-    return {"output0": tensors}
-
-
 def _joined(target: Servable, outcomes: Sequence[Any]) -> dict[str, Any]:
     """Rows' outputs stacked along a new batch axis, in order; or their errors, raised."""
     failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
     if failed:
         raise _rows_failed(failed, len(outcomes))
-    named = [_named(target, outcome) for outcome in outcomes]
+    named = [named_outputs(target, outcome) for outcome in outcomes]
     names = list(named[0])
     if any(list(row) != names for row in named):
         raise InferenceError("the rows' responses have different outputs; they cannot be joined")

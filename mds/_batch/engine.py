@@ -1,0 +1,199 @@
+"""Serving chunks of rows through a servable: bounded, in parallel, every row accounted for.
+
+A fixed set of workers take rows one by one and await the servable's
+``serve`` for each, so the rows in flight (and so the batcher's queue) stay
+bounded whatever the input's size, and rows from several chunks batch
+together. Only a few chunks are open at once; the next is read only when
+one is done with (committed), which is the backpressure from the writer and
+the batcher back to the reader. Rows finish in any order; each lands in its
+chunk's slot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from .._errors import MdsError, NotReady, Overloaded, Unavailable
+from .._handler import ModelState
+from .._servable import Servable
+from .sources import Chunk, Refused
+
+__all__ = ["Engine", "Work"]
+
+#: How long a row waits, retrying, for a model that is busy or not ready, before the job stops.
+PATIENCE = 30.0
+_GONE = (ModelState.DRAINING, ModelState.STOPPED, ModelState.FAILED)
+
+
+class Work:
+    """One chunk being served: its rows' outcomes (a response, or an :class:`MdsError`)."""
+
+    __slots__ = ("chunk", "left", "next", "order", "outcomes", "todo")
+
+    def __init__(self, chunk: Chunk, todo: list[int] | None, ordered: bool) -> None:
+        self.chunk = chunk
+        self.todo = todo if todo is not None else range(len(chunk.requests))
+        self.outcomes: list[Any] = [None] * len(chunk.requests)
+        self.order: list[int] | None = None if ordered else []  # completion order
+        self.left = len(self.todo)
+        self.next = 0  # position in todo of the next row to take
+
+    def rows(self) -> list[int]:
+        """The rows served, in output order."""
+        if self.order is not None:
+            return self.order
+        return list(self.todo)
+
+
+class Engine:
+    """Serves chunks through ``target`` with ``workers`` rows in flight.
+
+    Args:
+        target: the model or pipeline.
+        chunks: the chunks to serve, with the rows to serve of each (all when ``None``).
+        finished: called with each chunk once every row of it has an outcome;
+            it must call :meth:`release` when the chunk is done with.
+        on_row: called with each row's outcome as it comes.
+        workers: rows in flight at once.
+        open_chunks: chunks being served or awaiting release at once.
+        ordered: keep rows in input order (else in completion order).
+        timeout, priority: each row's, as for ``serve``.
+    """
+
+    def __init__(
+        self,
+        target: Servable,
+        chunks: AsyncIterator[tuple[Chunk, list[int] | None]],
+        finished: Callable[[Work], Awaitable[None]],
+        on_row: Callable[[Any], None],
+        *,
+        workers: int,
+        open_chunks: int,
+        ordered: bool,
+        timeout: float | None,
+        priority: int | None,
+    ) -> None:
+        self.target, self.chunks, self.finished, self.on_row = target, chunks, finished, on_row
+        self.workers, self.ordered = workers, ordered
+        self.timeout, self.priority = timeout, priority
+        self._slots = anyio.Semaphore(open_chunks)
+        self._advancing = anyio.Lock()
+        self._current: Work | None = None
+        self._stopped = False
+        self._exhausted = False
+        self._waiting: anyio.CancelScope | None = None
+        #: What stopped the run, where something did (the model went away, the input failed).
+        self.error: BaseException | None = None
+
+    def stop(self) -> None:
+        """Take no more rows; rows in flight finish."""
+        self._stopped = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def release(self) -> None:
+        """A finished chunk is done with (committed): another may open."""
+        self._slots.release()
+
+    async def run(self) -> None:
+        """Serve every chunk (or until :meth:`stop`); returns when no row is in flight."""
+        async with anyio.create_task_group() as tasks:
+            for _ in range(self.workers):
+                tasks.start_soon(self._worker)
+
+    async def _take(self) -> tuple[Work, int] | None:
+        while not self._stopped:
+            work = self._current
+            if work is not None and work.next < len(work.todo):
+                position = work.next
+                work.next = position + 1
+                return work, work.todo[position]
+            if self._exhausted:
+                return None
+            async with self._advancing:
+                if self._current is work and not self._exhausted and not self._stopped:
+                    await self._advance()
+        return None
+
+    async def _advance(self) -> None:
+        while True:
+            got = None
+            with anyio.CancelScope() as self._waiting:  # stop() wakes it
+                await self._slots.acquire()
+                got = await anext(self.chunks, None)
+            self._waiting = None
+            if self._stopped:
+                return
+            if got is None:
+                self._exhausted = True
+                self._slots.release()
+                self._current = None
+                return
+            chunk, todo = got
+            work = Work(chunk, todo, self.ordered)
+            if work.left:
+                self._current = work
+                return
+            await self.finished(work)  # nothing to serve: straight to its end
+
+    async def _worker(self) -> None:
+        try:
+            await self._work()
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            self.stop()
+
+    async def _work(self) -> None:
+        serve = self._serve
+        while (taken := await self._take()) is not None:
+            work, row = taken
+            request = work.chunk.requests[row]
+            if isinstance(request, Refused):
+                outcome: Any = request.error
+            else:
+                outcome = await serve(request)
+            work.outcomes[row] = outcome
+            if work.order is not None:
+                work.order.append(row)
+            self.on_row(outcome)
+            work.left -= 1
+            if not work.left:
+                await self.finished(work)
+
+    async def _serve(self, request: Any) -> Any:
+        """The row's response or its error; retries while the model is busy or starting."""
+        target = self.target
+        delay, waited = 0.01, 0.0
+        while True:
+            try:
+                return await target.serve(request, timeout=self.timeout, priority=self.priority)
+            except Unavailable as exc:
+                if isinstance(exc, NotReady) and target.state in _GONE:
+                    raise
+                if waited >= PATIENCE:
+                    raise
+                if not isinstance(exc, Overloaded | NotReady):
+                    raise
+            except MdsError as exc:
+                return exc
+            await anyio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 1.0)
+
+
+def default_workers(target: Servable) -> int:
+    """Rows in flight by default: enough to fill every instance's batches twice over."""
+    config = getattr(target, "config", None)
+    batching = getattr(config, "batching", None)
+    size = getattr(batching, "max_batch_size", 32)
+    instances = getattr(config, "instances", 1)
+    wanted = max(64, 2 * size * instances)
+    capacity = target.queue_capacity
+    if capacity is not None:
+        wanted = min(wanted, max(1, capacity))
+    return int(min(wanted, 4096)) if math.isfinite(wanted) else 64

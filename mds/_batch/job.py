@@ -173,7 +173,9 @@ class Job:
         )
 
         def open_ledger() -> tuple[Ledger, dict[int, set[int]]]:
-            ledger = Ledger.open(self.folder, manifest, resume=self.resume, overwrite=self.overwrite)
+            ledger = Ledger.open(
+                self.folder, manifest, resume=self.resume, overwrite=self.overwrite
+            )
             if ledger.entries:
                 writer.remember(min(ledger.entries))
             return ledger, (ledger.failed_rows() if self.retry_failed else {})

@@ -66,20 +66,20 @@ class Display:
     def line(self, progress: Progress) -> str:
         served = progress.done + progress.failed
         seen = served + progress.skipped
-        parts = [self.label + ":"]
+        head = [self.label + ":"]
         if progress.total:
             share = min(seen / progress.total, 1.0)
             if self.tty:
                 filled = int(share * 24)
-                parts.append("[" + "#" * filled + "." * (24 - filled) + "]")
-            parts.append(f"{seen:,}/{progress.total:,} rows ({share:.0%})")
+                head.append("[" + "#" * filled + "." * (24 - filled) + "]")
+            head.append(f"{seen:,}/{progress.total:,} rows ({share:.0%})")
         else:
-            parts.append(f"{seen:,} rows")
-        parts.append(f"{progress.rows_per_second:,.0f} rows/s")
+            head.append(f"{seen:,} rows")
+        rest = [f"{progress.rows_per_second:,.0f} rows/s"]
         if progress.eta is not None:
-            parts.append(f"ETA {_clock(progress.eta)}")
-        parts.append(f"elapsed {_clock(progress.seconds)}")
-        parts.append(f"{progress.failed:,} errors")
+            rest.append(f"ETA {_clock(progress.eta)}")
+        rest.append(f"elapsed {_clock(progress.seconds)}")
+        rest.append(f"{progress.failed:,} errors")
         if progress.skipped:
-            parts.append(f"{progress.skipped:,} skipped")
-        return " | ".join([" ".join(parts[:2]), *parts[2:]]) if len(parts) > 1 else parts[0]
+            rest.append(f"{progress.skipped:,} skipped")
+        return " | ".join([" ".join(head), *rest])

@@ -59,3 +59,30 @@ class SlowScorer(Scorer):
 
 
 CONFIG = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=16, max_queue_delay=0.001))
+
+
+class Projector(mds.ModelHandler[Any, Any]):
+    """Named tensors in and out: ``features`` (float32, 4) -> ``scores`` (float32, 2), ``top``."""
+
+    def init(self, context: mds.ModelContext) -> None:
+        import numpy as np
+
+        self.np = np
+        self.weights = np.arange(8, dtype=np.float32).reshape(4, 2)
+
+    def signature(self) -> Any:
+        spec = mds.TensorSpec
+        return (
+            {"features": spec(name="features", dtype="float32", shape=(4,))},
+            {
+                "scores": spec(name="scores", dtype="float32", shape=(2,)),
+                "top": spec(name="top", dtype="int64", shape=()),
+            },
+        )
+
+    def infer(self, batch: Sequence[Any]) -> Any:
+        features = self.np.stack([item["features"] for item in batch])
+        return features @ self.weights
+
+    def to_tensors(self, response: Any) -> Any:
+        return {"scores": response, "top": int(response.argmax())}

@@ -15,7 +15,7 @@ import mds
 import mds.batch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scorer import CONFIG, Scorer  # noqa: E402
+from scorer import CONFIG, Scorer
 
 
 def blocking(fn: Any, *args: Any) -> Any:

@@ -14,7 +14,7 @@ ledger that lets a killed run resume where it stopped, and
 ``_errors.jsonl`` listing every row that failed. CSV, Parquet and frames
 need ``pyarrow`` (``pip install "mds-serving[arrow]"``).
 
-See the "Batch serving" page of the docs. Added in 0.4.
+See the "Batch serving" page of the docs. Added in 0.3.
 """
 
 from __future__ import annotations

@@ -486,3 +486,14 @@ def test_the_scoring_pipeline_from_yaml() -> None:
         "-m", "mds", "pipeline", "show", "examples/scoring/pipeline.yaml", "--format", "dot"
     )
     assert '"preprocess" -> "model";' in shown
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_batch_scoring() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("pyarrow")
+    out = run("examples/batch_scoring.py", timeout=120)
+    assert "killed the first run with" in out
+    assert "20,000 rows; columns index, id, label, probabilities, error_type, error" in out
+    assert "failed 0" in out

@@ -51,7 +51,7 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
         stopped: why the run stopped before the end; ``None`` if it did not.
         errors_file: the file listing every failed row of the job.
 
-    Added in 0.4.
+    Added in 0.3.
     """
 
     target: str
@@ -89,7 +89,7 @@ class JobFailed(MdsError):
     What was committed stays committed: run the job again with
     ``resume=True`` to continue. ``report`` says how far it got.
 
-    Added in 0.4.
+    Added in 0.3.
     """
 
     report: Report | None = None

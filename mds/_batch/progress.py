@@ -22,7 +22,7 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
         rows_per_second: rows served (done or failed) per second.
         eta: seconds left at this rate, where the total is known.
 
-    Added in 0.4.
+    Added in 0.3.
     """
 
     done: int

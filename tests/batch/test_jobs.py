@@ -146,7 +146,7 @@ async def test_resume_skips_committed_parts_and_refuses_a_changed_job(tmp_path: 
         with pytest.raises(mds.ConfigError, match="the input changed since part 0"):
             await mds.batch.run(model, changed, out, part_rows=30, resume=True)
     async with mds.ModelRuntime(Scorer, CONFIG, name="scorer", version="2") as newer:
-        with pytest.raises(mds.ConfigError, match="target.version: '1' then, '2' now"):
+        with pytest.raises(mds.ConfigError, match=r"target\.version: '1' then, '2' now"):
             await mds.batch.run(newer, requests, out, part_rows=30, resume=True)
         report = await mds.batch.run(newer, requests, out, part_rows=30, overwrite=True)
         assert report.done == 99

@@ -201,7 +201,8 @@ def main() -> None:
             shutil.rmtree(work / f"mout{size}")
             os.unlink(work / f"m{size}.parquet")
         print(
-            f"  peak RSS: {sizes[0]:,} rows {peaks[0]:,.0f} MiB, {sizes[1]:,} rows {peaks[1]:,.0f} MiB "
+            f"  peak RSS: {sizes[0]:,} rows {peaks[0]:,.0f} MiB, "
+            f"{sizes[1]:,} rows {peaks[1]:,.0f} MiB "
             f"(ratio {peaks[1] / peaks[0]:.2f}; flat is 1.0)"
         )
         parts = -(-rows // PART)

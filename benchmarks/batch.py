@@ -36,23 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from backends import make_mlp  # the same MLP as the backends benchmark
 
 import mds
 import mds.batch
 
 BATCH = 64
 PART = 10_000
-
-
-def make_mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(256, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 16),
-    ).eval()
 
 
 def handler() -> mds.TorchHandler:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -112,6 +113,18 @@ class Home:
             LifecycleError: called from the home loop's own thread, which
                 must answer it (it would deadlock).
         """
+        return self._blocking().call(fn, *args)
+
+    def submit(self, fn: Callable[..., Awaitable[T]], *args: Any) -> Future[T]:
+        """Start ``fn(*args)`` in the home loop; its future, for a thread to wait on.
+
+        For a blocking call that must act on ``KeyboardInterrupt`` (stop the
+        work gracefully) rather than leave it running. Raises as :meth:`call_sync`.
+        """
+        return self._blocking().start_task_soon(fn, *args)
+
+    def _blocking(self) -> BlockingPortal:
+        """The portal for a blocking call from this thread; refuses one that would deadlock."""
         portal = self.portal
         if portal is None:
             raise self._not_running()
@@ -120,7 +133,7 @@ class Home:
                 "a blocking call was made from the event-loop thread that must answer "
                 "it, which would deadlock; await the async form instead"
             )
-        return portal.call(fn, *args)
+        return portal
 
     def iterate_sync(
         self, fn: Callable[..., Awaitable[AsyncIterator[T]]], *args: Any

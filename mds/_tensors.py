@@ -135,6 +135,22 @@ class InputCheck:
             )
         return array
 
+    def column(self, name: str, values: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Many rows of input ``name`` at once (a column, rows on the first axis).
+
+        Returns the column cast to the input's dtype where its values allow it
+        (a CSV's float64 for a float32 input), and whether every row fits as
+        it is, so that the rows need no check of their own.
+        """
+        expected, _, fixed = self._expect[name]
+        if values.dtype != expected and values.dtype != object:
+            try:
+                values = _cast(values, expected, name)
+            except InvalidInput:
+                return values, False  # each row's own check says what is wrong with it
+        fits = values.dtype == expected and fixed is not None and values.shape[1:] == fixed
+        return values, fits
+
 
 def _fixed(shape: tuple[int | str | None, ...]) -> tuple[int, ...] | None:
     """``shape`` where every dimension has a size; else ``None``."""

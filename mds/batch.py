@@ -23,8 +23,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import anyio
-
 from ._batch.job import Job, JobFailed, Report
 from ._batch.progress import Progress
 from ._batch.sources import Rows
@@ -32,10 +30,6 @@ from ._errors import LifecycleError
 from ._servable import Servable
 
 __all__ = ["JobFailed", "Progress", "Report", "run", "run_sync"]
-
-
-def _job(target: Servable, source: Any, output: Any, options: dict[str, Any]) -> Job:
-    return Job(target, source, output, **options)
 
 
 async def run(
@@ -133,7 +127,7 @@ async def run(
     Stopping it (Ctrl-C in :func:`run_sync`, cancelling this call) keeps
     the committed parts; run again with ``resume=True`` to go on.
     """
-    job = _job(target, source, output, _options(locals()))
+    job = Job(target, source, output, **_options(locals()))
     home = getattr(target, "_home", None)
     if home is None or hasattr(source, "__aiter__"):
         return await job.run()
@@ -173,43 +167,25 @@ def run_sync(
     """
     if hasattr(source, "__aiter__"):
         raise TypeError("run_sync reads sync iterables; await mds.batch.run() for an async one")
-    job = _job(target, source, output, _options(locals()))
+    job = Job(target, source, output, **_options(locals()))
     home = getattr(target, "_home", None)
-    portal = getattr(home, "portal", None)
-    if home is None or portal is None:
+    if home is None:
         raise LifecycleError(
-            f"{target.name!r} is not running in a loop that run_sync can reach; start its "
-            "runtime with start_sync() (or `with runtime:`), or await mds.batch.run()"
+            f"{target.name!r} is not an mds model or pipeline; await mds.batch.run() instead"
         )
-    if home.thread == _thread_id():
-        raise LifecycleError(
-            "run_sync was called from the event loop that serves the model, which would "
-            "deadlock; await mds.batch.run() instead"
-        )
-    future = portal.start_task_soon(job.run)
+    future = home.submit(job.run)
     try:
         result: Report = future.result()
-        return result
     except KeyboardInterrupt:
-        portal.call(_stop, job, "interrupted (Ctrl-C)")
-        try:
+        home.portal.call(job.stop, "interrupted (Ctrl-C)")
+        try:  # rows in flight finish and complete parts are committed
             future.result()
         except KeyboardInterrupt:
             future.cancel()
         except Exception:
-            pass
+            pass  # what the run says after a stop adds nothing to the interrupt
         raise
-
-
-async def _stop(job: Job, reason: str) -> None:
-    job.stop(reason)
-    await anyio.lowlevel.checkpoint()
-
-
-def _thread_id() -> int:
-    import threading
-
-    return threading.get_ident()
+    return result
 
 
 def _options(given: dict[str, Any]) -> dict[str, Any]:

@@ -7,13 +7,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 import msgspec
 
 from .._config import ModelConfig
 from .._errors import ConfigError, MdsError
+from .._instances import source_name
 from .._pipeline.graph import Pipeline
 from .._pipeline.loading import resolve_handler
 from .._runtime import Runtime
@@ -102,15 +102,9 @@ def _runtime(args: argparse.Namespace) -> tuple[Runtime, str]:
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{args.config}: not valid YAML: {exc}") from None
     handler = resolve_handler(target, f"handler {target!r}")
-    model = runtime.add_model(
-        args.name or _default_name(handler), handler, config, version=args.model_version
-    )
+    name = args.name or source_name(handler, config or ModelConfig())
+    model = runtime.add_model(name, handler, config, version=args.model_version)
     return runtime, model.name
-
-
-def _default_name(handler: Any) -> str:
-    kind = handler if isinstance(handler, type) else type(handler)
-    return kind.__name__
 
 
 async def _main(runtime: Runtime, name: str, args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ chunk's slot.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -105,19 +104,22 @@ class Engine:
             for _ in range(self.workers):
                 tasks.start_soon(self._worker)
 
-    async def _take(self) -> tuple[Work, int] | None:
-        while not self._stopped:
-            work = self._current
-            if work is not None and work.next < len(work.todo):
-                position = work.next
-                work.next = position + 1
-                return work, work.todo[position]
-            if self._exhausted:
-                return None
-            async with self._advancing:
-                if self._current is work and not self._exhausted and not self._stopped:
-                    await self._advance()
-        return None
+    def _take(self) -> tuple[Work, int] | None:
+        """The next row of the open chunk, if it has one left (no await: this runs per row)."""
+        work = self._current
+        if work is None or self._stopped or work.next >= len(work.todo):
+            return None
+        position = work.next
+        work.next = position + 1
+        return work, work.todo[position]
+
+    async def _refill(self) -> bool:
+        """Open the next chunk unless another worker did; ``False`` when there are no more."""
+        work = self._current
+        async with self._advancing:
+            if self._current is work and not self._exhausted and not self._stopped:
+                await self._advance()
+        return not (self._stopped or (self._exhausted and self._current is None))
 
     async def _advance(self) -> None:
         while True:
@@ -149,14 +151,24 @@ class Engine:
             self.stop()
 
     async def _work(self) -> None:
-        serve = self._serve
-        while (taken := await self._take()) is not None:
+        target, timeout, priority = self.target, self.timeout, self.priority
+        while True:
+            taken = self._take()
+            if taken is None:
+                if not await self._refill():
+                    return
+                continue
             work, row = taken
             request = work.chunk.requests[row]
             if isinstance(request, Refused):
                 outcome: Any = request.error
             else:
-                outcome = await serve(request)
+                try:
+                    outcome = await target.serve(request, timeout=timeout, priority=priority)
+                except Unavailable as exc:
+                    outcome = await self._retry(request, exc)
+                except MdsError as exc:
+                    outcome = exc
             work.outcomes[row] = outcome
             if work.order is not None:
                 work.order.append(row)
@@ -165,25 +177,24 @@ class Engine:
             if not work.left:
                 await self.finished(work)
 
-    async def _serve(self, request: Any) -> Any:
-        """The row's response or its error; retries while the model is busy or starting."""
+    async def _retry(self, request: Any, error: Unavailable) -> Any:
+        """Serve again, backing off, while the model is busy or starting; raise once it is gone."""
         target = self.target
         delay, waited = 0.01, 0.0
         while True:
-            try:
-                return await target.serve(request, timeout=self.timeout, priority=self.priority)
-            except Unavailable as exc:
-                if isinstance(exc, NotReady) and target.state in _GONE:
-                    raise
-                if waited >= PATIENCE:
-                    raise
-                if not isinstance(exc, Overloaded | NotReady):
-                    raise
-            except MdsError as exc:
-                return exc
+            if not isinstance(error, Overloaded | NotReady) or waited >= PATIENCE:
+                raise error
+            if isinstance(error, NotReady) and target.state in _GONE:
+                raise error
             await anyio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 1.0)
+            try:
+                return await target.serve(request, timeout=self.timeout, priority=self.priority)
+            except Unavailable as exc:
+                error = exc
+            except MdsError as exc:
+                return exc
 
 
 def default_workers(target: Servable) -> int:
@@ -194,6 +205,4 @@ def default_workers(target: Servable) -> int:
     instances = getattr(config, "instances", 1)
     wanted = max(64, 2 * size * instances)
     capacity = target.queue_capacity
-    if capacity is not None:
-        wanted = min(wanted, max(1, capacity))
-    return int(min(wanted, 4096)) if math.isfinite(wanted) else 64
+    return min(wanted, capacity) if capacity else wanted

@@ -146,6 +146,7 @@ class Job:
         self.engine: Engine | None = None
         self.complete = False
         self.total: int | None = None
+        self.display = self._display()
 
     def stop(self, reason: str) -> None:
         """Stop reading; rows in flight finish and complete parts are committed."""
@@ -215,8 +216,8 @@ class Job:
         if self.failure is None and self.stopped is None:
             await anyio.to_thread.run_sync(ledger.finish)
             self.complete = True
+        self._show_last()
         report = self.report()
-        self._final(report)
         if self.failure is not None:
             if isinstance(self.failure, ConfigError):
                 raise self.failure
@@ -418,7 +419,7 @@ class Job:
 
     async def _show(self, over: anyio.Event) -> None:
         callback = self.progress if callable(self.progress) else None
-        self._shown = display = self._display()
+        display = self.display
         if display is None and callback is None:
             return
         while not over.is_set():
@@ -430,13 +431,12 @@ class Job:
             if display is not None and display.due(progress.seconds):
                 display.show(progress)
 
-    def _final(self, report: Report) -> None:
+    def _show_last(self) -> None:
         progress = self.snapshot()
         if callable(self.progress):
             self.progress(progress)
-        display = getattr(self, "_shown", None)
-        if display is not None:
-            display.show(progress, final=True)
+        if self.display is not None:
+            self.display.show(progress, final=True)
 
     def report(self) -> Report:
         seconds = time.perf_counter() - self.began

@@ -26,7 +26,6 @@ from .._deps import require
 from .._errors import ConfigError, DecodeError, InvalidInput, MdsError, describe
 from .._named import input_check, request_from_tensors
 from .._servable import Servable
-from .._tensors import _cast
 
 __all__ = ["FORMATS", "Chunk", "Refused", "Rows", "Source", "format_of", "open_source"]
 
@@ -146,15 +145,12 @@ class Requests(Source):
 
     def chunks(self, size: int) -> Iterator[Chunk]:
         assert isinstance(self.items, Iterable)
-        requests: list[Any] = []
-        start = number = 0
+        chunker = _Chunker(size)
         for item in self.items:
-            requests.append(item)
-            if len(requests) == size:
-                yield Chunk(number, start, requests, None, _crc_of(requests))
-                number, start, requests = number + 1, start + size, []
-        if requests:
-            yield Chunk(number, start, requests, None, _crc_of(requests))
+            if (chunk := chunker.add(item)) is not None:
+                yield chunk
+        if (chunk := chunker.last()) is not None:
+            yield chunk
 
     def achunks(self, size: int) -> AsyncIterator[Chunk] | None:
         items = self.items
@@ -162,17 +158,36 @@ class Requests(Source):
             return None
 
         async def read() -> AsyncIterator[Chunk]:
-            requests: list[Any] = []
-            start = number = 0
+            chunker = _Chunker(size)
             async for item in items:
-                requests.append(item)
-                if len(requests) == size:
-                    yield Chunk(number, start, requests, None, _crc_of(requests))
-                    number, start, requests = number + 1, start + size, []
-            if requests:
-                yield Chunk(number, start, requests, None, _crc_of(requests))
+                if (chunk := chunker.add(item)) is not None:
+                    yield chunk
+            if (chunk := chunker.last()) is not None:
+                yield chunk
 
         return read()
+
+
+class _Chunker:
+    """Requests, gathered into chunks of ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.number, self.start = size, 0, 0
+        self.requests: list[Any] = []
+
+    def add(self, request: Any) -> Chunk | None:
+        """The chunk ``request`` completes, if it completes one."""
+        self.requests.append(request)
+        return self.last() if len(self.requests) == self.size else None
+
+    def last(self) -> Chunk | None:
+        """The chunk of the requests gathered so far; ``None`` if there are none."""
+        requests = self.requests
+        if not requests:
+            return None
+        chunk = Chunk(self.number, self.start, requests, None, _crc_of(requests))
+        self.number, self.start, self.requests = self.number + 1, self.start + len(requests), []
+        return chunk
 
 
 def _crc_of(requests: list[Any]) -> int:
@@ -225,7 +240,7 @@ class JsonLines(Source):
         start = number = crc = 0
         with self.file.open("rb") as lines:
             for line_number, line in enumerate(lines, 1):
-                if not line.strip():
+                if line.isspace():
                     continue
                 crc = zlib.crc32(line, crc)
                 try:
@@ -247,17 +262,8 @@ class JsonLines(Source):
 
 def _count_lines(path: Path) -> int:
     """Rows of a JSON Lines file (its lines that are not blank), for progress."""
-    count = 0
-    blank = 0
-    with path.open("rb") as data:
-        previous = b"\n"
-        while block := data.read(1 << 20):
-            count += block.count(b"\n")
-            blank += block.count(b"\n\n") + (block[:1] == b"\n" and previous[-1:] == b"\n")
-            previous = block
-        if previous[-1:] != b"\n":
-            count += 1
-    return max(count - blank, 0)
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if not line.isspace())
 
 
 # -- Arrow: Parquet, CSV, data frames ---------------------------------------------------
@@ -381,6 +387,7 @@ class ArrowFile(Source):
         count = batch.num_rows
         arrays: dict[str, Any] = {}
         refused: dict[int, Refused] = {}
+        fits = True  # every column fits its input: rows need no check of their own
         for name in self.names:
             column = batch.column(name)
             if column.null_count:
@@ -390,18 +397,9 @@ class ArrowFile(Source):
                     refused.setdefault(
                         int(index), Refused(InvalidInput(f"input {name!r} is null in this row"))
                     )
-            array = _numpy(column)
-            expected = self.check._expect[name][0]
-            if array.dtype != expected and array.dtype != object:
-                try:  # the column's type, once for all its rows (CSV's float64 for float32)
-                    array = _cast(array, expected, name)
-                except InvalidInput:
-                    pass  # each row's check says what is wrong with it
-            arrays[name] = array
+            arrays[name], fit = self.check.column(name, _numpy(column))
+            fits = fits and fit
         check, target = self.check, self.target
-        # A column whose dtype and row shape match the input's fits every row:
-        # no check per row (the model's own preprocess checks again anyway).
-        fits = all(_fits(check, name, array) for name, array in arrays.items())
         requests: list[Any] = []
         for index in range(count):
             if index in refused:
@@ -415,11 +413,6 @@ class ArrowFile(Source):
             except MdsError as exc:
                 requests.append(Refused(exc))
         return requests
-
-
-def _fits(check: Any, name: str, array: np.ndarray) -> bool:
-    expected, _, fixed = check._expect[name]
-    return bool(array.dtype == expected and fixed is not None and array.shape[1:] == fixed)
 
 
 def _numpy(column: Any) -> np.ndarray:

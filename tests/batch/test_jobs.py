@@ -264,3 +264,47 @@ def test_report_round_trips_as_json() -> None:
     )
     assert msgspec.json.decode(msgspec.json.encode(report), type=mds.batch.Report) == report
     assert "complete" in report.summary()
+
+
+async def test_a_full_queue_is_retried_not_recorded(tmp_path: Path) -> None:
+    small = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4, max_queue_size=4))
+    async with mds.ModelRuntime(Scorer, small, name="scorer") as model:
+        report = await mds.batch.run(
+            model, [{"x": i} for i in range(200)], tmp_path / "out", in_flight=64
+        )
+    assert (report.done, report.failed) == (199, 1)  # only the poisoned row
+    assert model.statistics().rejected > 0  # the queue was full, and the rows waited
+
+
+async def test_the_model_going_away_stops_the_job_and_keeps_its_parts(tmp_path: Path) -> None:
+    runtime = mds.Runtime()
+    runtime.add_model(
+        "scorer", Scorer, mds.ModelConfig(batching=CONFIG.batching, parameters={"jitter": 0.002})
+    )
+    started = anyio.Event()
+
+    def watch(progress: mds.batch.Progress) -> None:
+        if progress.done >= 200:
+            started.set()
+
+    failure: list[BaseException] = []
+
+    async def job() -> None:
+        try:
+            await mds.batch.run(
+                runtime.servable("scorer"),
+                ({"x": i} for i in range(100_000)),
+                tmp_path / "out",
+                part_rows=100,
+                progress=watch,
+            )
+        except mds.batch.JobFailed as exc:
+            failure.append(exc)
+
+    async with runtime, anyio.create_task_group() as tasks:
+        tasks.start_soon(job)
+        await started.wait()
+        await runtime.stop_model("scorer")
+    (error,) = failure
+    assert "not ready" in str(error) and error.report is not None
+    assert error.report.parts >= 1 and not error.report.complete

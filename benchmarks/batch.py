@@ -76,7 +76,8 @@ def write_part(folder: Path, number: int, start: int, outputs: np.ndarray) -> No
 def raw(source: Path, folder: Path, per_row: bool) -> float:
     module = make_mlp()
     began, start = time.perf_counter(), 0
-    for number, chunk in enumerate(pq.ParquetFile(source).iter_batches(batch_size=PART)):
+    reader = pq.ParquetFile(source, pre_buffer=False)  # as mds reads it: memory stays flat
+    for number, chunk in enumerate(reader.iter_batches(batch_size=PART)):
         column = chunk.column("x")
         array = column.values.to_numpy().reshape(len(column), 256)
         if per_row:  # rows one by one, as a user's loop over records has them

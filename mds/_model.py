@@ -374,6 +374,81 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             value=response, trace=item.trace(self.name, began, preprocessed, computed, now)
         )
 
+    async def _serve_many(
+        self, requests: list[Any], timeout: float | None, priority: int | None
+    ) -> list[Any]:
+        """Several requests at once: queued together, then awaited in order.
+
+        Where ``preprocess`` is instant (none, or mds's own check) and
+        ``postprocess`` runs on the loop, this takes no task and no coroutine
+        per request, only its place in the queue (batch jobs serve through
+        it). Otherwise each request is served as by :meth:`serve`, concurrently.
+        """
+        batcher, loaded, counts = self._batcher, self._loaded, self._counts
+        if not self._ready or batcher is None or loaded is None:
+            return [self._refuse() for _ in requests]
+        steps = loaded.steps
+        if steps.pre is not None or steps.streams or steps.post_in_thread:
+            return await super()._serve_many(requests, timeout, priority)
+        if timeout is None:
+            timeout = self._default_timeout
+        outcomes: list[Any] = [None] * len(requests)
+        items: list[Any] = [None] * len(requests)
+        counts.requests += len(requests)
+        began = self._clock()
+        deadline = None if timeout is None else began + timeout
+        plain, describes = steps.pre_plain is not None, steps.describes
+        for index, request in enumerate(requests):
+            try:
+                value = steps.preprocess_plain(request) if plain else request
+                if describes:
+                    cost, key, length = steps.describe(value)
+                    items[index] = batcher.enqueue(value, deadline, priority, cost, key, length)
+                else:
+                    items[index] = batcher.enqueue(value, deadline, priority, 1, None, None, began)
+            except MdsError as exc:
+                outcomes[index] = self._failed(exc)
+        waiting = 0
+        try:
+            for index, item in enumerate(items):
+                waiting = index
+                if item is None:
+                    continue
+                outcome = await item.waiter
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, MdsError):
+                        raise outcome
+                    outcomes[index] = self._failed(outcome)
+                    continue
+                if steps.post is not None:
+                    try:
+                        outcome = await steps.postprocess(outcome, deadline)
+                    except MdsError as exc:
+                        outcomes[index] = self._failed(exc)
+                        continue
+                counts.completed += 1
+                outcomes[index] = outcome
+        except BaseException:
+            left = [item for item in items[waiting:] if item is not None]
+            for item in left:
+                batcher.abandon(item)
+            counts.cancelled += len(left)
+            raise
+        finally:
+            if self._idle is not None and not counts.in_flight:
+                self._idle.set()
+        return outcomes
+
+    def _failed(self, exc: MdsError) -> MdsError:
+        """``exc``, counted as a request's failure, with this model in its context."""
+        counts = self._counts
+        if isinstance(exc, Overloaded):
+            counts.overloaded += 1
+        else:
+            counts.failed += 1
+        counts.errors[type(exc).__name__] += 1
+        return exc.add_context(model=self.name, version=self.version)
+
     def _ended(self, exc: BaseException | None) -> None:
         """A stream ended (``exc``: how it failed): context for its error; a drain may end."""
         if isinstance(exc, MdsError):

@@ -50,6 +50,10 @@ class Steps:
             if overrides(handler, "postprocess")
             else None
         )
+        #: Whether ``postprocess`` runs in a worker thread (a plain ``def``).
+        self.post_in_thread = self.post is not None and not (
+            self.streams or inspect.iscoroutinefunction(post)
+        )
         collator = handler.collator
         self._cost = handler.cost if overrides(handler, "cost") else None
         self._bucket = (

@@ -264,10 +264,11 @@ class TorchHandler(ModelHandler[Any, Any]):
         if check is None:
             return request
         single = check.single
-        if single is not None and (
-            isinstance(request, np.ndarray) or not isinstance(request, Mapping)
-        ):
-            return check.one(single, request)
+        if single is not None:
+            if type(request) is dict and len(request) == 1 and single in request:
+                return check.one(single, request[single])  # as the protocol sends it
+            if isinstance(request, np.ndarray) or not isinstance(request, Mapping):
+                return check.one(single, request)
         checked = check(request)
         if len(checked) == 1:
             return next(iter(checked.values()))

@@ -1,7 +1,7 @@
 """Serving chunks of rows through a servable: bounded, in parallel, every row accounted for.
 
-A fixed set of workers take rows one by one and await the servable's
-``serve`` for each, so the rows in flight (and so the batcher's queue) stay
+A fixed set of workers take rows a group at a time and await the
+servable's ``serve_many`` for each group, so the rows in flight (and so the batcher's queue) stay
 bounded whatever the input's size, and rows from several chunks batch
 together. Only a few chunks are open at once; the next is read only when
 one is done with (committed), which is the backpressure from the writer and
@@ -35,8 +35,8 @@ class Work:
 
     def __init__(self, chunk: Chunk, todo: list[int] | None, ordered: bool) -> None:
         self.chunk = chunk
-        self.todo = todo if todo is not None else range(len(chunk.requests))
-        self.outcomes: list[Any] = [None] * len(chunk.requests)
+        self.todo = todo if todo is not None else range(chunk.rows)
+        self.outcomes: list[Any] = [None] * chunk.rows
         self.order: list[int] | None = None if ordered else []  # completion order
         self.left = len(self.todo)
         self.next = 0  # position in todo of the next row to take
@@ -78,6 +78,9 @@ class Engine:
     ) -> None:
         self.target, self.chunks, self.finished, self.on_row = target, chunks, finished, on_row
         self.workers, self.ordered = workers, ordered
+        # Each worker serves a group of rows at once (serve_many: one queueing
+        # pass, no task per row); four groups fill the rows in flight.
+        self.group = max(1, workers // 4)
         self.timeout, self.priority = timeout, priority
         self._slots = anyio.Semaphore(open_chunks)
         self._advancing = anyio.Lock()
@@ -101,17 +104,17 @@ class Engine:
     async def run(self) -> None:
         """Serve every chunk (or until :meth:`stop`); returns when no row is in flight."""
         async with anyio.create_task_group() as tasks:
-            for _ in range(self.workers):
+            for _ in range(-(-self.workers // self.group)):
                 tasks.start_soon(self._worker)
 
-    def _take(self) -> tuple[Work, int] | None:
-        """The next row of the open chunk, if it has one left (no await: this runs per row)."""
+    def _take(self) -> tuple[Work, list[int]] | None:
+        """The next rows of the open chunk, if it has any left (no await)."""
         work = self._current
         if work is None or self._stopped or work.next >= len(work.todo):
             return None
         position = work.next
-        work.next = position + 1
-        return work, work.todo[position]
+        work.next = position + self.group
+        return work, list(work.todo[position : work.next])
 
     async def _refill(self) -> bool:
         """Open the next chunk unless another worker did; ``False`` when there are no more."""
@@ -158,24 +161,30 @@ class Engine:
                 if not await self._refill():
                     return
                 continue
-            work, row = taken
-            request = work.chunk.requests[row]
-            if isinstance(request, Refused):
-                outcome: Any = request.error
-            else:
-                try:
-                    outcome = await target.serve(request, timeout=timeout, priority=priority)
-                except Unavailable as exc:
-                    outcome = await self._retry(request, exc)
-                except MdsError as exc:
-                    outcome = exc
-            work.outcomes[row] = outcome
-            if work.order is not None:
-                work.order.append(row)
-            self.on_row(outcome)
-            work.left -= 1
-            if not work.left:
-                await self.finished(work)
+            work, rows = taken
+            requests = work.chunk.requests
+            served = [row for row in rows if not isinstance(requests[row], Refused)]
+            for row in rows:
+                if isinstance(requests[row], Refused):
+                    await self._record(work, row, requests[row].error)
+            if not served:
+                continue
+            outcomes = await target.serve_many(
+                [requests[row] for row in served], timeout=timeout, priority=priority
+            )
+            for row, outcome in zip(served, outcomes, strict=True):
+                if isinstance(outcome, Unavailable):
+                    outcome = await self._retry(requests[row], outcome)
+                await self._record(work, row, outcome)
+
+    async def _record(self, work: Work, row: int, outcome: Any) -> None:
+        work.outcomes[row] = outcome
+        if work.order is not None:
+            work.order.append(row)
+        self.on_row(outcome)
+        work.left -= 1
+        if not work.left:
+            await self.finished(work)
 
     async def _retry(self, request: Any, error: Unavailable) -> Any:
         """Serve again, backing off, while the model is busy or starting; raise once it is gone."""

@@ -182,6 +182,8 @@ class Job:
             return ledger, (ledger.failed_rows() if self.retry_failed else {})
 
         ledger, failed_rows = await anyio.to_thread.run_sync(open_ledger)
+        # Committed parts are only checked against the input: no requests made.
+        self._skip = frozenset(n for n in ledger.entries if n not in failed_rows)
         workers = self.in_flight or default_workers(target)
         send, receive = anyio.create_memory_object_stream[Work](math.inf)
         read, chunks = anyio.create_memory_object_stream[Chunk | BaseException | None](1)
@@ -286,7 +288,7 @@ class Job:
                 continue
             if (entry.start, entry.rows, entry.crc) != (
                 chunk.start,
-                len(chunk.requests),
+                chunk.rows,
                 chunk.crc,
             ):
                 raise ConfigError(
@@ -315,7 +317,7 @@ class Job:
                     async for chunk in direct:
                         await send.send(chunk)
                 else:
-                    chunks = source.chunks(self.part_rows)
+                    chunks = source.chunks(self.part_rows, self._skip)
                     try:
                         while (
                             got := await anyio.to_thread.run_sync(next, chunks, None)
@@ -377,7 +379,7 @@ class Job:
             ledger.commit(
                 chunk.number,
                 chunk.start,
-                len(chunk.requests),
+                chunk.rows,
                 chunk.crc,
                 writer.format,
                 _described(failed),

@@ -166,11 +166,11 @@ class Writer:
         """An Arrow column: arrays of one shape become (nested) fixed-size lists."""
         pa = self.pa
         good = [v for v, g in zip(values, ok, strict=True) if g]
-        arrays = _arrays(good)
-        if arrays is not None:
-            shape, dtype = arrays[0].shape, arrays[0].dtype
-            full = np.zeros((len(values), *shape), dtype=dtype)
-            full[ok] = np.stack(arrays)
+        stacked = _arrays(good)
+        if stacked is not None:
+            shape = stacked.shape[1:]
+            full = np.zeros((len(values), *shape), dtype=stacked.dtype)
+            full[ok] = stacked
             column = pa.array(full.reshape(-1))
             for size in reversed(shape):
                 column = pa.FixedSizeListArray.from_arrays(column, size)
@@ -284,28 +284,32 @@ def _masked(pa: Any, column: Any, ok: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(column.values, type=column.type, mask=pa.array(~ok))
 
 
-def _arrays(values: Sequence[Any]) -> list[np.ndarray] | None:
-    """``values`` as numeric arrays of one shape and dtype, if they all are; else ``None``."""
+def _arrays(values: Sequence[Any]) -> np.ndarray | None:
+    """``values`` stacked, if they are numeric arrays (or tensors) of one shape; else ``None``."""
     if not values:
         return None
-    arrays: list[np.ndarray] = []
-    for value in values:
-        if isinstance(value, np.ndarray | np.generic):
-            array = np.asarray(value)
-        elif hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-            tensor = value.detach().cpu()
-            if str(tensor.dtype) == "torch.bfloat16":
-                tensor = tensor.float()
-            array = np.asarray(tensor.numpy())
-        else:
+    first = values[0]
+    if hasattr(first, "detach") and hasattr(first, "numpy"):  # torch tensors: one stack
+        if not all(type(v) is type(first) and v.shape == first.shape for v in values):
             return None
-        arrays.append(array)
-    first = arrays[0]
-    if first.dtype.kind not in "biuf":
+        torch = require("torch", feature="writing torch tensors")
+        try:
+            stacked = torch.stack(list(values)).detach().cpu()
+        except RuntimeError:  # on several devices
+            stacked = torch.stack([v.detach().cpu() for v in values])
+        if stacked.dtype == torch.bfloat16:
+            stacked = stacked.float()
+        return _numeric(np.asarray(stacked.numpy()))
+    if not all(isinstance(v, np.ndarray | np.generic) for v in values):
         return None
-    if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
+    arrays = [np.asarray(v) for v in values]
+    if any(a.shape != arrays[0].shape or a.dtype != arrays[0].dtype for a in arrays):
         return None
-    return arrays
+    return _numeric(np.stack(arrays))
+
+
+def _numeric(array: np.ndarray) -> np.ndarray | None:
+    return array if array.dtype.kind in "biuf" else None
 
 
 def _free(name: str, taken: Mapping[str, Any]) -> str:

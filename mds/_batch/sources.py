@@ -14,7 +14,15 @@ from __future__ import annotations
 import os
 import pickle
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Sized
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Container,
+    Iterable,
+    Iterator,
+    Sequence,
+    Sized,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -44,10 +52,14 @@ class Refused(NamedTuple):
 
 @dataclass(eq=False, slots=True)
 class Chunk:
-    """Rows ``start`` to ``start + len(requests)`` of the input: part ``number`` of the output."""
+    """Rows ``start`` to ``start + rows`` of the input: part ``number`` of the output.
+
+    A chunk that a resumed run skips has no requests made (only its checksum).
+    """
 
     number: int
     start: int
+    rows: int
     requests: list[Any]  # the request, or Refused
     ids: list[Any] | None
     crc: int
@@ -84,8 +96,8 @@ class Source:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": self.path, "rows_as": self.mode}
 
-    def chunks(self, size: int) -> Iterator[Chunk]:
-        """The chunks, in order (blocking)."""
+    def chunks(self, size: int, skip: Container[int] = ()) -> Iterator[Chunk]:
+        """The chunks, in order (blocking); those numbered in ``skip`` without requests."""
         raise NotImplementedError
 
     def achunks(self, size: int) -> AsyncIterator[Chunk] | None:
@@ -143,7 +155,7 @@ class Requests(Source):
         self.kind = "iterable"
         self.total = len(items) if isinstance(items, Sized) else None
 
-    def chunks(self, size: int) -> Iterator[Chunk]:
+    def chunks(self, size: int, skip: Container[int] = ()) -> Iterator[Chunk]:
         assert isinstance(self.items, Iterable)
         chunker = _Chunker(size)
         for item in self.items:
@@ -185,7 +197,7 @@ class _Chunker:
         requests = self.requests
         if not requests:
             return None
-        chunk = Chunk(self.number, self.start, requests, None, _crc_of(requests))
+        chunk = Chunk(self.number, self.start, len(requests), requests, None, _crc_of(requests))
         self.number, self.start, self.requests = self.number + 1, self.start + len(requests), []
         return chunk
 
@@ -232,32 +244,46 @@ class JsonLines(Source):
         self.id_column = id_column
         self.total = _count_lines(path)
 
-    def chunks(self, size: int) -> Iterator[Chunk]:
+    def chunks(self, size: int, skip: Container[int] = ()) -> Iterator[Chunk]:
         decode = msgspec.json.Decoder().decode
         id_column = self.id_column
-        requests: list[Any] = []
-        ids: list[Any] | None = [] if id_column is not None else None
+        lines: list[tuple[int, bytes]] = []
         start = number = crc = 0
-        with self.file.open("rb") as lines:
-            for line_number, line in enumerate(lines, 1):
+        with self.file.open("rb") as data:
+            for line_number, line in enumerate(data, 1):
                 if line.isspace():
                     continue
                 crc = zlib.crc32(line, crc)
-                try:
-                    request: Any = decode(line)
-                except msgspec.DecodeError as exc:
-                    request = Refused(DecodeError(f"line {line_number}: not valid JSON: {exc}"))
-                except RecursionError:
-                    request = Refused(DecodeError(f"line {line_number}: JSON nested too deeply"))
-                if ids is not None:
-                    ids.append(request.pop(id_column, None) if isinstance(request, dict) else None)
-                requests.append(request)
-                if len(requests) == size:
-                    yield Chunk(number, start, requests, ids, crc)
-                    number, start, requests, crc = number + 1, start + size, [], 0
-                    ids = [] if ids is not None else None
-        if requests:
-            yield Chunk(number, start, requests, ids, crc)
+                lines.append((line_number, line))
+                if len(lines) == size:
+                    yield self._chunk(number, start, lines, crc, number in skip, decode, id_column)
+                    number, start, lines, crc = number + 1, start + size, [], 0
+        if lines:
+            yield self._chunk(number, start, lines, crc, number in skip, decode, id_column)
+
+    @staticmethod
+    def _chunk(
+        number: int,
+        start: int,
+        lines: list[tuple[int, bytes]],
+        crc: int,
+        skipped: bool,
+        decode: Any,
+        id_column: str | None,
+    ) -> Chunk:
+        requests: list[Any] = []
+        ids: list[Any] | None = [] if id_column is not None and not skipped else None
+        for line_number, line in [] if skipped else lines:
+            try:
+                request: Any = decode(line)
+            except msgspec.DecodeError as exc:
+                request = Refused(DecodeError(f"line {line_number}: not valid JSON: {exc}"))
+            except RecursionError:
+                request = Refused(DecodeError(f"line {line_number}: JSON nested too deeply"))
+            if ids is not None:
+                ids.append(request.pop(id_column, None) if isinstance(request, dict) else None)
+            requests.append(request)
+        return Chunk(number, start, len(lines), requests, ids, crc)
 
 
 def _count_lines(path: Path) -> int:
@@ -339,7 +365,9 @@ class ArrowFile(Source):
 
     def _dataset(self, path: Path) -> Any:
         dataset = require("pyarrow.dataset", feature="reading Parquet")
-        return dataset.dataset(sorted(str(p) for p in path.glob("*.parquet")), format="parquet")
+        scan = dataset.ParquetFragmentScanOptions(pre_buffer=False)  # as for one file
+        fmt = dataset.ParquetFileFormat(default_fragment_scan_options=scan)
+        return dataset.dataset(sorted(str(p) for p in path.glob("*.parquet")), format=fmt)
 
     def _csv(self, path: Path, columns: list[str] | None) -> Any:
         csv = require("pyarrow.csv", feature="reading CSV")
@@ -367,15 +395,22 @@ class ArrowFile(Source):
             )
         else:
             parquet = require("pyarrow.parquet", feature="reading Parquet")
-            yield from parquet.ParquetFile(path).iter_batches(batch_size=size, columns=self.reading)
+            # pre_buffer keeps every column chunk read so far: memory would
+            # grow with the file.
+            reader = parquet.ParquetFile(path, pre_buffer=False)
+            yield from reader.iter_batches(batch_size=size, columns=self.reading)
 
-    def chunks(self, size: int) -> Iterator[Chunk]:
+    def chunks(self, size: int, skip: Container[int] = ()) -> Iterator[Chunk]:
         start = 0
         for number, batch in enumerate(_rechunk(self._batches(size), size)):
             crc = zlib.crc32(memoryview(batch.serialize()))
-            ids = batch.column(self.id_column).to_pylist() if self.id_column else None
-            requests = self._tensors(batch) if self.mode == "tensors" else self._records(batch)
-            yield Chunk(number, start, requests, ids, crc)
+            if number in skip:
+                yield Chunk(number, start, batch.num_rows, [], None, crc)
+            else:
+                ids = batch.column(self.id_column).to_pylist() if self.id_column else None
+                tensors = self.mode == "tensors"
+                requests = self._tensors(batch) if tensors else self._records(batch)
+                yield Chunk(number, start, batch.num_rows, requests, ids, crc)
             start += batch.num_rows
 
     def _records(self, batch: Any) -> list[Any]:

@@ -30,7 +30,13 @@ def tests(session: nox.Session) -> None:
 
 #: What each extra's session installs beside it: torch pinned; onnx builds
 #: the ONNX test model (no torch needed); uvicorn serves the FastAPI app.
-EXTRA_PINS = {"torch": [TORCH], "onnx": ["onnx>=1.16"], "fastapi": ["uvicorn"], "flask": []}
+EXTRA_PINS = {
+    "torch": [TORCH],
+    "onnx": ["onnx>=1.16"],
+    "fastapi": ["uvicorn"],
+    "flask": [],
+    "arrow": [],
+}
 
 
 @nox.session(python=PYTHON)

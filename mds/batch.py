@@ -190,3 +190,9 @@ def run_sync(
 
 def _options(given: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k not in ("target", "source", "output")}
+
+
+# Reprs and tracebacks show the public path, not the private module.
+for _obj in (JobFailed, Progress, Report):
+    _obj.__module__ = __name__
+del _obj

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 import mds
+import mds.batch
 import mds.fastapi
 import mds.flask
 import mds.testing
 
-PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask"}
+PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask", "mds.batch"}
 
 # The public API, pinned: a change here is a design decision, with docs and a
 # changelog line (as httpx pins its own).
@@ -73,10 +74,11 @@ EXPECTED = {
     "mds.testing": ["LifecycleReport", "assert_batch_invariant", "run_lifecycle"],
     "mds.fastapi": ["add_error_handlers", "add_routes", "lifespan", "router"],
     "mds.flask": ["add_error_handlers", "add_routes", "blueprint"],
+    "mds.batch": ["JobFailed", "Progress", "Report", "run", "run_sync"],
 }
 
 
-@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask])
+@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch])
 def test_all_is_pinned(module: object) -> None:
     assert module.__all__ == EXPECTED[module.__name__]  # type: ignore[attr-defined]
 
@@ -84,12 +86,12 @@ def test_all_is_pinned(module: object) -> None:
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
     # public submodules; the __future__ import
-    exported -= {"testing", "fastapi", "flask", "annotations"}
+    exported -= {"testing", "fastapi", "flask", "batch", "annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
 
 
-@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask])
+@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch])
 def test_every_export_reports_a_public_module(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]
         obj = getattr(module, name)

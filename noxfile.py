@@ -1,4 +1,4 @@
-"""Sessions: tests (core only), tests_extras, lint, types, docs, examples.
+"""Sessions: tests (core only), tests_extras, tests_tensorflow, lint, types, docs, examples.
 
 Sessions install the built package, not the source tree, so tests see what
 users get. Run all with ``nox``, one with ``nox -s lint``.
@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "tests_extras", "lint", "types", "docs", "examples"]
+nox.options.sessions = [
+    "tests",
+    "tests_extras",
+    "tests_tensorflow",
+    "lint",
+    "types",
+    "docs",
+    "examples",
+]
 nox.options.default_venv_backend = "venv"
 
 PYTHON = "3.11"
@@ -45,6 +53,21 @@ def tests_extras(session: nox.Session, extra: str) -> None:
     """The suite with one optional dependency at a time: its own tests run, the others skip."""
     install(session, f"test,{extra}", *EXTRA_PINS[extra])
     session.run("pytest", "-rs", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tests_tensorflow(session: nox.Session) -> None:
+    """The TensorFlow backend's tests with that extra alone.
+
+    Not one of ``tests_extras``: TensorFlow is a large install, and the rest of
+    the suite never imports it, so running all of it again here would only
+    repeat the ``tests`` session. ``import mds`` staying light is checked too.
+    """
+    install(session, "test,tensorflow")
+    session.run(
+        "pytest", "-rs", "tests/backends/test_tensorflow.py", "tests/test_public_api.py",
+        *session.posargs,
+    )  # fmt: skip
 
 
 @nox.session(python=PYTHON)

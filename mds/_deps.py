@@ -16,6 +16,7 @@ _EXTRAS = {
     "starlette": "fastapi",
     "flask": "flask",
     "pyarrow": "arrow",
+    "tensorflow": "tensorflow",
 }
 
 DISTRIBUTION = "mds-serving"

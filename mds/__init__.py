@@ -8,6 +8,7 @@ Everything not re-exported here is private.
 from __future__ import annotations
 
 from ._backends.onnx_handler import OnnxHandler as OnnxHandler
+from ._backends.tf_handler import TensorFlowHandler as TensorFlowHandler
 from ._backends.torch_handler import TorchHandler as TorchHandler
 from ._collate import Collator as Collator
 from ._collate import Pad as Pad
@@ -15,6 +16,7 @@ from ._collate import Padded as Padded
 from ._collate import Stack as Stack
 from ._config import BatchingConfig as BatchingConfig
 from ._config import ModelConfig as ModelConfig
+from ._config import VersionPolicy as VersionPolicy
 from ._current import current_runtime as current_runtime
 from ._current import serve as serve
 from ._current import serve_sync as serve_sync
@@ -43,6 +45,7 @@ from ._model import ModelRuntime as ModelRuntime
 from ._pipeline.graph import Pipeline as Pipeline
 from ._pipeline.nodes import Node as Node
 from ._pipeline.running import PipelineRuntime as PipelineRuntime
+from ._repository.repository import ModelRepository as ModelRepository
 from ._runtime import Runtime as Runtime
 from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
@@ -53,8 +56,10 @@ from ._status import PipelineHealth as PipelineHealth
 from ._status import PipelineTrace as PipelineTrace
 from ._status import RuntimeHealth as RuntimeHealth
 from ._status import Traced as Traced
+from ._status import VersionStatus as VersionStatus
 from ._tensors import TensorSpec as TensorSpec
 from ._version import __version__ as __version__
+from ._versions import ModelVersions as ModelVersions
 
 __all__ = [
     "BatchingConfig",
@@ -78,9 +83,11 @@ __all__ = [
     "ModelHandler",
     "ModelHealth",
     "ModelNotFound",
+    "ModelRepository",
     "ModelRuntime",
     "ModelState",
     "ModelStatistics",
+    "ModelVersions",
     "Node",
     "NodeTrace",
     "NotReady",
@@ -97,10 +104,13 @@ __all__ = [
     "RuntimeHealth",
     "Servable",
     "Stack",
+    "TensorFlowHandler",
     "TensorSpec",
     "TorchHandler",
     "Traced",
     "Unavailable",
+    "VersionPolicy",
+    "VersionStatus",
     "__version__",
     "current_runtime",
     "serve",

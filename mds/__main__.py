@@ -1,10 +1,11 @@
-"""The command line: ``mds demo``, ``mds pipeline show FILE``, ``mds batch TARGET INPUT OUTPUT``."""
+"""The command line: mds demo, pipeline show, batch, repository check."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._errors import MdsError
 from ._version import __version__
@@ -33,6 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="text (default), a Mermaid flowchart, or Graphviz DOT",
     )
     show.add_argument("--output", "-o", help="write to this file instead of printing")
+    repository = commands.add_parser("repository", help="work with model repositories")
+    repository_commands = repository.add_subparsers(dest="repository_command", required=True)
+    check = repository_commands.add_parser(
+        "check",
+        help="read and check a model repository without serving it: every model's config, "
+        "versions and model files",
+    )
+    check.add_argument("path", help="the repository's folder")
     from ._batch.command import add_arguments, run_command
 
     add_arguments(
@@ -47,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "batch":
         return run_command(args)
+    if args.command == "repository":
+        return _check_repository(args.path)
     if args.command == "pipeline":
         return _show_pipeline(args.file, args.format, args.output)
     if args.command == "demo":
@@ -57,6 +68,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MdsError as exc:
             print(f"mds demo: {exc}", file=sys.stderr)
             return 1
+    return 0
+
+
+def _check_repository(path: str) -> int:
+    from ._repository.layout import read
+
+    try:
+        folder = read(Path(path))
+    except MdsError as exc:
+        print(f"mds repository: {exc}", file=sys.stderr)
+        return 1
+    for name, model in folder.models.items():
+        if model.problems:
+            print(f"{name}: {len(model.problems)} problems")
+            for problem in model.problems:
+                print(f"  - {problem}")
+            continue
+        assert model.spec is not None
+        wanted = ", ".join(v.version for v in model.wanted()) or "none"
+        print(f"{name}: loads version {wanted} (policy: {model.spec.version_policy})")
+    problems = folder.problems
+    if not folder.models:
+        print(f"mds repository: {path} has no model (a folder with mds.yaml)", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"mds repository: {len(problems)} problems in {path}", file=sys.stderr)
+        return 1
+    print(f"{path}: {len(folder.models)} models, no problems")
     return 0
 
 

@@ -5,6 +5,7 @@
 
 import contextvars
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -13,7 +14,15 @@ from msgspec import Meta
 from ._devices.device import Device
 from ._errors import ConfigError
 
-__all__ = ["BatchingConfig", "ModelConfig", "check_name", "queue_limits", "warmup_sizes"]
+__all__ = [
+    "BatchingConfig",
+    "ModelConfig",
+    "VersionPolicy",
+    "check_name",
+    "queue_limits",
+    "version_key",
+    "warmup_sizes",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -208,6 +217,63 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
                     f"batching.max_batch_size ({self.batching.max_batch_size}); "
                     "the batcher never forms such a batch"
                 )
+
+
+def version_key(version: str) -> tuple[int, int, str]:
+    """How versions order: numbers by value, below any other string, which go by text."""
+    return (0, int(version), "") if version.isdecimal() else (1, 0, version)
+
+
+class VersionPolicy(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which of a model's versions stay loaded; Triton's ``version_policy``.
+
+    Give one of the three; with none, ``latest=1``. A version that takes
+    traffic stays loaded whatever the policy says (see
+    :meth:`Runtime.set_traffic`). Versions order numerically where they are
+    numbers, else by their text, numbers first.
+
+    Attributes:
+        latest: keep the ``latest`` highest versions.
+        specific: keep only these versions.
+        all: keep every version loaded.
+
+    Example:
+        >>> mds.VersionPolicy(latest=2)  # the new one and the one before
+        >>> mds.VersionPolicy(specific=("1", "3"))
+
+    Added in 0.4.
+    """
+
+    latest: Annotated[int, Meta(ge=1)] | None = None
+    specific: Annotated[tuple[str | int, ...], Meta(min_length=1)] | None = None
+    all: bool = False
+
+    def _check(self) -> None:
+        given = [self.latest is not None, self.specific is not None, self.all]
+        if sum(given) > 1:
+            raise ConfigError("VersionPolicy: give one of latest, specific and all, not several")
+        if not any(given):
+            msgspec.structs.force_setattr(self, "latest", 1)
+        if self.specific is not None:
+            versions = tuple(str(v) for v in self.specific)
+            msgspec.structs.force_setattr(self, "specific", versions)
+
+    def keeps(self, versions: Iterable[str]) -> set[str]:
+        """Which of ``versions`` this policy keeps loaded."""
+        found = set(versions)
+        if self.all:
+            return found
+        if self.specific is not None:
+            return found & {str(v) for v in self.specific}
+        assert self.latest is not None
+        return set(sorted(found, key=version_key)[-self.latest :])
+
+    def __str__(self) -> str:
+        if self.all:
+            return "all"
+        if self.specific is not None:
+            return f"specific {', '.join(str(v) for v in self.specific)}"
+        return f"latest {self.latest}"
 
 
 def queue_limits(batching: BatchingConfig) -> tuple[int, ...]:

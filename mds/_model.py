@@ -176,6 +176,13 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             raise self._refuse()
         return loaded.handler.to_tensors(response)
 
+    def choose(self) -> Self:
+        """Itself: see :meth:`Servable.choose`.
+
+        Added in 0.4.
+        """
+        return self
+
     def add_context(self, error: MdsError) -> MdsError:
         """``error``, with this model and version in its context.
 
@@ -371,7 +378,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             return response
         now = self._clock()
         return Traced(
-            value=response, trace=item.trace(self.name, began, preprocessed, computed, now)
+            value=response,
+            trace=item.trace(self.name, self.version, began, preprocessed, computed, now),
         )
 
     async def _serve_many(

@@ -14,17 +14,19 @@ import anyio.abc
 from . import _current
 from ._bridge import Home, LoopBound, process_portal
 from ._by_name import ByName
-from ._config import ModelConfig, check_name
+from ._config import ModelConfig, VersionPolicy, check_name, version_key
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._hosting import Hosting
+from ._managing import Managing
 from ._model import ModelRuntime
 from ._pipeline.graph import Pipeline
 from ._pipeline.nodes import ModelNode
 from ._pipeline.running import PipelineRuntime
 from ._servable import Servable
 from ._status import ModelHealth, ModelStatistics, RuntimeHealth
+from ._versions import ModelVersions
 
 __all__ = ["Load", "Runtime"]
 
@@ -34,7 +36,7 @@ Load = Literal["wait", "background"]
 logger = logging.getLogger(__name__)
 
 
-class Runtime(ByName, LoopBound):
+class Runtime(Managing, ByName, LoopBound):
     """Holds models by name and serves them; starts and stops them together.
 
     ``async with runtime:`` starts every model (init, warm-up) at once and,
@@ -66,16 +68,20 @@ class Runtime(ByName, LoopBound):
     def __init__(self, *, fail_fast: bool = True, devices: DeviceManager | None = None) -> None:
         self.fail_fast = fail_fast
         self.devices: DeviceManager = devices if devices is not None else DeviceManager.default()
-        self._models: dict[str, ModelRuntime[Any, Any]] = {}
+        self._versions: dict[str, ModelVersions] = {}
         self._pipelines: dict[str, PipelineRuntime] = {}
         self._servables: dict[str, Servable] = {}  # both, by name: what requests name
-        self._hosting = Hosting(self._models, self)
+        self._unloaded: dict[str, ModelVersions] = {}  # every version unloaded
+        self._locks: dict[str, anyio.Lock] = {}  # one load or unload of a model at a time
+        self._hosting = Hosting(self)
+        # What runs beside the models while the runtime runs (a repository's watch).
+        self._companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._home = Home(self._not_running)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         pipelines = f" pipelines={sorted(self._pipelines)}" if self._pipelines else ""
-        return f"<Runtime {state} models={sorted(self._models)}{pipelines}>"
+        return f"<Runtime {state} models={sorted(self._versions)}{pipelines}>"
 
     @property
     def running(self) -> bool:
@@ -84,8 +90,33 @@ class Runtime(ByName, LoopBound):
 
     @property
     def models(self) -> Mapping[str, ModelRuntime[Any, Any]]:
-        """The models, by name (read-only)."""
-        return MappingProxyType(self._models)
+        """Each model's default version, by name (read-only; a new mapping each time).
+
+        :meth:`versions` has all of a model's versions.
+        """
+        return MappingProxyType({name: v.runtime() for name, v in sorted(self._versions.items())})
+
+    def versions(self, name: str) -> ModelVersions:
+        """The versions of the model called ``name``, and how requests are routed to them.
+
+        Raises:
+            ModelNotFound: there is no such model; the message lists the names.
+
+        Added in 0.4.
+        """
+        found = self._versions.get(name)
+        if found is None:
+            raise self._no_model(name)
+        return found
+
+    def _no_model(self, name: str) -> ModelNotFound:
+        known = ", ".join(repr(n) for n in sorted(self._versions)) or "none"
+        pipelines = ", ".join(repr(n) for n in sorted(self._pipelines))
+        extra = f"; pipelines: {pipelines}" if pipelines else ""
+        return ModelNotFound(f"no model named {name!r}; this runtime serves: {known}{extra}")
+
+    def _all_runtimes(self) -> list[ModelRuntime[Any, Any]]:
+        return [m for v in self._versions.values() for m in v.runtimes.values()]
 
     def add_model(
         self,
@@ -95,33 +126,61 @@ class Runtime(ByName, LoopBound):
         config: ModelConfig | None = None,
         *,
         version: str = "1",
+        policy: VersionPolicy | None = None,
     ) -> ModelRuntime[RequestT, ResponseT]:
-        """Add a model; it starts with the runtime.
+        """Add a model, or another version of one; it starts with the runtime.
+
+        Versions of one name are served side by side: requests that name no
+        version go to the highest (see :meth:`set_traffic`). To add or
+        replace a version while the runtime runs, use :meth:`load_model`.
 
         Args:
             name: the name requests use; letters, digits, ``_``, ``.``, ``-``.
             handler: a handler object, or a factory (such as its class) that
                 makes one per instance.
             config: the model's serving policy.
-            version: the model's version.
+            version: the model's version; letters, digits, ``_``, ``.``, ``-``.
+            policy: which of the model's versions stay loaded (by default,
+                or as set before, the latest one): see :class:`VersionPolicy`.
 
         Returns:
-            The model's :class:`ModelRuntime`, typed with the handler's
+            The version's :class:`ModelRuntime`, typed with the handler's
             request and response types.
 
         Raises:
-            ConfigError: the name is taken or not allowed.
+            ConfigError: the name (or this version of it) is taken or not
+                allowed, or the version policy would not keep it.
             LifecycleError: the runtime is already running.
+
+        Added in 0.1; several versions and ``policy`` in 0.4.
         """
         if self.running:
             raise LifecycleError(
-                f"cannot add model {name!r} to a running runtime; add models before starting it"
+                f"cannot add model {name!r} to a running runtime; add models before "
+                "starting it, or load it with Runtime.load_model"
             )
         check_name(name)
-        if name in self._models or name in self._pipelines:
-            raise ConfigError(f"a model or pipeline named {name!r} was already added")
+        check_name(version, "version")
+        if name in self._pipelines:
+            raise ConfigError(f"a pipeline named {name!r} was already added")
+        versions = self._versions.get(name)
+        if versions is None:
+            versions = ModelVersions(name, self._home, policy)
+        elif version in versions.runtimes:
+            raise ConfigError(f"model {name!r}, version {version!r} was already added")
+        policy = policy or versions.policy
+        dropped = (set(versions.runtimes) | {version}) - policy.keeps([*versions.runtimes, version])
+        if dropped:
+            raise ConfigError(
+                f"model {name!r}: the version policy ({policy}) would not keep version "
+                f"{', '.join(sorted(dropped))}; pass policy=mds.VersionPolicy(all=True) "
+                "(or latest=N) to serve several versions"
+            )
         model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
-        self._models[name] = self._servables[name] = model
+        versions.policy = policy
+        versions.install(model, default=not versions.runtimes or _newest(version, versions))
+        self._versions[name] = versions
+        self._servables[name] = versions
         return model
 
     @property
@@ -150,9 +209,9 @@ class Runtime(ByName, LoopBound):
             raise LifecycleError(
                 f"cannot add pipeline {name!r} to a running runtime; add it before starting"
             )
-        if name in self._models or name in self._pipelines:
+        if name in self._versions or name in self._pipelines:
             raise ConfigError(f"a model or pipeline named {name!r} was already added")
-        models: dict[str, ModelRuntime[Any, Any]] = {}
+        models: dict[str, ModelVersions] = {}
         reachable = pipeline.reachable()
         nodes = [
             node
@@ -162,25 +221,24 @@ class Runtime(ByName, LoopBound):
         for node in nodes:
             if node.model_name is None:
                 continue
-            if node.model_name not in self._models:
-                known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
+            if node.model_name not in self._versions:
+                known = ", ".join(repr(n) for n in sorted(self._versions)) or "none"
                 raise ConfigError(
                     f"pipeline {name!r}, node {node.name!r}: no model named "
                     f"{node.model_name!r} in this runtime (add it before the pipeline); "
                     f"models: {known}"
                 )
-            models[node.name] = self._models[node.model_name]
+            models[node.name] = self._versions[node.model_name]
         own = [(node, f"{name}.{node.name}") for node in nodes if node.model_name is None]
         for _, model_name in own:
-            if model_name in self._models:
+            if model_name in self._versions:
                 raise ConfigError(
                     f"pipeline {name!r}: a model named {model_name!r} was already added"
                 )
         for node, model_name in own:
             assert node.handler is not None
-            models[node.name] = self.add_model(
-                model_name, node.handler, node.config, version=node.version
-            )
+            self.add_model(model_name, node.handler, node.config, version=node.version)
+            models[node.name] = self._versions[model_name]
         served = PipelineRuntime(pipeline, models, home=self._home)
         self._pipelines[name] = self._servables[name] = served
         return served
@@ -206,7 +264,12 @@ class Runtime(ByName, LoopBound):
             raise ModelNotFound(f"no pipeline named {name!r}; pipelines: {known}") from None
 
     def servable(self, name: str, version: str | None = None) -> Servable:
-        """The model or pipeline called ``name``, which answers for ``version`` if given.
+        """The model or pipeline called ``name``; pinned to ``version`` if given.
+
+        For a model this is its :class:`ModelVersions`, which routes each
+        request to a version; with ``version``, a servable that serves with
+        that version alone (looked up at each call, so a reload of it takes
+        effect).
 
         Raises:
             ModelNotFound: there is no such model or pipeline, or it has no
@@ -216,26 +279,26 @@ class Runtime(ByName, LoopBound):
         """
         found = self._servables.get(name)
         if found is None:
-            known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
-            pipelines = ", ".join(repr(n) for n in sorted(self._pipelines))
-            extra = f"; pipelines: {pipelines}" if pipelines else ""
-            raise ModelNotFound(f"no model named {name!r}; this runtime serves: {known}{extra}")
-        if version is not None and version not in found.versions:
+            raise self._no_model(name)
+        if version is None:
+            return found
+        if isinstance(found, ModelVersions):
+            return found.pinned(version)
+        if version not in found.versions:
             have = ", ".join(found.versions)
             raise ModelNotFound(f"no version {version!r}; it has version {have}", model=name)
         return found
 
-    def model(self, name: str) -> ModelRuntime[Any, Any]:
-        """The model called ``name``.
+    def model(self, name: str, version: str | None = None) -> ModelRuntime[Any, Any]:
+        """The :class:`ModelRuntime` of model ``name``: its default version, or ``version``.
 
         Raises:
-            ModelNotFound: there is no such model; the message lists the names.
+            ModelNotFound: there is no such model or version; the message
+                lists the names.
+
+        Added in 0.1; ``version`` in 0.4.
         """
-        try:
-            return self._models[name]
-        except KeyError:
-            known = ", ".join(repr(n) for n in sorted(self._models)) or "none"
-            raise ModelNotFound(f"no model named {name!r}; this runtime serves: {known}") from None
+        return self.versions(name).runtime(version)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -292,22 +355,25 @@ class Runtime(ByName, LoopBound):
             raise
         try:
             if load == "background":
-                self._hosting.start_all_in_background()
+                self._hosting.start_all_in_background(self._all_runtimes())
             else:
                 await self._load_or_fail()
+            for companion in self._companions:
+                self._hosting.start_soon(companion)
         except BaseException:
             await self._close(cancel=False)
             raise
         _current.started(self)
 
     async def _load_or_fail(self) -> None:
-        failures = await self._hosting.start_all()
+        models = self._all_runtimes()
+        failures = await self._hosting.start_all(models)
         if failures and self.fail_fast:
             names = "; ".join(
-                f"{name!r}: {self._models[name].failure or exc}" for name, exc in failures.items()
+                f"{model.name!r}: {model.failure or exc}" for model, exc in failures.items()
             )
             raise LifecycleError(
-                f"{len(failures)} of {len(self._models)} models failed to start: {names}"
+                f"{len(failures)} of {len(models)} models failed to start: {names}"
             ) from next(iter(failures.values()))
 
     async def __aexit__(
@@ -332,7 +398,7 @@ class Runtime(ByName, LoopBound):
             await self._home.close()
 
     async def start_model(self, name: str) -> None:
-        """Start one model of a running runtime: again after a failure or a stop.
+        """Start one model (its default version) again, after a failure or a stop.
 
         Raises:
             ModelNotFound: no such model.
@@ -342,19 +408,21 @@ class Runtime(ByName, LoopBound):
         model = self.model(name)
         if not self.running:
             raise LifecycleError(f"{self!r} is not running; start it first")
-        if self._hosting.hosts(name):
+        if self._hosting.hosts(model):
             raise LifecycleError(f"model {name!r} is already {model.state.value}")
-        await self._hosting.start(name)
+        await self._hosting.start(model)
 
     async def stop_model(self, name: str) -> None:
-        """Stop one model (drain, then teardown); the others go on serving.
+        """Stop one model's default version (drain, then teardown); the others go on serving.
+
+        It stays in the runtime, ``STOPPED``, and :meth:`start_model` starts
+        it again; :meth:`unload_model` removes it.
 
         Raises:
             ModelNotFound: no such model.
             LifecycleError: the model is not running.
         """
-        self.model(name)
-        if not await self._hosting.stop(name):
+        if not await self._hosting.stop(self.model(name)):
             raise LifecycleError(f"model {name!r} is not running")
 
     def _not_running(self) -> MdsError:
@@ -371,11 +439,11 @@ class Runtime(ByName, LoopBound):
     async def _health(self) -> RuntimeHealth:
         reports: dict[str, ModelHealth] = {}
 
-        async def check(name: str, model: ModelRuntime[Any, Any]) -> None:
-            reports[name] = await model.health()
+        async def check(name: str, model: ModelVersions) -> None:
+            reports[name] = await model._health()
 
         async with anyio.create_task_group() as tasks:
-            for name, model in self._models.items():
+            for name, model in self._versions.items():
                 tasks.start_soon(check, name, model)
         return self._health_of(reports)
 
@@ -399,8 +467,13 @@ class Runtime(ByName, LoopBound):
         return self._home.call_sync(self._health)
 
     def statistics(self) -> dict[str, ModelStatistics]:
-        """Each model's counters, by name."""
-        return {name: model.statistics() for name, model in sorted(self._models.items())}
+        """Each model's counters (its default version's), by name."""
+        return {name: model.statistics() for name, model in sorted(self._versions.items())}
+
+
+def _newest(version: str, versions: ModelVersions) -> bool:
+    """Whether ``version`` is above every version ``versions`` has."""
+    return all(version_key(version) > version_key(v) for v in versions.runtimes)
 
 
 class _Lifetime:

@@ -96,6 +96,17 @@ class Servable(Protocol):
         """``error``, with where it happened filled in: this model (and version) or pipeline."""
         ...
 
+    def choose(self) -> Servable:
+        """What serves one request: for a model, one version picked by its traffic split.
+
+        A transport decodes, serves and encodes one request through what
+        this returns, so that all of it sees one version and the reply can
+        say which (its ``version``). Anything but a model returns itself.
+
+        Added in 0.4.
+        """
+        ...
+
     def serve(
         self,
         request: Any,

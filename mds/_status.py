@@ -20,6 +20,7 @@ __all__ = [
     "PipelineTrace",
     "RuntimeHealth",
     "Traced",
+    "VersionStatus",
 ]
 
 T = TypeVar("T")
@@ -48,6 +49,30 @@ class ModelHealth(msgspec.Struct, frozen=True, kw_only=True):
     ready: bool
     reason: str | None = None
     devices: tuple[DeviceInfo, ...] = ()
+
+
+class VersionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One model version as the repository index lists it.
+
+    Attributes:
+        name: the model's name.
+        version: the version.
+        state: its lifecycle state: ``READY`` while it serves, ``LOADING``
+            or ``WARMING`` while a load builds it, ``DRAINING`` while it
+            finishes its last requests, ``STOPPED`` once unloaded,
+            ``FAILED`` when its load failed.
+        reason: why it failed, or a note on its state; ``None`` if none.
+        default: whether it answers requests that name no version (it takes
+            some of the traffic).
+
+    Added in 0.4.
+    """
+
+    name: str
+    version: str
+    state: ModelState
+    reason: str | None = None
+    default: bool = False
 
 
 class PipelineHealth(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,6 +193,7 @@ class CallTrace(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         model: the model's name.
+        version: the model's version that computed it.
         instance: the instance that computed it.
         queue_wait: from being queued to its batch starting.
         batch_size: requests in its batch.
@@ -178,10 +204,11 @@ class CallTrace(msgspec.Struct, frozen=True, kw_only=True):
         postprocess_seconds: its ``postprocess``.
         total_seconds: the whole call.
 
-    Added in 0.1.
+    Added in 0.1; ``version`` in 0.4.
     """
 
     model: str
+    version: str = ""
     instance: int
     queue_wait: float
     batch_size: int

@@ -23,8 +23,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("one instance, per-request steps, counters", {"_instance", "_steps", "_statistics"}),
     ("a model's instances", {"_instances"}),
     ("the servable contract, a model, named tensors", {"_servable", "_model", "_named"}),
+    ("a model's versions", {"_versions"}),
     ("pipelines", {"_pipeline"}),
-    ("the runtime, mds.serve", {"_runtime", "_by_name", "_current", "_hosting"}),
+    ("the runtime, mds.serve", {"_runtime", "_by_name", "_current", "_hosting", "_managing"}),
+    ("the model repository", {"_repository"}),
     (
         "transports, public namespaces",
         {"_http", "_batch", "batch", "fastapi", "flask", "testing", "_demo"},

@@ -43,9 +43,11 @@ EXPECTED = {
         "ModelHandler",
         "ModelHealth",
         "ModelNotFound",
+        "ModelRepository",
         "ModelRuntime",
         "ModelState",
         "ModelStatistics",
+        "ModelVersions",
         "Node",
         "NodeTrace",
         "NotReady",
@@ -62,10 +64,13 @@ EXPECTED = {
         "RuntimeHealth",
         "Servable",
         "Stack",
+        "TensorFlowHandler",
         "TensorSpec",
         "TorchHandler",
         "Traced",
         "Unavailable",
+        "VersionPolicy",
+        "VersionStatus",
         "__version__",
         "current_runtime",
         "serve",
@@ -139,7 +144,8 @@ def test_the_version_is_the_changelogs_newest() -> None:
 def test_import_mds_loads_no_optional_dependency() -> None:
     code = (
         "import sys, mds, mds.testing\n"
-        "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio'}\n"
+        "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio',\n"
+        "         'tensorflow', 'pyarrow'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run(

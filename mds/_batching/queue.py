@@ -79,13 +79,20 @@ class Item:
         self.batch: BatchInfo | None = None
 
     def trace(
-        self, model: str, began: float, preprocessed: float, computed: float, now: float
+        self,
+        model: str,
+        version: str,
+        began: float,
+        preprocessed: float,
+        computed: float,
+        now: float,
     ) -> CallTrace:
         """Where the request's time went, from the times its caller took."""
         info = self.batch
         assert info is not None
         return CallTrace(
             model=model,
+            version=version,
             instance=info.instance,
             queue_wait=info.started - self.enqueued,
             batch_size=info.size,

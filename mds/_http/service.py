@@ -362,7 +362,7 @@ class Service:
         """
         timeout, priority = self.limits(headers)
         self.check_size(len(body))
-        target = self.target(name, version)
+        target = self.target(name, version).choose()
         v2_call: V2Call | None = None
         rows: list[Any] | None = None
         try:

@@ -20,7 +20,7 @@ from .._handler import ModelHandler
 from .graph import Pipeline
 from .nodes import FOLLOWING, FanOutNode, FunctionNode, ModelNode, Node, RouterNode
 
-__all__ = ["from_document", "load_file"]
+__all__ = ["find_handler", "from_document", "load_file", "resolve_handler", "resolve_object"]
 
 
 class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -238,6 +238,32 @@ def resolve_object(path: str, at: str, what: str) -> Any:
     return obj
 
 
+def find_handler(module: Any, label: str, at: str) -> Any:
+    """``module``'s ``handler`` attribute, else the one :class:`ModelHandler` subclass in it."""
+    obj = getattr(module, "handler", None)
+    if obj is not None:
+        return obj
+    found = [
+        value
+        for value in vars(module).values()
+        if inspect.isclass(value)
+        and issubclass(value, ModelHandler)
+        and value.__module__ == module.__name__
+        and not inspect.isabstract(value)
+    ]
+    if not found:
+        raise ConfigError(
+            f"{at}: module {label!r} has no handler: define a ModelHandler subclass "
+            "in it, or a 'handler' attribute, or write module:name"
+        )
+    if len(found) > 1:
+        names = ", ".join(f"{label}:{cls.__name__}" for cls in found)
+        raise ConfigError(
+            f"{at}: module {label!r} defines {len(found)} handlers; name one: {names}"
+        )
+    return found[0]
+
+
 def resolve_handler(path: str, at: str) -> Any:
     """The handler that ``handler_module`` names.
 
@@ -248,28 +274,7 @@ def resolve_handler(path: str, at: str) -> Any:
     if ":" in path:
         obj = resolve_object(path, at, "handler")
     else:
-        module = _import(path, at)
-        obj = getattr(module, "handler", None)
-        if obj is None:
-            found = [
-                value
-                for value in vars(module).values()
-                if inspect.isclass(value)
-                and issubclass(value, ModelHandler)
-                and value.__module__ == module.__name__
-                and not inspect.isabstract(value)
-            ]
-            if not found:
-                raise ConfigError(
-                    f"{at}: module {path!r} has no handler: define a ModelHandler subclass "
-                    "in it, or a 'handler' attribute, or write module:name"
-                )
-            if len(found) > 1:
-                names = ", ".join(f"{path}:{cls.__name__}" for cls in found)
-                raise ConfigError(
-                    f"{at}: module {path!r} defines {len(found)} handlers; name one: {names}"
-                )
-            obj = found[0]
+        obj = find_handler(_import(path, at), path, at)
     if not (isinstance(obj, ModelHandler) or callable(obj)):
         raise ConfigError(
             f"{at}: {path!r} is a {type(obj).__name__}, not a ModelHandler or a factory of one"

@@ -12,9 +12,9 @@ import anyio
 
 from .. import _loop
 from .._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
-from .._model import ModelRuntime
 from .._status import NodeTrace
 from .._threads import is_async
+from .._versions import ModelVersions
 from .nodes import FanOutNode, FunctionNode, ModelNode, Node, RouterNode
 
 __all__ = ["compile_nodes"]
@@ -48,7 +48,7 @@ class Runner:
 
 
 class _ModelRunner(Runner):
-    def __init__(self, pipeline: str, node: Node, model: ModelRuntime[Any, Any]) -> None:
+    def __init__(self, pipeline: str, node: Node, model: ModelVersions) -> None:
         super().__init__(pipeline, node)
         self.model = model
 
@@ -284,7 +284,7 @@ def compile_nodes(
     pipeline: str,
     nodes: Mapping[str, Node],
     reachable: set[str],
-    models: Mapping[str, ModelRuntime[Any, Any]],
+    models: Mapping[str, ModelVersions],
 ) -> dict[str, Runner]:
     """A runner for each node a call can reach, linked to those that follow it."""
     runners: dict[str, Runner] = {}

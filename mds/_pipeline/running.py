@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 from .. import _loop
 from .._bridge import Home
 from .._deprecation import renamed
 from .._errors import MdsError, NotReady
 from .._handler import ModelState
-from .._model import ModelRuntime
 from .._servable import Serving
 from .._status import ModelHealth, NodeTrace, PipelineHealth, PipelineTrace, Traced
 from .._tensors import Signature
+from .._versions import ModelVersions
 from .graph import Pipeline
 from .runners import Runner, compile_nodes
 
@@ -41,7 +41,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
     def __init__(
         self,
         pipeline: Pipeline,
-        models: Mapping[str, ModelRuntime[Any, Any]],
+        models: Mapping[str, ModelVersions],
         *,
         home: Home | None = None,
     ) -> None:
@@ -50,7 +50,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         self.version = pipeline.version
         self.timeout = pipeline.timeout
         #: The model serving each model node, by node name.
-        self.models: dict[str, ModelRuntime[Any, Any]] = dict(models)
+        self.models: dict[str, ModelVersions] = dict(models)
         self._home = home if home is not None else Home(self._not_running)
         runners = compile_nodes(self.name, pipeline.nodes, pipeline.reachable(), self.models)
         self._start = runners[pipeline.start]
@@ -89,6 +89,13 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
             if not model.ready:
                 return model.state
         return ModelState.READY
+
+    def choose(self) -> Self:
+        """Itself: see :meth:`Servable.choose`.
+
+        Added in 0.4.
+        """
+        return self
 
     def add_context(self, error: MdsError) -> MdsError:
         """``error``, with this pipeline in its context.

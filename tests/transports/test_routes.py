@@ -81,7 +81,8 @@ def test_metadata(server: Any, model: str) -> None:
     assert names == sorted(names) and {"linear", model, "scored", "broken"} <= set(names)
     wrong = client.get(f"/ml/v2/models/{model}/versions/7")
     assert wrong.status_code == 404
-    assert wrong.json()["error"] == f"model '{model}': no version '7'; it has version 1"
+    message = f"model '{model}': no version '7' is loaded; loaded versions: '1'"
+    assert wrong.json()["error"] == message
     missing = client.get("/ml/v2/models/nothing")
     assert missing.status_code == 404
     assert missing.json()["type"] == "ModelNotFound"

@@ -1,0 +1,1 @@
+"""The model repository: folders of model versions that a runtime serves and follows."""

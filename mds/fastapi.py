@@ -22,7 +22,10 @@ Routes (under ``prefix``), each answering JSON:
 ``POST``    ``/models/{name}/infer``              JSON request in, JSON response out;
                                                   server-sent events for a streaming model
 ``GET``     ``/statistics``                       every model's counters
+``POST``    ``/models/{name}/versions/{v}/infer``  the same, served by version ``v``
 ``...``     ``/v2/...``                           the Open Inference Protocol (KServe V2)
+``POST``    ``/v2/repository/...``                the protocol's model repository routes
+                                                  (index, load, unload), with ``repository``
 ==========  ====================================  =========================================
 
 Added in 0.2.
@@ -31,7 +34,14 @@ Added in 0.2.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,7 +50,9 @@ import anyio
 from . import _loop
 from ._deps import require
 from ._errors import MdsError
+from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import Call, Reply, Service, allowed, error_reply, paths
+from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
 
 if TYPE_CHECKING:
@@ -64,6 +76,8 @@ def router(
     priority_header: str = "Mds-Priority",
     max_body_bytes: int = 64 * 1024 * 1024,
     retry_after: int = 1,
+    repository: ModelRepository | None = None,
+    repository_dependencies: Sequence[Any] = (),
 ) -> APIRouter:
     """An ``APIRouter`` with mds's routes for ``runtime``; include it in your app.
 
@@ -80,6 +94,13 @@ def router(
             level (0 is the highest).
         max_body_bytes: a larger request body gets a 400 before it is read.
         retry_after: the ``Retry-After`` seconds sent with a 429 or 503.
+        repository: add the protocol's model repository routes (index,
+            load, unload, as Triton serves them) for this repository, which
+            must have been added to ``runtime``. They change what the server
+            runs: guard them with ``repository_dependencies``. Added in 0.4.
+        repository_dependencies: FastAPI dependencies run before each
+            repository route, such as ``[Depends(require_admin)]``: your
+            auth. Added in 0.4.
 
     Raises:
         MissingDependency: FastAPI is not installed (``pip install mds-serving[fastapi]``).
@@ -93,6 +114,9 @@ def router(
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
+        extensions=("binary_tensor_data", "model_repository")
+        if repository is not None
+        else ("binary_tensor_data",),
     )
     routes = _Routes(service)
     found: APIRouter = fastapi.APIRouter(prefix=prefix)
@@ -103,7 +127,71 @@ def router(
         endpoints = {method: getattr(routes, name) for method, name in methods.items()}
         endpoint = _Dispatch(service, endpoints)
         found.routes.append(Route(prefix + path, endpoint, include_in_schema=False))
+    if repository is not None:
+        _add_repository_routes(found, prefix, service, repository, repository_dependencies)
     return found
+
+
+def _add_repository_routes(
+    found: APIRouter,
+    prefix: str,
+    service: Service,
+    repository: ModelRepository,
+    dependencies: Sequence[Any],
+) -> None:
+    """The repository routes: FastAPI routes, so that the app's own dependencies guard them."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    routes = Repository(repository)
+
+    def respond(reply: Reply) -> Response:
+        return Response(
+            reply.body, reply.status, dict(reply.headers), media_type=reply.content_type
+        )
+
+    async def index(request: Request) -> Response:
+        try:
+            return respond(routes.index(await request.body()))
+        except Exception as exc:
+            return respond(service.error(exc))
+
+    async def load(name: str, request: Request) -> Response:
+        try:
+            config = routes.load_config(await request.body())
+            await repository.load(name, config)
+            return respond(routes.done(name))
+        except Exception as exc:
+            return respond(service.error(exc))
+
+    async def unload(name: str, request: Request) -> Response:
+        try:
+            routes.check_unload(await request.body())
+            await repository.unload(name)
+            return respond(routes.done(name))
+        except Exception as exc:
+            return respond(service.error(exc))
+
+    endpoints: dict[str, Callable[..., Awaitable[Response]]] = {
+        "repository_index": index,
+        "repository_load": load,
+        "repository_unload": unload,
+    }
+    for endpoint in endpoints.values():
+        # Real classes, not this module's postponed strings: FastAPI reads them.
+        endpoint.__annotations__ = {
+            **{k: str for k in endpoint.__annotations__ if k == "name"},
+            "request": Request,
+            "return": Response,
+        }
+    for method, path, name in REPOSITORY_ROUTES:
+        found.add_api_route(
+            prefix + path,
+            endpoints[name],
+            methods=[method],
+            dependencies=list(dependencies),
+            include_in_schema=False,
+        )
 
 
 def lifespan(
@@ -148,6 +236,8 @@ def add_routes(
     max_body_bytes: int = 64 * 1024 * 1024,
     retry_after: int = 1,
     load: Load = "background",
+    repository: ModelRepository | None = None,
+    repository_dependencies: Sequence[Any] = (),
 ) -> APIRouter:
     """Add mds's routes and error handlers to ``app``; run ``runtime`` with its lifespan.
 
@@ -173,6 +263,8 @@ def add_routes(
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
+        repository=repository,
+        repository_dependencies=repository_dependencies,
     )
     app.router.routes.extend(found.routes)
     add_error_handlers(app, retry_after=retry_after)

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._deps import require
 from ._errors import MdsError
+from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import Call, Reply, Service, allowed, error_reply, paths
+from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
 
 if TYPE_CHECKING:
@@ -44,12 +46,17 @@ def blueprint(
     priority_header: str = "Mds-Priority",
     max_body_bytes: int = 64 * 1024 * 1024,
     retry_after: int = 1,
+    repository: ModelRepository | None = None,
+    repository_decorator: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> Blueprint:
     """A Blueprint with mds's routes for ``runtime``; register it on your app.
 
     It does not start the runtime: :func:`add_routes` does, or call
     ``runtime.start_sync()`` yourself. The arguments are those of
     :func:`mds.fastapi.router`; ``name`` is the Blueprint's name.
+    ``repository_decorator`` wraps each repository view (your auth, such
+    as ``login_required``) as FastAPI's ``repository_dependencies`` guard
+    them there (added in 0.4).
 
     Raises:
         MissingDependency: Flask is not installed (``pip install mds-serving[flask]``).
@@ -61,6 +68,9 @@ def blueprint(
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
+        extensions=("binary_tensor_data", "model_repository")
+        if repository is not None
+        else ("binary_tensor_data",),
     )
     views = _Views(service, flask)
     found: Blueprint = flask.Blueprint(name, __name__)
@@ -76,7 +86,50 @@ def blueprint(
             methods=_METHODS,
             provide_automatic_options=False,
         )
+    if repository is not None:
+        _add_repository_routes(found, views, repository, repository_decorator)
     return found
+
+
+def _add_repository_routes(
+    found: Blueprint,
+    views: _Views,
+    repository: ModelRepository,
+    decorator: Callable[[Callable[..., Any]], Callable[..., Any]] | None,
+) -> None:
+    routes = Repository(repository)
+    request = views.flask.request
+
+    def index() -> Response:
+        return views._answer(lambda: routes.index(request.get_data()))
+
+    def load(name: str) -> Response:
+        def run() -> Reply:
+            config = routes.load_config(request.get_data())
+            repository.load_sync(name, config)
+            return routes.done(name)
+
+        return views._answer(run)
+
+    def unload(name: str) -> Response:
+        def run() -> Reply:
+            routes.check_unload(request.get_data())
+            repository.unload_sync(name)
+            return routes.done(name)
+
+        return views._answer(run)
+
+    endpoints: dict[str, Callable[..., Any]] = {
+        "repository_index": index,
+        "repository_load": load,
+        "repository_unload": unload,
+    }
+    for method, path, name in REPOSITORY_ROUTES:
+        view = endpoints[name]
+        if decorator is not None:
+            view = decorator(view)
+        rule = re.sub(r"\{(\w+)\}", r"<\1>", path)
+        found.add_url_rule(rule, name, view, methods=[method])
 
 
 def add_routes(
@@ -91,6 +144,8 @@ def add_routes(
     max_body_bytes: int = 64 * 1024 * 1024,
     retry_after: int = 1,
     load: Load = "background",
+    repository: ModelRepository | None = None,
+    repository_decorator: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> Blueprint:
     """Add mds's routes and error handlers to ``app``; start ``runtime`` if it is not running.
 
@@ -122,6 +177,8 @@ def add_routes(
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
+        repository=repository,
+        repository_decorator=repository_decorator,
     )
     app.register_blueprint(found, url_prefix=prefix or None)
     add_error_handlers(app, retry_after=retry_after)
@@ -257,8 +314,8 @@ class _Views:
 
     # -- inference ----------------------------------------------------------
 
-    def infer(self, name: str) -> Response:
-        return self._infer(name, None, v2=False)
+    def infer(self, name: str, version: str | None = None) -> Response:
+        return self._infer(name, version, v2=False)
 
     def v2_infer(self, name: str, version: str | None = None) -> Response:
         return self._infer(name, version, v2=True)

@@ -21,6 +21,7 @@ import msgspec
 
 from .._errors import ConfigError, MdsError, NotReady, describe
 from .._servable import Servable
+from .._versions import ModelVersions
 from .engine import Engine, Work, default_workers
 from .ledger import ERRORS, Ledger, now_text
 from .parts import Rows, Writer, error_fields
@@ -158,6 +159,9 @@ class Job:
     # -- the run --------------------------------------------------------------
 
     async def run(self) -> Report:
+        if isinstance(self.target, ModelVersions):
+            # One version for the whole job: a swap meanwhile does not mix outputs.
+            self.target = self.target.pinned(self.target.version)
         target = self.target
         if not target.ready:
             raise NotReady(

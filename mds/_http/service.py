@@ -55,6 +55,8 @@ logger = logging.getLogger("mds.http")
 JSON = "application/json"
 BINARY_HEADER = protocol.BINARY_HEADER.lower()
 EVENT_STREAM = "text/event-stream"
+#: The reply header that names the version that answered a JSON request.
+VERSION_HEADER = "Mds-Model-Version"
 
 #: Error class -> HTTP status, most specific first: the one table both adapters use.
 ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
@@ -106,6 +108,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/models/{name}", "metadata"),
     ("GET", "/models/{name}/ready", "model_ready"),
     ("POST", "/models/{name}/infer", "infer"),
+    ("POST", "/models/{name}/versions/{version}/infer", "infer"),
     ("GET", "/statistics", "statistics"),
 )
 #: The Open Inference Protocol's routes.
@@ -190,6 +193,7 @@ class Service:
         max_body_bytes: a larger request body is refused with a 400.
         retry_after: seconds a client is told to wait (``Retry-After``) when
             a model is overloaded or not ready.
+        extensions: the protocol extensions the server metadata lists.
     """
 
     runtime: Runtime
@@ -197,6 +201,7 @@ class Service:
     priority_header: str = "Mds-Priority"
     max_body_bytes: int = 64 * 1024 * 1024
     retry_after: int = 1
+    extensions: tuple[str, ...] = ("binary_tensor_data",)
     _retry: tuple[tuple[str, str], ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -290,7 +295,7 @@ class Service:
 
     def server_metadata(self) -> Reply:
         meta = protocol.ServerMetadata(
-            name="mds", version=__version__, extensions=["binary_tensor_data"]
+            name="mds", version=__version__, extensions=list(self.extensions)
         )
         return Reply(200, _encoder.encode(meta))
 
@@ -327,8 +332,9 @@ class Service:
         except RecursionError:
             raise DecodeError("the request body's JSON is nested too deeply") from None
 
-    def json_reply(self, result: Any) -> Reply:
-        return Reply(200, self.encode(result))
+    def json_reply(self, result: Any, version: str | None = None) -> Reply:
+        headers = () if version is None else ((VERSION_HEADER, version),)
+        return Reply(200, self.encode(result), JSON, headers)
 
     def encode(self, result: Any) -> bytes:
         try:
@@ -385,7 +391,7 @@ class Service:
     def reply(self, call: Call, result: Any) -> Reply:
         """The response to ``call`` for the model's ``result`` (each row's, with rows)."""
         if call.v2 is None:
-            return self.json_reply(result)
+            return self.json_reply(result, call.target.version)
         try:
             body, head = v2_protocol.encode(call.v2, result)
         except MdsError as exc:

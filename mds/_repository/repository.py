@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from .._errors import ConfigError, LifecycleError, MdsError, ModelNotFound
+from .._errors import ConfigError, InvalidInput, LifecycleError, MdsError, ModelNotFound
 from .._handler import ModelState
 from .._runtime import Runtime
 from .layout import CONFIG_FILE, Folder, ModelFolder, ModelSpec, factory, read, revise
@@ -159,7 +160,7 @@ class ModelRepository:
             except Exception:  # the watch goes on; the next read may do better
                 logger.exception("%r: reading the repository failed", self)
 
-    def refresh(self) -> Any:
+    def refresh(self) -> Coroutine[Any, Any, None]:
         """Apply what changed in the repository now, as the watch does. Await it.
 
         Raises:
@@ -167,7 +168,7 @@ class ModelRepository:
         """
         return self._on_loop(self._refresh, False)
 
-    def load(self, name: str, config: str | None = None) -> Any:
+    def load(self, name: str, config: str | None = None) -> Coroutine[Any, Any, None]:
         """Load (or reload) one model from the repository, as the protocol's load route does.
 
         Versions whose files changed are loaded with a warm swap; a version
@@ -180,13 +181,18 @@ class ModelRepository:
 
         Raises:
             ModelNotFound: no such model in the repository.
-            ConfigError: a bad ``config``, or a problem in the model's files.
+            InvalidInput: a bad ``config``.
+            ConfigError: a problem in the model's files.
             LifecycleError: a version failed to load (the one before goes on
                 serving).
         """
         return self._on_loop(self._load, name, config)
 
-    def unload(self, name: str) -> Any:
+    def load_sync(self, name: str, config: str | None = None) -> None:
+        """Blocking form of :meth:`load`, for threads with no event loop."""
+        self._bound()._home.call_sync(self._load, name, config)
+
+    def unload(self, name: str) -> Coroutine[Any, Any, None]:
         """Unload every version of a model, and leave it unloaded until :meth:`load`.
 
         Await it.
@@ -195,6 +201,14 @@ class ModelRepository:
             ModelNotFound: the runtime has no such model.
         """
         return self._on_loop(self._unload, name)
+
+    def unload_sync(self, name: str) -> None:
+        """Blocking form of :meth:`unload`."""
+        self._bound()._home.call_sync(self._unload, name)
+
+    def refresh_sync(self) -> None:
+        """Blocking form of :meth:`refresh`."""
+        self._bound()._home.call_sync(self._refresh, False)
 
     def index(self, *, ready: bool = False) -> list[dict[str, str]]:
         """The protocol's repository index: every model and each version's state.
@@ -231,7 +245,9 @@ class ModelRepository:
             raise LifecycleError(f"{self!r} was not added to a runtime (ModelRepository.add_to)")
         return self._runtime
 
-    def _on_loop(self, fn: Any, *args: Any) -> Any:
+    def _on_loop(
+        self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any
+    ) -> Coroutine[Any, Any, None]:
         runtime = self._bound()
         if not runtime.running:
             raise LifecycleError(f"{runtime!r} is not running; start it first")
@@ -336,7 +352,7 @@ class ModelRepository:
                 try:
                     spec = msgspec.json.decode(config, type=ModelSpec)
                 except (msgspec.ValidationError, msgspec.DecodeError, ConfigError) as exc:
-                    raise ConfigError(f"model {name!r}: the config given to load: {exc}") from None
+                    raise InvalidInput(f"model {name!r}: the config given to load: {exc}") from None
                 self._overrides[name] = spec
             else:
                 self._overrides.pop(name, None)

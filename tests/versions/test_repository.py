@@ -218,7 +218,7 @@ async def test_unload_and_load_through_the_repository(repository: Path) -> None:
         assert await runtime.serve("scale", 1) == ["1", 1.0]
         with pytest.raises(mds.ModelNotFound, match="no model 'nothing' in the repository"):
             await models.load("nothing")
-        with pytest.raises(mds.ConfigError, match="the config given to load"):
+        with pytest.raises(mds.InvalidInput, match="the config given to load"):
             await models.load("scale", config='{"instances": 2}')
 
 

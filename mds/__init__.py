@@ -46,6 +46,7 @@ from ._pipeline.graph import Pipeline as Pipeline
 from ._pipeline.nodes import Node as Node
 from ._pipeline.running import PipelineRuntime as PipelineRuntime
 from ._repository.repository import ModelRepository as ModelRepository
+from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._runtime import Runtime as Runtime
 from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
@@ -100,6 +101,7 @@ __all__ = [
     "PipelineRuntime",
     "PipelineTrace",
     "RequestError",
+    "ResidencyStatistics",
     "Runtime",
     "RuntimeHealth",
     "Servable",

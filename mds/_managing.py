@@ -15,6 +15,7 @@ from ._errors import ConfigError, LifecycleError
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._hosting import Hosting
 from ._model import ModelRuntime
+from ._residency import Residency
 from ._servable import Servable
 from ._status import VersionStatus
 from ._versions import ModelVersions
@@ -41,6 +42,7 @@ class Managing:
     _pipelines: dict[str, PipelineRuntime]
     _servables: dict[str, Servable]
     _locks: dict[str, anyio.Lock]
+    _residency: Residency
 
     @property
     def running(self) -> bool:
@@ -59,6 +61,7 @@ class Managing:
         version: str,
         default: bool = True,
         policy: VersionPolicy | None = None,
+        on_demand: bool = False,
     ) -> Coroutine[Any, Any, ModelRuntime[RequestT, ResponseT]]:
         """Load a model version into the running runtime: a new model, a new version, or a reload.
 
@@ -85,6 +88,8 @@ class Managing:
             policy: which of the model's versions stay loaded from now on
                 (see :class:`VersionPolicy`); versions it does not keep, and
                 that take no traffic, are unloaded once this one serves.
+            on_demand: swap in the version unloaded; its first request loads
+                it (see :meth:`add_model`).
 
         Returns:
             The new version's :class:`ModelRuntime`.
@@ -100,7 +105,9 @@ class Managing:
 
         Added in 0.4.
         """
-        return self._home.call(self._load, name, handler, config, version, default, policy)
+        return self._home.call(
+            self._load, name, handler, config, version, default, policy, on_demand
+        )
 
     async def _load(
         self,
@@ -110,6 +117,7 @@ class Managing:
         version: str,
         default: bool,
         policy: VersionPolicy | None,
+        on_demand: bool = False,
     ) -> ModelRuntime[Any, Any]:
         if not self.running:
             raise LifecycleError(
@@ -131,8 +139,11 @@ class Managing:
                 )
             model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
             logger.info("model %r: loading version %r", name, version)
+            if on_demand:
+                self._residency.adopt(model)
             try:
-                await self._hosting.start(model)
+                if not on_demand:
+                    await self._hosting.start(model)
                 report = await model.health()
                 if not report.ready:
                     raise LifecycleError(f"its health check failed: {report.reason}")
@@ -160,6 +171,7 @@ class Managing:
             retired = ([replaced] if replaced is not None else []) + versions.prune()
             logger.info("model %r: version %r serves; traffic %s", name, version, versions.traffic)
             for old in retired:
+                self._residency.forget(old)
                 await self._hosting.stop(old, wait=False)  # it drains, then tears down
         return model
 
@@ -173,12 +185,15 @@ class Managing:
         version: str,
         default: bool = True,
         policy: VersionPolicy | None = None,
+        on_demand: bool = False,
     ) -> ModelRuntime[RequestT, ResponseT]:
         """Blocking form of :meth:`load_model`, for threads with no event loop.
 
         Added in 0.4.
         """
-        return self._home.call_sync(self._load, name, handler, config, version, default, policy)
+        return self._home.call_sync(
+            self._load, name, handler, config, version, default, policy, on_demand
+        )
 
     def unload_model(self, name: str, version: str | None = None) -> Coroutine[Any, Any, None]:
         """Unload a version of a model, or all of them; returns once they are torn down.
@@ -208,6 +223,7 @@ class Managing:
                 self._unloaded[name] = versions
             logger.info("model %r: unloading version %s", name, ", ".join(targets))
             for model in removed:
+                self._residency.forget(model)
                 await self._hosting.stop(model)
 
     def unload_model_sync(self, name: str, version: str | None = None) -> None:
@@ -240,6 +256,7 @@ class Managing:
             versions.route(weights, remember=remember)
             logger.info("model %r: traffic %s", name, versions.traffic)
             for old in versions.prune():
+                self._residency.forget(old)
                 await self._hosting.stop(old, wait=False)
 
     def rollback(self, name: str) -> Coroutine[Any, Any, dict[str, float]]:

@@ -92,6 +92,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._batch_stats = BatchStats()
         self._clock = anyio.current_time
         self._watchers: list[Callable[[ModelState, str | None], None]] = []
+        self._on_demand: Any = None  # the runtime's Residency, for a model loaded on demand
 
     def __repr__(self) -> str:
         return f"<ModelRuntime {self.name!r} v{self.version} {self._state.value}>"
@@ -103,11 +104,21 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
 
     @property
     def ready(self) -> bool:
-        """Whether the model takes requests now (it is ``READY``).
+        """Whether the model takes requests now: it is ``READY``, or loads on demand.
 
         Added in 0.3.
         """
+        if self._on_demand is not None:
+            return self._state is not ModelState.FAILED
         return self._ready
+
+    @property
+    def on_demand(self) -> bool:
+        """Whether its first request loads it, and it may be unloaded when idle.
+
+        See :meth:`Runtime.add_model`. Added in 0.4.
+        """
+        return self._on_demand is not None
 
     @property
     def failure(self) -> str | None:
@@ -315,7 +326,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         queue itself (benchmarks/batcher.py).
         """
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
-        if not self._ready or batcher is None or loaded is None:
+        if self._on_demand is not None:
+            batcher, loaded = await self._woken()
+        elif not self._ready or batcher is None or loaded is None:
             raise self._refuse()
         steps = loaded.steps
         if timeout is None:
@@ -393,7 +406,12 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         it). Otherwise each request is served as by :meth:`serve`, concurrently.
         """
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
-        if not self._ready or batcher is None or loaded is None:
+        if self._on_demand is not None:
+            try:
+                batcher, loaded = await self._woken()
+            except MdsError as exc:
+                return [exc for _ in requests]
+        elif not self._ready or batcher is None or loaded is None:
             return [self._refuse() for _ in requests]
         steps = loaded.steps
         if steps.pre is not None or steps.streams or steps.post_in_thread:
@@ -447,6 +465,18 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 self._idle.set()
         return outcomes
 
+    async def _woken(self) -> tuple[Batcher[Any], Instances]:
+        """The batcher and instances of a model loaded on demand: loaded first if need be."""
+        residency = self._on_demand
+        if self._ready:
+            residency.touch(self)
+        else:
+            await residency.wake(self)
+        batcher, loaded = self._batcher, self._loaded
+        if not self._ready or batcher is None or loaded is None:
+            raise self._refuse()
+        return batcher, loaded
+
     def _failed(self, exc: MdsError) -> MdsError:
         """``exc``, counted as a request's failure, with this model in its context."""
         counts = self._counts
@@ -489,8 +519,10 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
     async def _health(self) -> ModelHealth:
         loaded = self._loaded
         devices: tuple[DeviceInfo, ...] = ()
-        if self._state is not ModelState.READY or loaded is None:
-            reason: str | None = self._not_ready_reason()
+        if self._on_demand is not None and self._state in (ModelState.CREATED, ModelState.STOPPED):
+            reason: str | None = None  # not loaded: its first request loads it
+        elif self._state is not ModelState.READY or loaded is None:
+            reason = self._not_ready_reason()
         else:
             problems, devices = await loaded.check(self.config.health_timeout, self._devices)
             reason = "; ".join(problems) if problems else None

@@ -24,6 +24,7 @@ from ._model import ModelRuntime
 from ._pipeline.graph import Pipeline
 from ._pipeline.nodes import ModelNode
 from ._pipeline.running import PipelineRuntime
+from ._residency import Residency, ResidencyStatistics
 from ._servable import Servable
 from ._status import ModelHealth, ModelStatistics, RuntimeHealth
 from ._versions import ModelVersions
@@ -55,6 +56,14 @@ class Runtime(Managing, ByName, LoopBound):
             a model that fails stays ``FAILED`` either way.)
         devices: the device manager that places its models' instances;
             defaults to :meth:`DeviceManager.default`.
+        max_resident_models: the most models added with ``on_demand=True``
+            loaded at once; past it, the least recently used is unloaded
+            (idle ones first, each after its requests in flight). ``None``:
+            no limit. Added in 0.4.
+        max_resident_memory: the most memory, by device name (such as
+            ``{"cuda:0": 20 * 2**30}``), that on-demand models may take
+            there, as measured when each loads (on devices that report
+            their free memory). Added in 0.4.
 
     Example:
         >>> runtime = mds.Runtime()
@@ -65,7 +74,14 @@ class Runtime(Managing, ByName, LoopBound):
     Added in 0.1.
     """
 
-    def __init__(self, *, fail_fast: bool = True, devices: DeviceManager | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fail_fast: bool = True,
+        devices: DeviceManager | None = None,
+        max_resident_models: int | None = None,
+        max_resident_memory: Mapping[str, int] | None = None,
+    ) -> None:
         self.fail_fast = fail_fast
         self.devices: DeviceManager = devices if devices is not None else DeviceManager.default()
         self._versions: dict[str, ModelVersions] = {}
@@ -74,6 +90,9 @@ class Runtime(Managing, ByName, LoopBound):
         self._unloaded: dict[str, ModelVersions] = {}  # every version unloaded
         self._locks: dict[str, anyio.Lock] = {}  # one load or unload of a model at a time
         self._hosting = Hosting(self)
+        self._residency = Residency(
+            self._hosting, self.devices, max_resident_models, max_resident_memory
+        )
         # What runs beside the models while the runtime runs (a repository's watch).
         self._companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._home = Home(self._not_running)
@@ -116,7 +135,8 @@ class Runtime(Managing, ByName, LoopBound):
         return ModelNotFound(f"no model named {name!r}; this runtime serves: {known}{extra}")
 
     def _all_runtimes(self) -> list[ModelRuntime[Any, Any]]:
-        return [m for v in self._versions.values() for m in v.runtimes.values()]
+        """The models to start with the runtime: all but those loaded on demand."""
+        return [m for v in self._versions.values() for m in v.runtimes.values() if not m.on_demand]
 
     def add_model(
         self,
@@ -127,6 +147,7 @@ class Runtime(Managing, ByName, LoopBound):
         *,
         version: str = "1",
         policy: VersionPolicy | None = None,
+        on_demand: bool = False,
     ) -> ModelRuntime[RequestT, ResponseT]:
         """Add a model, or another version of one; it starts with the runtime.
 
@@ -142,6 +163,10 @@ class Runtime(Managing, ByName, LoopBound):
             version: the model's version; letters, digits, ``_``, ``.``, ``-``.
             policy: which of the model's versions stay loaded (by default,
                 or as set before, the latest one): see :class:`VersionPolicy`.
+            on_demand: do not load it when the runtime starts: its first
+                request does (one load, however many requests wait for it),
+                and it may be unloaded when idle to make room for another
+                (see ``max_resident_models``). It counts as ready meanwhile.
 
         Returns:
             The version's :class:`ModelRuntime`, typed with the handler's
@@ -152,7 +177,7 @@ class Runtime(Managing, ByName, LoopBound):
                 allowed, or the version policy would not keep it.
             LifecycleError: the runtime is already running.
 
-        Added in 0.1; several versions and ``policy`` in 0.4.
+        Added in 0.1; several versions, ``policy`` and ``on_demand`` in 0.4.
         """
         if self.running:
             raise LifecycleError(
@@ -177,6 +202,8 @@ class Runtime(Managing, ByName, LoopBound):
                 "(or latest=N) to serve several versions"
             )
         model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
+        if on_demand:
+            self._residency.adopt(model)
         versions.policy = policy
         versions.install(model, default=not versions.runtimes or _newest(version, versions))
         self._versions[name] = versions
@@ -465,6 +492,13 @@ class Runtime(Managing, ByName, LoopBound):
         if self._home.portal is None:  # not running: nothing to drain, nothing is ready
             return process_portal().call(self._health)
         return self._home.call_sync(self._health)
+
+    def residency(self) -> ResidencyStatistics:
+        """How on-demand models were loaded and unloaded: see ``max_resident_models``.
+
+        Added in 0.4.
+        """
+        return self._residency.statistics()
 
     def statistics(self) -> dict[str, ModelStatistics]:
         """Each model's counters (its default version's), by name."""

@@ -25,7 +25,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the servable contract, a model, named tensors", {"_servable", "_model", "_named"}),
     ("a model's versions", {"_versions"}),
     ("pipelines", {"_pipeline"}),
-    ("the runtime, mds.serve", {"_runtime", "_by_name", "_current", "_hosting", "_managing"}),
+    (
+        "the runtime, mds.serve",
+        {"_runtime", "_by_name", "_current", "_hosting", "_managing", "_residency"},
+    ),
     ("the model repository", {"_repository"}),
     (
         "transports, public namespaces",

@@ -60,6 +60,7 @@ EXPECTED = {
         "PipelineRuntime",
         "PipelineTrace",
         "RequestError",
+        "ResidencyStatistics",
         "Runtime",
         "RuntimeHealth",
         "Servable",

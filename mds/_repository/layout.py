@@ -84,6 +84,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         config: the :class:`ModelConfig` each version is served with.
         version_policy: which versions are loaded (latest 1 by default).
         ready_file: a version folder counts only once this file is in it.
+        on_demand: load it on its first request, not at the start, and let
+            it be unloaded when idle (see ``Runtime(max_resident_models=)``).
     """
 
     handler: str | None = None
@@ -92,6 +94,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     config: ModelConfig = msgspec.field(default_factory=ModelConfig)
     version_policy: VersionPolicy = msgspec.field(default_factory=VersionPolicy)
     ready_file: str | None = None
+    on_demand: bool = False
 
 
 @dataclass(frozen=True)

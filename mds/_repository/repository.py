@@ -145,6 +145,7 @@ class ModelRepository:
                     spec.config,
                     version=version.version,
                     policy=spec.version_policy,
+                    on_demand=spec.on_demand,
                 )
                 self._applied.setdefault(name, {})[version.version] = _stamp(model, version)
         self._folder = folder
@@ -319,6 +320,7 @@ class ModelRepository:
                     version=version.version,
                     default=version.version == newest,
                     policy=spec.version_policy,
+                    on_demand=spec.on_demand,
                 )
             except (LifecycleError, ConfigError) as exc:
                 self._failed[key] = stamp

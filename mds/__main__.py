@@ -81,7 +81,7 @@ def _check_repository(path: str) -> int:
         return 1
     for name, model in folder.models.items():
         if model.problems:
-            print(f"{name}: {len(model.problems)} problems")
+            print(f"{name}: {_count(len(model.problems), 'problem')}")
             for problem in model.problems:
                 print(f"  - {problem}")
             continue
@@ -93,10 +93,14 @@ def _check_repository(path: str) -> int:
         print(f"mds repository: {path} has no model (a folder with mds.yaml)", file=sys.stderr)
         return 1
     if problems:
-        print(f"mds repository: {len(problems)} problems in {path}", file=sys.stderr)
+        print(f"mds repository: {_count(len(problems), 'problem')} in {path}", file=sys.stderr)
         return 1
-    print(f"{path}: {len(folder.models)} models, no problems")
+    print(f"{path}: {_count(len(folder.models), 'model')}, no problems")
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _show_pipeline(file: str, form: str, output: str | None) -> int:

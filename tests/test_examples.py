@@ -497,3 +497,22 @@ def test_batch_scoring() -> None:
     assert "killed the first run with" in out
     assert "20,000 rows; columns index, id, label, probabilities, error_type, error" in out
     assert "failed 0" in out
+
+
+def test_model_swap() -> None:
+    out = run("examples/model_swap.py")
+    assert "serving versions: ('1',)" in out
+    assert re.search(r"version 2 deployed; it serves after \d+\.\d+ s", out)
+    assert "serving versions: ('1', '2')" in out
+    assert "rolled back; traffic: {'1': 1.0}" in out
+    assert "index: {'name': 'churn', 'version': '1', 'state': 'READY'}" in out
+    assert "index: {'name': 'churn', 'version': '2', 'state': 'READY'}" in out
+    counts = re.search(r"answers by version: \{'1': (\d+), '2': (\d+)\}", out)
+    assert counts and int(counts[1]) > 0 and int(counts[2]) > 0
+    assert "failed requests: 0" in out
+
+
+def test_the_example_repository_checks_clean() -> None:
+    out = run("-m", "mds", "repository", "check", "examples/model_repository")
+    assert "churn: loads version 1, 2 (policy: latest 2)" in out
+    assert "1 model, no problems" in out

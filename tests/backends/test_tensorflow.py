@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
@@ -316,3 +318,59 @@ def test_the_open_inference_protocol_serves_it(saved: Saved) -> None:
     assert_allclose(np.reshape(outputs["scores"]["data"], (3, 2)), saved.scores[:3], rtol=1e-5)
     assert outputs["best"]["data"] == saved.best[:3].tolist()
     assert wrong.status_code == 400 and "'ids'" in wrong.json()["error"]
+
+
+def deploy_savedmodel(saved: Path, model: Path, version: int) -> None:
+    """As a deploy does: copy the SavedModel into a hidden folder, then rename it into place."""
+    staging = model / f".{version}.incoming"
+    shutil.copytree(saved, staging / "model.savedmodel")
+    os.rename(staging, model / str(version))
+
+
+async def test_a_repository_serves_a_savedmodel_with_no_code(
+    saved: Saved, tmp_path: Path, serve_all: Any
+) -> None:
+    root = tmp_path / "models"
+    model = root / "dense"
+
+    def build() -> dict[str, list[str]]:
+        model.mkdir(parents=True)
+        deploy_savedmodel(saved.path, model, 1)
+        (model / "mds.yaml").write_text("config: {batching: {max_batch_size: 4}}\n")
+        return mds.ModelRepository(root).check()
+
+    assert await anyio.to_thread.run_sync(build) == {"dense": ["1"]}
+    runtime = mds.Runtime()
+    repository = mds.ModelRepository(root)
+    await anyio.to_thread.run_sync(repository.add_to, runtime)
+    async with runtime:
+        assert runtime.servable("dense").platform == "tensorflow_savedmodel"
+        results = await serve_all(runtime.servable("dense"), requests_for(X, IDS))
+        assert repository.index() == [{"name": "dense", "version": "1", "state": "READY"}]
+        # A second version, deployed by rename while the runtime runs.
+        await anyio.to_thread.run_sync(deploy_savedmodel, saved.path, model, 2)
+        await repository.refresh()
+        assert runtime.versions("dense").versions == ("2",)
+        assert runtime.servable("dense", "2").platform == "tensorflow_savedmodel"
+        after = await serve_all(runtime.servable("dense"), requests_for(X, IDS))
+    for answers in (results, after):
+        assert all(isinstance(r, dict) for r in answers), answers
+        assert_allclose(np.stack([r["scores"] for r in answers]), saved.scores, rtol=1e-5)
+        assert [int(r["best"]) for r in answers] == list(saved.best)
+
+
+async def test_repository_options_reach_the_handler(saved: Saved, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    model = root / "linear"
+
+    def build() -> None:
+        model.mkdir(parents=True)
+        deploy_savedmodel(saved.path, model, 1)
+        (model / "mds.yaml").write_text("options: {signature: linear}\n")
+
+    await anyio.to_thread.run_sync(build)
+    runtime = mds.Runtime()
+    await anyio.to_thread.run_sync(mds.ModelRepository(root).add_to, runtime)
+    async with runtime:
+        answer = await runtime.serve("linear", X[4])
+    assert_allclose(answer, saved.linear[4], rtol=1e-5)

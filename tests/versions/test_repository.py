@@ -246,7 +246,7 @@ def test_check_lists_every_problem_with_its_file(tmp_path: Path, capsys: Any) ->
     assert "Object contains unknown field `handlr`" in message
     assert main(["repository", "check", str(root)]) == 1
     out = capsys.readouterr()
-    assert "bad_field: 1 problems" in out.out and "4 problems in" in out.err
+    assert "bad_field: 1 problem\n" in out.out and "4 problems in" in out.err
 
 
 def test_check_passes_a_good_repository(repository: Path, capsys: Any) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import pytest
 
 import mds
+import mds.batch
 from mds import ModelState
 
 
@@ -259,3 +262,27 @@ def test_version_policies(policy: mds.VersionPolicy, versions: list[str], kept: 
 def test_a_policy_takes_one_rule() -> None:
     with pytest.raises(mds.ConfigError, match="one of latest, specific and all"):
         mds.VersionPolicy(latest=2, all=True)
+
+
+async def test_a_batch_job_keeps_one_version_through_a_swap(tmp_path: Path) -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("m", Tagged(delay=0.002), CONFIG, policy=mds.VersionPolicy(latest=2))
+    async with runtime:
+
+        async def swap_midway() -> None:
+            await anyio.sleep(0.05)
+            await runtime.load_model("m", Tagged(), CONFIG, version="2")
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(swap_midway)
+            report = await mds.batch.run(
+                runtime.servable("m"), range(2000), tmp_path / "out", part_rows=200
+            )
+        assert report.rows == 2000 and report.failed == 0
+        assert await runtime.serve("m", 1) == ("2", 2)  # the swap happened meanwhile
+    lines = []
+    parts = await anyio.to_thread.run_sync(lambda: sorted((tmp_path / "out").glob("part-*")))
+    for part in parts:
+        lines += (await anyio.Path(part).read_text()).splitlines()
+    versions = {json.loads(line)["response"][0] for line in lines}
+    assert len(lines) == 2000 and versions == {"1"}

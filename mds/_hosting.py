@@ -94,8 +94,11 @@ class Hosting:
     async def _beside(self, fn: Callable[[], Awaitable[None]]) -> None:
         scope = anyio.CancelScope()
         self._companions.append(scope)
-        with scope:
-            await fn()
+        try:
+            with scope:
+                await fn()
+        finally:
+            self._companions.remove(scope)
 
     async def start(self, model: ModelRuntime[Any, Any]) -> None:
         """Start one model; returns once it is ready. Raises what its start raised."""
@@ -129,7 +132,7 @@ class Hosting:
             return
         if cancel:
             tasks.cancel_scope.cancel()
-        for scope in self._companions:
+        for scope in list(self._companions):
             scope.cancel()
         if self._loading is not None:
             self._loading.cancel()  # models still loading in the background stop loading

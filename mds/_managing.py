@@ -69,9 +69,10 @@ class Managing:
         now: its instances initialised and warmed up (at every batch size
         warm-up runs) and its health checked; only then does it take
         requests. A version it replaces (the same version loaded again, or
-        the previous default) takes no new requests from that moment,
-        finishes those it has queued and in flight, and then tears down,
-        in the background. No request fails or is dropped because of it.
+        the previous default when the version policy does not keep it)
+        takes no new requests from that moment, finishes those it has
+        queued and in flight, and then tears down, in the background.
+        No request fails or is dropped because of it.
         If the new version fails to initialise, warm up or pass its health
         check, nothing changes: what served goes on serving, the failure is
         raised here and listed by :meth:`index`. Loads of one model happen
@@ -88,8 +89,9 @@ class Managing:
             policy: which of the model's versions stay loaded from now on
                 (see :class:`VersionPolicy`); versions it does not keep, and
                 that take no traffic, are unloaded once this one serves.
-            on_demand: swap in the version unloaded; its first request loads
-                it (see :meth:`add_model`).
+            on_demand: once swapped in (loaded and checked as any other),
+                the version may be unloaded when idle and loaded again by a
+                request (see :meth:`add_model`).
 
         Returns:
             The new version's :class:`ModelRuntime`.
@@ -132,7 +134,7 @@ class Managing:
             if versions is None:
                 versions = ModelVersions(name, self._home, policy)
             policy = policy or versions.policy
-            if not default and version not in versions.kept(version, policy):
+            if not default and version not in versions._kept(version, policy):
                 raise ConfigError(
                     f"model {name!r}: the version policy ({policy}) would not keep version "
                     f"{version!r}, loaded without traffic (default=False)"
@@ -142,16 +144,19 @@ class Managing:
             if on_demand:
                 self._residency.adopt(model)
             try:
-                if not on_demand:
+                if on_demand:  # loaded now all the same, so that a bad one never swaps in
+                    await self._residency.load_now(model)
+                else:
                     await self._hosting.start(model)
                 report = await model.health()
                 if not report.ready:
                     raise LifecycleError(f"its health check failed: {report.reason}")
             except Exception as exc:
                 with anyio.CancelScope(shield=True):
+                    self._residency.forget(model)
                     await self._hosting.stop(model)
                 reason = model.failure or str(exc)
-                versions.failed(version, reason)
+                versions._failed(version, reason)
                 serving = (
                     f"; version {versions.version} goes on serving"
                     if name in self._versions
@@ -162,13 +167,14 @@ class Managing:
                 ) from exc
             except BaseException:
                 with anyio.CancelScope(shield=True):
+                    self._residency.forget(model)
                     await self._hosting.stop(model)
                 raise
             versions.policy = policy
-            replaced = versions.install(model, default=default)
+            replaced = versions._install(model, default=default)
             self._unloaded.pop(name, None)
             self._versions[name] = self._servables[name] = versions
-            retired = ([replaced] if replaced is not None else []) + versions.prune()
+            retired = ([replaced] if replaced is not None else []) + versions._prune()
             logger.info("model %r: version %r serves; traffic %s", name, version, versions.traffic)
             for old in retired:
                 self._residency.forget(old)
@@ -217,7 +223,7 @@ class Managing:
             targets = [version] if version is not None else list(versions.runtimes)
             for each in targets:
                 versions.runtime(each)  # raises if not loaded
-            removed = [versions.remove(each) for each in targets]
+            removed = [versions._remove(each) for each in targets]
             if not versions.runtimes:
                 del self._versions[name], self._servables[name]
                 self._unloaded[name] = versions
@@ -248,16 +254,26 @@ class Managing:
 
         Added in 0.4.
         """
-        return self._home.call(self._set_traffic, name, dict(weights), True)
+        return self._home.call(self._set_traffic, name, dict(weights))
 
-    async def _set_traffic(self, name: str, weights: dict[str, float], remember: bool) -> None:
+    def set_traffic_sync(self, name: str, weights: Mapping[str, float]) -> None:
+        """Blocking form of :meth:`set_traffic`.
+
+        Added in 0.4.
+        """
+        self._home.call_sync(self._set_traffic, name, dict(weights))
+
+    async def _set_traffic(self, name: str, weights: dict[str, float]) -> None:
         versions = self.versions(name)
         async with self._lock(name):
-            versions.route(weights, remember=remember)
-            logger.info("model %r: traffic %s", name, versions.traffic)
-            for old in versions.prune():
-                self._residency.forget(old)
-                await self._hosting.stop(old, wait=False)
+            versions._route(weights)
+            await self._rerouted(name, versions)
+
+    async def _rerouted(self, name: str, versions: ModelVersions) -> None:
+        logger.info("model %r: traffic %s", name, versions.traffic)
+        for old in versions._prune():
+            self._residency.forget(old)
+            await self._hosting.stop(old, wait=False)
 
     def rollback(self, name: str) -> Coroutine[Any, Any, dict[str, float]]:
         """Route traffic as it was before the last change (a load or :meth:`set_traffic`).
@@ -277,16 +293,25 @@ class Managing:
         """
         return self._home.call(self._rollback, name)
 
+    def rollback_sync(self, name: str) -> dict[str, float]:
+        """Blocking form of :meth:`rollback`.
+
+        Added in 0.4.
+        """
+        return self._home.call_sync(self._rollback, name)
+
     async def _rollback(self, name: str) -> dict[str, float]:
         versions = self.versions(name)
-        previous = versions.previous()
-        if previous is None:
-            raise LifecycleError(
-                f"model {name!r}: nothing to roll back to; the versions it served before "
-                f"are no longer loaded (version policy: {versions.policy}; keep them with "
-                "VersionPolicy(latest=2))"
-            )
-        await self._set_traffic(name, previous, False)
+        async with self._lock(name):
+            previous = versions._previous()
+            if previous is None:
+                raise LifecycleError(
+                    f"model {name!r}: nothing to roll back to; the versions it served before "
+                    f"are no longer loaded (version policy: {versions.policy}; keep them with "
+                    "VersionPolicy(latest=2))"
+                )
+            versions._route(previous, remember=False)
+            await self._rerouted(name, versions)
         return versions.traffic
 
     def index(self) -> list[VersionStatus]:

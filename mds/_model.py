@@ -326,13 +326,13 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         queue itself (benchmarks/batcher.py).
         """
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
+        if timeout is None:
+            timeout = self._default_timeout
         if self._on_demand is not None:
-            batcher, loaded = await self._woken()
+            batcher, loaded, timeout = await self._woken(timeout)
         elif not self._ready or batcher is None or loaded is None:
             raise self._refuse()
         steps = loaded.steps
-        if timeout is None:
-            timeout = self._default_timeout
         counts.requests += 1
         try:
             if timeout is None:
@@ -408,7 +408,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
         if self._on_demand is not None:
             try:
-                batcher, loaded = await self._woken()
+                batcher, loaded, timeout = await self._woken(
+                    self._default_timeout if timeout is None else timeout
+                )
             except MdsError as exc:
                 return [exc for _ in requests]
         elif not self._ready or batcher is None or loaded is None:
@@ -465,17 +467,20 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 self._idle.set()
         return outcomes
 
-    async def _woken(self) -> tuple[Batcher[Any], Instances]:
-        """The batcher and instances of a model loaded on demand: loaded first if need be."""
+    async def _woken(self, timeout: float | None) -> tuple[Batcher[Any], Instances, float | None]:
+        """A model loaded on demand: its batcher and instances (loaded first if need be).
+
+        With what is left of ``timeout``, which covers the load.
+        """
         residency = self._on_demand
         if self._ready:
             residency.touch(self)
         else:
-            await residency.wake(self)
+            timeout = await residency.wake(self, timeout)
         batcher, loaded = self._batcher, self._loaded
         if not self._ready or batcher is None or loaded is None:
             raise self._refuse()
-        return batcher, loaded
+        return batcher, loaded, timeout
 
     def _failed(self, exc: MdsError) -> MdsError:
         """``exc``, counted as a request's failure, with this model in its context."""

@@ -9,6 +9,7 @@ idle ones first, and each only after its requests in flight are answered.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -19,11 +20,14 @@ import msgspec
 
 from ._devices.device import Device
 from ._devices.manager import DeviceManager
-from ._errors import ConfigError, NotReady
+from ._errors import ConfigError, DeadlineExceeded, NotReady
 from ._hosting import Hosting
 from ._model import ModelRuntime
 
-__all__ = ["Residency", "ResidencyStatistics"]
+__all__ = ["RETRY_AFTER", "Residency", "ResidencyStatistics"]
+
+#: Seconds after a failed on-demand load before a request tries it again.
+RETRY_AFTER = 5.0
 
 logger = logging.getLogger("mds._runtime")
 
@@ -93,6 +97,7 @@ class Residency:
         self._leaving: dict[ModelRuntime[Any, Any], anyio.Event] = {}
         self._footprint: dict[ModelRuntime[Any, Any], dict[str, int]] = {}  # while loaded
         self._measured: dict[ModelRuntime[Any, Any], dict[str, int]] = {}  # when last loaded
+        self._failures: dict[ModelRuntime[Any, Any], tuple[float, str]] = {}  # when, why
         self.hits = self.misses = self.loads = self.failed_loads = self.evictions = 0
         self.load_seconds = 0.0
 
@@ -106,20 +111,46 @@ class Residency:
         if model in self._lru:
             self._lru.move_to_end(model)
 
-    async def wake(self, model: ModelRuntime[Any, Any]) -> None:
-        """Load ``model`` for a request that found it not loaded; one load for all who wait."""
+    async def wake(self, model: ModelRuntime[Any, Any], timeout: float | None) -> float | None:
+        """Load ``model`` for a request that found it not loaded; one load for all who wait.
+
+        The load runs in a task of its own: a request whose ``timeout``
+        passes meanwhile gets :class:`DeadlineExceeded`, and the load goes
+        on for the others. Returns what is left of ``timeout``.
+        """
         self.misses += 1
+        failed = self._failures.get(model)
+        now = anyio.current_time()
+        if failed is not None and now - failed[0] < RETRY_AFTER:
+            raise NotReady(
+                f"not ready: loading it on demand failed {now - failed[0]:.1f} s ago: "
+                f"{failed[1]}; the next load is tried {RETRY_AFTER:g} s after that one",
+                model=model.name,
+                version=model.version,
+            )
         self._wanted[model] = self._wanted.get(model, 0) + 1
         try:
-            await self._wait_loaded(model)
+            with anyio.fail_after(timeout):
+                await self._wait_loaded(model, background=True)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the deadline ({timeout:g} s) passed while the model loaded on demand",
+                model=model.name,
+                version=model.version,
+            ) from None
         finally:
             self._wanted[model] -= 1
             if not self._wanted[model]:
                 del self._wanted[model]
         if model in self._lru:
             self._lru.move_to_end(model)
+        return None if timeout is None else max(timeout - (anyio.current_time() - now), 1e-9)
 
-    async def _wait_loaded(self, model: ModelRuntime[Any, Any]) -> None:
+    async def load_now(self, model: ModelRuntime[Any, Any]) -> None:
+        """Load ``model`` in this task, raising what its start raises (a load asked for)."""
+        await self._wait_loaded(model, background=False)
+
+    async def _wait_loaded(self, model: ModelRuntime[Any, Any], *, background: bool) -> None:
         while not _ready(model):
             leaving = self._leaving.get(model)
             if leaving is not None:
@@ -129,14 +160,33 @@ class Residency:
             if loading is not None:
                 await loading.wait()
                 if not _ready(model):
+                    failed = self._failures.get(model)
+                    if failed is not None:
+                        raise NotReady(
+                            f"not ready: loading it on demand failed: {failed[1]}",
+                            model=model.name,
+                            version=model.version,
+                        )
                     raise model._refuse()
                 break
             if not self._hosting.open:
                 raise model._refuse()
+            if background:
+                self._loading[model] = anyio.Event()
+                self._hosting.start_soon(functools.partial(self._load_quietly, model))
+            else:
+                await self._load(model)
+
+    async def _load_quietly(self, model: ModelRuntime[Any, Any]) -> None:
+        """:meth:`_load` as a task of its own: its failure is recorded, not raised."""
+        try:
             await self._load(model)
+        except Exception as exc:  # the waiters read it from _failures
+            logger.debug("on-demand load of %r failed: %s", model, exc)
 
     async def _load(self, model: ModelRuntime[Any, Any]) -> None:
-        done = self._loading[model] = anyio.Event()
+        done = self._loading.get(model) or anyio.Event()
+        self._loading[model] = done
         began = anyio.current_time()
         self.loads += 1
         try:
@@ -146,7 +196,9 @@ class Residency:
                 await self._hosting.start(model)
             except Exception as exc:
                 self.failed_loads += 1
-                logger.error("on-demand %r failed to load: %s", model, exc)
+                reason = model.failure or str(exc)
+                self._failures[model] = (anyio.current_time(), reason)
+                logger.error("on-demand %r failed to load: %s", model, reason)
                 raise NotReady(
                     f"not ready: loading it on demand failed: {model.failure or exc}",
                     model=model.name,
@@ -159,6 +211,7 @@ class Residency:
                 if device in after and device in self._devices_of(model)
             }
             self._lru[model] = None
+            self._failures.pop(model, None)
             logger.info("on-demand %r loaded in %.2f s", model, anyio.current_time() - began)
             await self._fit_memory(model)
         finally:

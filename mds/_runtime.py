@@ -205,7 +205,7 @@ class Runtime(Managing, ByName, LoopBound):
         if on_demand:
             self._residency.adopt(model)
         versions.policy = policy
-        versions.install(model, default=not versions.runtimes or _newest(version, versions))
+        versions._install(model, default=not versions.runtimes or _newest(version, versions))
         self._versions[name] = versions
         self._servables[name] = versions
         return model

@@ -64,6 +64,9 @@ class VersionStatus(msgspec.Struct, frozen=True, kw_only=True):
         reason: why it failed, or a note on its state; ``None`` if none.
         default: whether it answers requests that name no version (it takes
             some of the traffic).
+        on_demand: whether it loads on its first request (and may be
+            unloaded when idle); ``CREATED`` or ``STOPPED`` then means not
+            loaded now, ready to load.
 
     Added in 0.4.
     """
@@ -73,6 +76,7 @@ class VersionStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: ModelState
     reason: str | None = None
     default: bool = False
+    on_demand: bool = False
 
 
 class PipelineHealth(msgspec.Struct, frozen=True, kw_only=True):

@@ -223,6 +223,7 @@ class ModelVersions(_Delegating):
                 state=runtime.state,
                 reason=runtime.failure,
                 default=version in self._weights,
+                on_demand=runtime.on_demand,
             )
         return [found[v] for v in sorted(found, key=version_key)]
 
@@ -279,12 +280,12 @@ class ModelVersions(_Delegating):
 
     # -- changes, made by the runtime on its loop ------------------------------
 
-    def kept(self, extra: str | None = None, policy: VersionPolicy | None = None) -> set[str]:
+    def _kept(self, extra: str | None = None, policy: VersionPolicy | None = None) -> set[str]:
         """The versions the policy and the traffic keep (with ``extra`` loaded too)."""
         versions = set(self._loaded) | ({extra} if extra is not None else set())
         return (policy or self.policy).keeps(versions) | set(self._weights)
 
-    def install(
+    def _install(
         self, model: ModelRuntime[Any, Any], *, default: bool
     ) -> ModelRuntime[Any, Any] | None:
         """Make ``model`` its version's runtime; with ``default``, give it all traffic.
@@ -296,12 +297,12 @@ class ModelVersions(_Delegating):
         self._loaded[version] = model
         self._gone.pop(version, None)
         if default or not self._weights:
-            self.route({version: 1.0})
+            self._route({version: 1.0})
         else:
             self._reroute()
         return replaced
 
-    def route(self, weights: Mapping[str, float], *, remember: bool = True) -> None:
+    def _route(self, weights: Mapping[str, float], *, remember: bool = True) -> None:
         """Send requests that name no version by ``weights`` (versions loaded)."""
         for version, weight in weights.items():
             if version not in self._loaded:
@@ -317,7 +318,7 @@ class ModelVersions(_Delegating):
         self._weights = weights
         self._reroute()
 
-    def previous(self) -> dict[str, float] | None:
+    def _previous(self) -> dict[str, float] | None:
         """The last traffic split before this one whose versions are all still loaded."""
         while self._history:
             weights = self._history.pop()
@@ -325,7 +326,7 @@ class ModelVersions(_Delegating):
                 return weights
         return None
 
-    def remove(self, version: str, *, why: str = "unloaded") -> ModelRuntime[Any, Any]:
+    def _remove(self, version: str, *, why: str = "unloaded") -> ModelRuntime[Any, Any]:
         """Take ``version`` out of routing; its runtime, for the caller to stop."""
         runtime = self._loaded.pop(version)
         self._weights.pop(version, None)
@@ -337,18 +338,18 @@ class ModelVersions(_Delegating):
         self._reroute()
         return runtime
 
-    def failed(self, version: str, reason: str) -> None:
+    def _failed(self, version: str, reason: str) -> None:
         """Record that a load of ``version`` failed (it never served)."""
         if version not in self._loaded:
             self._gone[version] = VersionStatus(
                 name=self.name, version=version, state=ModelState.FAILED, reason=reason
             )
 
-    def prune(self) -> list[ModelRuntime[Any, Any]]:
+    def _prune(self) -> list[ModelRuntime[Any, Any]]:
         """Take out the versions neither the policy nor the traffic keeps; theirs, to stop."""
-        keep = self.kept()
+        keep = self._kept()
         return [
-            self.remove(v, why=f"not kept by the version policy ({self.policy})")
+            self._remove(v, why=f"not kept by the version policy ({self.policy})")
             for v in list(self._loaded)
             if v not in keep
         ]

@@ -178,7 +178,19 @@ def revise(model: ModelFolder, spec: ModelSpec) -> ModelFolder:
         if spec.ready_file is not None and not (entry / spec.ready_file).is_file():
             continue
         number = str(int(entry.name))
+        if number in revised.versions:
+            revised.problems.append(
+                f"{entry}: version {number} is also {revised.versions[number].path.name}; "
+                "keep one folder per version"
+            )
+            continue
         revised.versions[number] = VersionFolder(number, entry, _stamp(entry))
+    if not revised.wanted():
+        have = ", ".join(sorted(revised.versions, key=version_key)) or "none"
+        revised.problems.append(
+            f"{model.path}: no version to load: the version policy ({spec.version_policy}) "
+            f"keeps none of the complete version folders (there are: {have})"
+        )
     for wanted in revised.wanted():
         try:
             factory(revised, wanted)

@@ -57,7 +57,7 @@ class ModelRepository:
     Layout: ``<path>/<model>/mds.yaml`` says how the model is served (a
     handler or a backend, its :class:`ModelConfig`, its
     :class:`VersionPolicy`); ``<path>/<model>/<version>/`` holds a version's
-    files, such as ``model.onnx``. See :doc:`/versions`.
+    files, such as ``model.onnx``. The guide "Models that evolve" has the details.
 
     Args:
         path: the repository's folder (read by :meth:`check` and :meth:`add_to`).
@@ -228,7 +228,9 @@ class ModelRepository:
             listed.add(status.name)
             state = _STATES.get(status.state, "UNAVAILABLE")
             reason = status.reason
-            if reason is None and state == "UNAVAILABLE":
+            if status.on_demand and status.state in (ModelState.CREATED, ModelState.STOPPED):
+                state, reason = "READY", "loads on its first request"
+            elif reason is None and state == "UNAVAILABLE":
                 reason = status.state.value
             entries.append(_Entry(status.name, status.version, state, reason))
         for name, model in self._folder.models.items():
@@ -307,8 +309,10 @@ class ModelRepository:
         for version in wanted:
             stamp = _stamp(model, version)
             key = (name, version.version)
-            if applied.get(version.version) == stamp and _serving(runtime, name, version.version):
-                continue
+            if applied.get(version.version) == stamp and (
+                quiet or _serving(runtime, name, version.version)
+            ):
+                continue  # as loaded; unloaded since by someone: left so, unless asked
             if quiet and self._failed.get(key) == stamp:
                 continue  # it failed as it is; try again once its files change
             try:

@@ -186,3 +186,58 @@ async def test_a_memory_limit_per_device_evicts_by_what_loads_measured(gpus: Fak
         # Measured once, a model makes room before it loads again: never above the limit.
         assert await runtime.serve("a", 1) == 1
         assert gpus.used[0] == 8 * GiB and runtime.residency().resident == ("c:1", "a:1")
+
+
+class SlowLoad(Counted):
+    async def init(self, context: mds.ModelContext) -> None:
+        await anyio.sleep(0.5)
+        self.events[f"init {self.name}"] += 1
+
+
+async def test_a_deadline_covers_the_load_and_the_load_goes_on() -> None:
+    events: Counter[str] = Counter()
+    runtime = mds.Runtime()
+    runtime.add_model("slow", SlowLoad("slow", events), on_demand=True)
+    async with runtime:
+        with pytest.raises(mds.DeadlineExceeded, match="while the model loaded on demand"):
+            await runtime.serve("slow", 1, timeout=0.1)
+        assert await runtime.serve("slow", 1, timeout=5) == ("slow", 2)  # the same load
+        assert events["init slow"] == 1
+
+
+async def test_a_failed_load_is_not_retried_at_once() -> None:
+    tries: Counter[str] = Counter()
+
+    class Broken(Counted):
+        async def init(self, context: mds.ModelContext) -> None:
+            tries["init"] += 1
+            raise OSError("weights not found")
+
+    runtime = mds.Runtime()
+    runtime.add_model("broken", Broken("broken", Counter()), on_demand=True)
+    async with runtime:
+        for _ in range(3):
+            with pytest.raises(mds.NotReady, match="weights not found"):
+                await runtime.serve("broken", 1)
+        assert tries["init"] == 1
+
+
+async def test_an_on_demand_version_is_checked_before_it_swaps_in() -> None:
+    class Broken(Counted):
+        async def init(self, context: mds.ModelContext) -> None:
+            raise OSError("corrupt")
+
+    runtime = mds.Runtime(max_resident_models=2)
+    runtime.add_model("m", Counted("good", Counter()), on_demand=True)
+    async with runtime:
+        with pytest.raises(mds.LifecycleError, match=r"version '2' failed to load: .*corrupt"):
+            await runtime.load_model("m", Broken("bad", Counter()), version="2", on_demand=True)
+        assert await runtime.serve("m", 1) == ("good", 2)
+        model = await runtime.load_model(
+            "m", Counted("new", Counter()), version="3", on_demand=True
+        )
+        assert model.state is ModelState.READY  # loaded by the load, resident now
+        assert runtime.residency().resident[-1] == "m:3"
+        assert await runtime.serve("m", 1) == ("new", 2)
+        [status] = [s for s in runtime.index() if s.version == "3"]
+        assert status.on_demand and status.default

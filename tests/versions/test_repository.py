@@ -300,3 +300,43 @@ async def test_torchscript_versions_are_served_with_no_code(tmp_path: Path) -> N
         request = await anyio.to_thread.run_sync(torch.tensor, [1.0, 2.0])
         answer = await runtime.serve("double", request)
         assert answer.tolist() == [6.0]
+
+
+async def test_the_watch_leaves_a_model_the_runtime_unloaded(repository: Path) -> None:
+    runtime = mds.Runtime()
+    models = mds.ModelRepository(repository)
+    await anyio.to_thread.run_sync(lambda: models.add_to(runtime, watch=0.05))
+    async with runtime:
+        await runtime.unload_model("scale")
+        await anyio.sleep(0.3)  # several polls
+        with pytest.raises(mds.ModelNotFound):
+            await runtime.serve("scale", 1)
+        await models.load("scale")  # asked for: loaded again
+        assert await runtime.serve("scale", 1) == ["2", 2.0]
+
+
+def test_a_policy_that_keeps_nothing_is_a_problem(repository: Path) -> None:
+    (repository / "scale" / "mds.yaml").write_text(SPEC + "version_policy: {specific: [7]}\n")
+    (repository / "scale" / "02").mkdir()
+    with pytest.raises(mds.ConfigError) as caught:
+        mds.ModelRepository(repository).check()
+    assert "keeps none of the complete version folders (there are: 1, 2)" in str(caught.value)
+    assert "version 2 is also 02; keep one folder per version" in str(caught.value)
+
+
+def test_an_on_demand_model_is_listed_ready_before_it_loads(repository: Path) -> None:
+    (repository / "scale" / "mds.yaml").write_text(SPEC + "on_demand: true\n")
+    runtime = mds.Runtime()
+    models = mds.ModelRepository(repository)
+    models.add_to(runtime)
+    with runtime:
+        assert models.index() == [
+            {
+                "name": "scale",
+                "version": "2",
+                "state": "READY",
+                "reason": "loads on its first request",
+            }
+        ]
+        assert runtime.serve_sync("scale", 1) == ["2", 2.0]
+        assert models.index() == [{"name": "scale", "version": "2", "state": "READY"}]

@@ -153,6 +153,9 @@ async def test_versions_side_by_side_pinned_and_split() -> None:
             assert (await chosen.serve(1))[0] == chosen.version
         await runtime.rollback("m")
         assert versions.traffic == {"1": 1.0}
+        await anyio.to_thread.run_sync(runtime.set_traffic_sync, "m", {"2": 1})
+        assert versions.traffic == {"2": 1.0}
+        assert await anyio.to_thread.run_sync(runtime.rollback_sync, "m") == {"1": 1.0}
         with pytest.raises(mds.ModelNotFound, match="no version '7'"):
             runtime.servable("m", "7")
 

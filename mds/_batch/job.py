@@ -479,6 +479,9 @@ def _described(failed: list[tuple[int, Any, MdsError]]) -> list[tuple[int, Any, 
 
 def describe_target(target: Servable) -> dict[str, Any]:
     """What made the output, as far as a resumed run must match it."""
+    current = getattr(target, "_current", None)
+    if current is not None:  # a model's versions, or one of them: the version itself
+        target = current()
     described: dict[str, Any] = {
         "name": target.name,
         "version": target.version,

@@ -289,3 +289,15 @@ async def test_a_batch_job_keeps_one_version_through_a_swap(tmp_path: Path) -> N
         lines += (await anyio.Path(part).read_text()).splitlines()
     versions = {json.loads(line)["response"][0] for line in lines}
     assert len(lines) == 2000 and versions == {"1"}
+
+
+async def test_a_batch_job_resumes_across_ways_of_naming_its_model(tmp_path: Path) -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("m", Tagged(), CONFIG)
+    async with runtime:
+        first = await mds.batch.run(runtime.model("m"), range(50), tmp_path / "out")
+        again = await mds.batch.run(runtime.servable("m"), range(50), tmp_path / "out", resume=True)
+        assert first.done == 50 and again.skipped == 50
+        await runtime.load_model("m", Tagged(), CONFIG, version="2")
+        with pytest.raises(mds.ConfigError, match="version"):
+            await mds.batch.run(runtime.servable("m"), range(50), tmp_path / "out", resume=True)

@@ -54,8 +54,9 @@ def _stack(items: Sequence[Any], where: str) -> Any:
         # The common case at C speed: np.array on arrays of one shape and
         # dtype makes what np.stack makes, without its per-item Python (about
         # 3x faster for 32 rows); with mixed dtypes it would promote them
-        # differently. Anything else takes the checked path below.
-        if all(
+        # differently, and 0-d object arrays it would keep as items rather
+        # than unwrap. Anything else takes the checked path below.
+        if (shape or dtype.kind != "O") and all(
             type(item) is np.ndarray and item.shape == shape and item.dtype == dtype
             for item in items
         ):

@@ -86,6 +86,9 @@ def test_arrays_mixed_with_lists_and_numbers_still_stack() -> None:
     np.testing.assert_array_equal(batch, [[0, 1, 2], [1, 2, 3], [1, 1, 1]])
     objects = [np.array([b"a", b"bc"], dtype=object), np.array([b"d", b""], dtype=object)]
     assert mds.Stack().collate(objects).tolist() == [[b"a", b"bc"], [b"d", b""]]
+    scalars = [np.array("a", dtype=object), np.array("bc", dtype=object)]  # one string each
+    batch = mds.Stack().collate(scalars)
+    assert batch.shape == (2,) and batch.tolist() == ["a", "bc"]
 
 
 def test_stack_names_the_item_that_does_not_fit() -> None:

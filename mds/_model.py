@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -93,6 +93,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._clock = anyio.current_time
         self._watchers: list[Callable[[ModelState, str | None], None]] = []
         self._on_demand: Any = None  # the runtime's Residency, for a model loaded on demand
+        # Set when a swap retires it: serves a request picked before the swap.
+        self._successor: Callable[..., Awaitable[Any]] | None = None
 
     def __repr__(self) -> str:
         return f"<ModelRuntime {self.name!r} v{self.version} {self._state.value}>"
@@ -328,9 +330,17 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
         if timeout is None:
             timeout = self._default_timeout
-        if self._on_demand is not None:
-            batcher, loaded, timeout = await self._woken(timeout)
+        if self._on_demand is not None and self._successor is None:
+            try:
+                batcher, loaded, timeout = await self._woken(timeout)
+            except NotReady:
+                successor = self._retired()  # swapped out while it loaded
+                if successor is None:
+                    raise
+                return await successor(request, timeout, priority, trace, stream)
         elif not self._ready or batcher is None or loaded is None:
+            if self._successor is not None:  # picked before a swap retired this one
+                return await self._successor(request, timeout, priority, trace, stream)
             raise self._refuse()
         steps = loaded.steps
         counts.requests += 1
@@ -406,6 +416,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         it). Otherwise each request is served as by :meth:`serve`, concurrently.
         """
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
+        if not self._ready and self._successor is not None:
+            return await super()._serve_many(requests, timeout, priority)  # each forwarded
         if self._on_demand is not None:
             try:
                 batcher, loaded, timeout = await self._woken(
@@ -481,6 +493,10 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         if not self._ready or batcher is None or loaded is None:
             raise self._refuse()
         return batcher, loaded, timeout
+
+    def _retired(self) -> Callable[..., Awaitable[Any]] | None:
+        """What serves the requests picked before a swap retired this model, if it did."""
+        return self._successor
 
     def _failed(self, exc: MdsError) -> MdsError:
         """``exc``, counted as a request's failure, with this model in its context."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -92,6 +93,8 @@ class Residency:
         self._lru: OrderedDict[ModelRuntime[Any, Any], None] = OrderedDict()
         self._loading: dict[ModelRuntime[Any, Any], anyio.Event] = {}
         self._admitted: set[ModelRuntime[Any, Any]] = set()  # loading, with a slot
+        self._dropped: set[ModelRuntime[Any, Any]] = set()  # forgotten while loading
+        self._forgotten: weakref.WeakSet[ModelRuntime[Any, Any]] = weakref.WeakSet()
         self._wanted: dict[ModelRuntime[Any, Any], int] = {}  # requests waiting for a load
         self._change: anyio.Event | None = None
         self._leaving: dict[ModelRuntime[Any, Any], anyio.Event] = {}
@@ -152,6 +155,8 @@ class Residency:
 
     async def _wait_loaded(self, model: ModelRuntime[Any, Any], *, background: bool) -> None:
         while not _ready(model):
+            if model in self._forgotten:  # unloaded or swapped out meanwhile: never loaded again
+                raise model._refuse()
             leaving = self._leaving.get(model)
             if leaving is not None:
                 await leaving.wait()
@@ -159,16 +164,16 @@ class Residency:
             loading = self._loading.get(model)
             if loading is not None:
                 await loading.wait()
-                if not _ready(model):
-                    failed = self._failures.get(model)
-                    if failed is not None:
-                        raise NotReady(
-                            f"not ready: loading it on demand failed: {failed[1]}",
-                            model=model.name,
-                            version=model.version,
-                        )
-                    raise model._refuse()
-                break
+                if _ready(model):
+                    break
+                failed = self._failures.get(model)
+                if failed is not None:
+                    raise NotReady(
+                        f"not ready: loading it on demand failed: {failed[1]}",
+                        model=model.name,
+                        version=model.version,
+                    )
+                continue  # loaded, then unloaded again before this request ran: again
             if not self._hosting.open:
                 raise model._refuse()
             if background:
@@ -204,6 +209,10 @@ class Residency:
                     model=model.name,
                     version=model.version,
                 ) from exc
+            if model in self._dropped:  # unloaded or retired while it loaded
+                self._dropped.discard(model)
+                await self._hosting.stop(model)
+                raise model._refuse()
             after = await anyio.to_thread.run_sync(self._free)
             self._footprint[model] = self._measured[model] = {
                 device: max(0, before[device] - after[device])
@@ -291,10 +300,14 @@ class Residency:
             gone.set()
 
     def forget(self, model: ModelRuntime[Any, Any]) -> None:
-        """``model`` was unloaded some other way: it no longer counts."""
+        """``model`` was unloaded some other way: it no longer counts (nor loads, if loading)."""
         self._lru.pop(model, None)
         self._footprint.pop(model, None)
         self._measured.pop(model, None)
+        self._failures.pop(model, None)
+        self._forgotten.add(model)
+        if model in self._loading:
+            self._dropped.add(model)
 
     def _devices_of(self, model: ModelRuntime[Any, Any]) -> set[str]:
         loaded = model._loaded

@@ -10,6 +10,7 @@ queued on the old version (which drains it) or sent to the new one.
 
 from __future__ import annotations
 
+import math
 import random
 from bisect import bisect
 from collections.abc import Coroutine, Mapping
@@ -29,6 +30,13 @@ from ._tensors import Signature
 __all__ = ["ModelVersions"]
 
 _random = random.random
+
+_Table = tuple[
+    "ModelRuntime[Any, Any] | None",
+    tuple[float, ...],
+    tuple["ModelRuntime[Any, Any]", ...],
+    "ModelRuntime[Any, Any] | None",
+]
 
 
 class _Delegating(Serving[Any, Any, CallTrace, ModelHealth]):
@@ -171,11 +179,12 @@ class ModelVersions(_Delegating):
         self._home = home
         self._loaded: dict[str, ModelRuntime[Any, Any]] = {}
         self._weights: dict[str, float] = {}
-        self._single: ModelRuntime[Any, Any] | None = None
-        self._bounds: list[float] = []
-        self._choices: list[ModelRuntime[Any, Any]] = []
+        # (the one version taking all traffic or None, bounds, choices, the default):
+        # one tuple, replaced whole, so a thread reading it sees one routing or the next.
+        self._table: _Table = (None, (), (), None)
         self._history: list[dict[str, float]] = []
         self._gone: dict[str, VersionStatus] = {}  # failed loads, unloaded versions
+        self._reload_failed: dict[str, str] = {}  # loaded versions whose reload failed
 
     def __repr__(self) -> str:
         return (
@@ -192,8 +201,9 @@ class ModelVersions(_Delegating):
     @property
     def traffic(self) -> dict[str, float]:
         """Each version that takes requests naming none, with its share (summing to 1)."""
-        total = sum(self._weights.values())
-        return {v: w / total for v, w in sorted(self._weights.items())} if total else {}
+        weights = dict(self._weights)
+        total = sum(weights.values())
+        return {v: w / total for v, w in sorted(weights.items())} if total else {}
 
     @property
     def runtimes(self) -> Mapping[str, ModelRuntime[Any, Any]]:
@@ -216,12 +226,12 @@ class ModelVersions(_Delegating):
     def status(self) -> list[VersionStatus]:
         """Every version this runtime has loaded, failed to load or unloaded, oldest first."""
         found = dict(self._gone)
-        for version, runtime in self._loaded.items():
+        for version, runtime in list(self._loaded.items()):
             found[version] = VersionStatus(
                 name=self.name,
                 version=version,
                 state=runtime.state,
-                reason=runtime.failure,
+                reason=runtime.failure or self._reload_failed.get(version),
                 default=version in self._weights,
                 on_demand=runtime.on_demand,
             )
@@ -251,26 +261,24 @@ class ModelVersions(_Delegating):
     # -- routing ------------------------------------------------------------
 
     def _runtime(self) -> ModelRuntime[Any, Any]:
-        single = self._single
+        single, bounds, choices, _ = self._table
         if single is not None:
             return single
-        if not self._choices:
-            raise NotReady(
-                "not ready: no version of it is loaded; load one (Runtime.load_model)",
-                model=self.name,
-            )
-        bounds = self._bounds
-        return self._choices[bisect(bounds, _random() * bounds[-1])]
+        if not choices:
+            raise self._none_loaded()
+        return choices[bisect(bounds, _random() * bounds[-1])]
 
     def _current(self) -> ModelRuntime[Any, Any]:
-        single = self._single
-        if single is not None:
-            return single
-        if not self._weights:
-            return self._runtime()  # raises
-        weights = self._weights
-        best = max(weights, key=lambda v: (weights[v], version_key(v)))
-        return self._loaded[best]
+        found = self._table[3]
+        if found is None:
+            raise self._none_loaded()
+        return found
+
+    def _none_loaded(self) -> NotReady:
+        return NotReady(
+            "not ready: no version of it is loaded; load one (Runtime.load_model)",
+            model=self.name,
+        )
 
     def _no_version(self, version: str) -> ModelNotFound:
         have = ", ".join(repr(v) for v in self.versions) or "none"
@@ -296,6 +304,9 @@ class ModelVersions(_Delegating):
         replaced = self._loaded.get(version)
         self._loaded[version] = model
         self._gone.pop(version, None)
+        self._reload_failed.pop(version, None)
+        if replaced is not None:
+            self._retire(replaced)
         if default or not self._weights:
             self._route({version: 1.0})
         else:
@@ -307,8 +318,10 @@ class ModelVersions(_Delegating):
         for version, weight in weights.items():
             if version not in self._loaded:
                 raise self._no_version(version)
-            if not weight >= 0:
-                raise ConfigError(f"traffic for version {version!r}: {weight!r} is not >= 0")
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ConfigError(
+                    f"traffic for version {version!r}: {weight!r} is not a finite share >= 0"
+                )
         weights = {v: float(w) for v, w in weights.items() if w > 0}
         if not weights:
             raise ConfigError("traffic: at least one version needs a share above 0")
@@ -330,6 +343,8 @@ class ModelVersions(_Delegating):
         """Take ``version`` out of routing; its runtime, for the caller to stop."""
         runtime = self._loaded.pop(version)
         self._weights.pop(version, None)
+        self._reload_failed.pop(version, None)
+        self._retire(runtime)
         self._gone[version] = VersionStatus(
             name=self.name, version=version, state=ModelState.STOPPED, reason=why
         )
@@ -339,8 +354,10 @@ class ModelVersions(_Delegating):
         return runtime
 
     def _failed(self, version: str, reason: str) -> None:
-        """Record that a load of ``version`` failed (it never served)."""
-        if version not in self._loaded:
+        """Record that a load of ``version`` failed (a loaded copy goes on serving)."""
+        if version in self._loaded:
+            self._reload_failed[version] = f"a reload failed (this copy serves on): {reason}"
+        else:
             self._gone[version] = VersionStatus(
                 name=self.name, version=version, state=ModelState.FAILED, reason=reason
             )
@@ -356,14 +373,29 @@ class ModelVersions(_Delegating):
 
     def _reroute(self) -> None:
         weights = self._weights
-        choices = [self._loaded[v] for v in sorted(weights, key=version_key)]
+        choices = tuple(self._loaded[v] for v in sorted(weights, key=version_key))
         total = 0.0
         bounds = []
         for runtime in choices:
             total += weights[runtime.version]
             bounds.append(total)
-        self._bounds, self._choices = bounds, choices
-        self._single = choices[0] if len(choices) == 1 else None
+        default = None
+        if weights:
+            best = max(weights, key=lambda v: (weights[v], version_key(v)))
+            default = self._loaded[best]
+        single = choices[0] if len(choices) == 1 else None
+        self._table = (single, tuple(bounds), choices, default)
+
+    def _retire(self, runtime: ModelRuntime[Any, Any]) -> None:
+        """``runtime`` serves no new request: one already picked goes to what serves now."""
+
+        async def forward(
+            request: Any, timeout: float | None, priority: int | None, trace: bool, stream: bool
+        ) -> Any:
+            successor = self._loaded.get(runtime.version) or self._runtime()
+            return await successor._serve(request, timeout, priority, trace, stream)
+
+        runtime._successor = forward
 
 
 class _Pinned(_Delegating):

@@ -80,6 +80,7 @@ class ModelRepository:
         self._held: set[str] = set()  # unloaded on request: left alone until loaded again
         self._overrides: dict[str, ModelSpec] = {}
         self._previous: dict[tuple[str, str], Stamp] = {}  # the last poll's stamps, to settle
+        self._missing: set[str] = set()  # models gone at the last poll: unloaded if still gone
         self._lock: anyio.Lock | None = None
 
     def __repr__(self) -> str:
@@ -232,6 +233,9 @@ class ModelRepository:
                 state, reason = "READY", "loads on its first request"
             elif reason is None and state == "UNAVAILABLE":
                 reason = status.state.value
+            problems = self._reported.get(status.name)
+            if problems and reason is None:
+                reason = "its files have problems, so it is not reloaded: " + "; ".join(problems)
             entries.append(_Entry(status.name, status.version, state, reason))
         for name, model in self._folder.models.items():
             if name not in listed:
@@ -275,8 +279,16 @@ class ModelRepository:
                     continue
                 await self._apply(model, quiet=True)
             for name in set(self._applied) - set(folder.models):
+                if await anyio.Path(self.path / name).is_dir():  # its mds.yaml is rewritten, say
+                    self._report(name, (f"{self.path / name / CONFIG_FILE} is missing",))
+                    continue
+                if settle and name not in self._missing:
+                    self._missing.add(name)  # gone twice in a row before it is unloaded
+                    continue
+                self._missing.discard(name)
                 logger.info("%r: model %r was removed; unloading it", self, name)
                 await self._unload_applied(name)
+            self._missing &= set(self._applied) - set(folder.models)
 
     def _settled(self, model: ModelFolder) -> bool:
         """Whether ``model``'s files are as the last poll saw them (a copy has finished)."""
@@ -292,13 +304,10 @@ class ModelRepository:
         runtime = self._bound()
         name = model.name
         if model.problems:
-            problems = tuple(model.problems)
-            if self._reported.get(name) != problems:
-                self._reported[name] = problems
-                logger.error("%r: model %r is not loaded: %s", self, name, "; ".join(problems))
+            self._report(name, tuple(model.problems))
             if quiet:
                 return
-            raise ConfigError("; ".join(problems))
+            raise ConfigError("; ".join(model.problems))
         self._reported.pop(name, None)
         spec = model.spec
         assert spec is not None
@@ -343,6 +352,13 @@ class ModelRepository:
             if _serving(runtime, name, gone):
                 await runtime.unload_model(name, gone)
 
+    def _report(self, name: str, problems: tuple[str, ...]) -> None:
+        """Log ``name``'s problems once (until they change); what serves goes on serving."""
+        if self._reported.get(name) != problems:
+            self._reported[name] = problems
+            serving = "; what was loaded goes on serving" if name in self._applied else ""
+            logger.error("%r: model %r: %s%s", self, name, "; ".join(problems), serving)
+
     async def _load(self, name: str, config: str | None) -> None:
         async with self._guard():
             folder = await anyio.to_thread.run_sync(read, self.path)
@@ -359,12 +375,14 @@ class ModelRepository:
                     spec = msgspec.json.decode(config, type=ModelSpec)
                 except (msgspec.ValidationError, msgspec.DecodeError, ConfigError) as exc:
                     raise InvalidInput(f"model {name!r}: the config given to load: {exc}") from None
+                model = await anyio.to_thread.run_sync(revise, model, spec)
+                if model.problems:  # the caller's config is at fault: kept only if it works
+                    raise InvalidInput(
+                        f"model {name!r}: the config given to load: " + "; ".join(model.problems)
+                    )
                 self._overrides[name] = spec
             else:
                 self._overrides.pop(name, None)
-            override = self._overrides.get(name)
-            if override is not None:
-                model = await anyio.to_thread.run_sync(revise, model, override)
             self._held.discard(name)
             for key in [k for k in self._failed if k[0] == name]:
                 del self._failed[key]

@@ -241,3 +241,21 @@ async def test_an_on_demand_version_is_checked_before_it_swaps_in() -> None:
         assert await runtime.serve("m", 1) == ("new", 2)
         [status] = [s for s in runtime.index() if s.version == "3"]
         assert status.on_demand and status.default
+
+
+async def test_unloading_a_model_while_it_loads_on_demand_leaves_no_ghost() -> None:
+    events: Counter[str] = Counter()
+    runtime = mds.Runtime(max_resident_models=1)
+    runtime.add_model("slow", SlowLoad("slow", events), on_demand=True)
+    async with runtime:
+        async with anyio.create_task_group() as tasks:
+
+            async def waiting() -> None:
+                with pytest.raises(mds.MdsError):
+                    await runtime.serve("slow", 1)
+
+            tasks.start_soon(waiting)
+            await anyio.sleep(0.1)  # loading
+            await runtime.unload_model("slow")
+        assert runtime.residency().resident == ()
+        assert events["init slow"] == events["teardown slow"]

@@ -340,3 +340,36 @@ def test_an_on_demand_model_is_listed_ready_before_it_loads(repository: Path) ->
         ]
         assert runtime.serve_sync("scale", 1) == ["2", 2.0]
         assert models.index() == [{"name": "scale", "version": "2", "state": "READY"}]
+
+
+async def test_a_config_file_rewritten_in_place_never_unloads_the_model(repository: Path) -> None:
+    runtime = mds.Runtime()
+    models = mds.ModelRepository(repository)
+    await anyio.to_thread.run_sync(lambda: models.add_to(runtime, watch=0.02))
+    config = anyio.Path(repository / "scale" / "mds.yaml")
+    async with runtime:
+        for _ in range(5):
+            await config.unlink()  # as an editor or a checkout rewrites it
+            await anyio.sleep(0.1)
+            assert await runtime.serve("scale", 1) == ["2", 2.0]
+            await config.write_text(SPEC)
+            await anyio.sleep(0.05)
+        await config.unlink()
+        await anyio.sleep(0.1)
+        [entry] = models.index()
+        assert "mds.yaml is missing" in entry["reason"]
+
+
+async def test_a_bad_config_given_to_load_is_refused_and_not_kept(repository: Path) -> None:
+    runtime = mds.Runtime()
+    models = mds.ModelRepository(repository)
+    await anyio.to_thread.run_sync(lambda: models.add_to(runtime, watch=0.05))
+    async with runtime:
+        with pytest.raises(mds.InvalidInput, match=r"config given to load: .*which is not there"):
+            await models.load("scale", config='{"backend": "onnx"}')
+        await anyio.to_thread.run_sync(deploy, repository / "scale", 3, 3.0)
+
+        async def serves_3() -> bool:
+            return bool((await runtime.serve("scale", 1))[0] == "3")
+
+        await eventually(serves_3)  # the watch goes on with the files' own config

@@ -301,3 +301,38 @@ async def test_a_batch_job_resumes_across_ways_of_naming_its_model(tmp_path: Pat
         await runtime.load_model("m", Tagged(), CONFIG, version="2")
         with pytest.raises(mds.ConfigError, match="version"):
             await mds.batch.run(runtime.servable("m"), range(50), tmp_path / "out", resume=True)
+
+
+async def test_a_request_made_before_a_swap_and_awaited_after_it_is_served() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("m", Tagged(), CONFIG)
+    async with runtime:
+        early = runtime.serve("m", 4)  # picked now, queued when awaited
+        pinned_early = runtime.servable("m", "1").serve(4)
+        await runtime.load_model("m", Tagged(), CONFIG, version="2")
+        await runtime.load_model("m", Tagged(), CONFIG, version="2")  # and a reload of it
+        assert await early == ("2", 8)
+        assert await pinned_early == ("2", 8)  # its version is gone: what serves answers
+
+
+async def test_traffic_must_be_finite_shares() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("m", Tagged(), CONFIG, policy=mds.VersionPolicy(all=True))
+    runtime.add_model("m", Tagged(), CONFIG, version="2")
+    async with runtime:
+        for bad in ({"1": float("inf"), "2": 1}, {"1": float("nan")}, {"1": -1}, {"1": 0}):
+            with pytest.raises(mds.ConfigError):
+                await runtime.set_traffic("m", bad)
+        assert runtime.versions("m").traffic == {"2": 1.0}
+
+
+async def test_a_failed_reload_of_a_loaded_version_is_listed() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("m", Tagged(), CONFIG)
+    async with runtime:
+        with pytest.raises(mds.LifecycleError):
+            await runtime.load_model("m", FailsInit(), CONFIG, version="1")
+        [status] = runtime.index()
+        assert status.state is ModelState.READY
+        assert "a reload failed (this copy serves on): init" in (status.reason or "")
+        assert await runtime.serve("m", 1) == ("1", 2)

@@ -315,16 +315,17 @@ def _takes(fn: Any, name: str) -> bool:
         return False
 
 
-_imported: dict[tuple[Path, int, int], Any] = {}
+# Each file's module, with the size and time it was imported at: one per file.
+_imported: dict[Path, tuple[int, int, Any]] = {}
 
 
 def _import_file(path: Path, name: str) -> Any:
     """The module in ``path``, imported under ``name`` (each version its own), once per change."""
     stat = path.stat()
-    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+    key = path.resolve()
     found = _imported.get(key)
-    if found is not None:
-        return found
+    if found is not None and found[:2] == (stat.st_size, stat.st_mtime_ns):
+        return found[2]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"{path}: cannot be imported as a module")
@@ -335,5 +336,5 @@ def _import_file(path: Path, name: str) -> Any:
     except Exception as exc:
         sys.modules.pop(name, None)
         raise ConfigError(f"{path}: importing it failed: {type(exc).__name__}: {exc}") from exc
-    _imported[key] = module
+    _imported[key] = (stat.st_size, stat.st_mtime_ns, module)
     return module

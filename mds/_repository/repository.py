@@ -289,6 +289,8 @@ class ModelRepository:
                 logger.info("%r: model %r was removed; unloading it", self, name)
                 await self._unload_applied(name)
             self._missing &= set(self._applied) - set(folder.models)
+            for key in [k for k in self._previous if k[0] not in folder.models]:
+                del self._previous[key]
 
     def _settled(self, model: ModelFolder) -> bool:
         """Whether ``model``'s files are as the last poll saw them (a copy has finished)."""

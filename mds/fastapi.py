@@ -455,6 +455,7 @@ class _Routes:
                         (b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache"),
                         (b"x-accel-buffering", b"no"),
+                        (b"mds-model-version", call.target.version.encode("latin-1")),
                     ],
                 }
             )

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
-from ._http.service import Call, Reply, Service, allowed, error_reply, paths
+from ._http.service import VERSION_HEADER, Call, Reply, Service, allowed, error_reply, paths
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
 
@@ -370,4 +370,5 @@ class _Views:
         )
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
+        response.headers[VERSION_HEADER] = call.target.version
         return response

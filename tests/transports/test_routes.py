@@ -179,6 +179,7 @@ def test_a_streaming_model_sends_server_sent_events(server: Any) -> None:
         with client.stream("POST", f"/ml/models/{model}/infer", json="one two three") as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["mds-model-version"] == "1"
             lines = [line for line in response.iter_lines() if line]
         assert lines == [f'data: "{w}"' for w in words]
     # Failing midway: what came first arrives, then an error event.

@@ -373,3 +373,26 @@ async def test_a_bad_config_given_to_load_is_refused_and_not_kept(repository: Pa
             return bool((await runtime.serve("scale", 1))[0] == "3")
 
         await eventually(serves_3)  # the watch goes on with the files' own config
+
+
+async def test_exported_programs_are_served_with_no_code(tmp_path: Path) -> None:
+    torch = await anyio.to_thread.run_sync(pytest.importorskip, "torch")
+    model = tmp_path / "models" / "double"
+
+    def build() -> None:
+        (model / "1").mkdir(parents=True)
+        layer = torch.nn.Linear(2, 1, bias=False).eval()
+        with torch.no_grad():
+            layer.weight.fill_(2.0)
+        batch = torch.export.Dim("batch", min=1, max=64)
+        program = torch.export.export(layer, (torch.zeros(2, 2),), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(model / "1" / "model.pt2"))
+        (model / "mds.yaml").write_text("config: {batching: {max_batch_size: 4}}\n")
+
+    await anyio.to_thread.run_sync(build)
+    runtime = mds.Runtime()
+    await anyio.to_thread.run_sync(mds.ModelRepository(tmp_path / "models").add_to, runtime)
+    async with runtime:
+        request = await anyio.to_thread.run_sync(torch.tensor, [1.0, 2.0])
+        answer = await runtime.serve("double", request)
+        assert answer.tolist() == [6.0]

@@ -157,6 +157,8 @@ class Managing:
                     await self._hosting.stop(model)
                 reason = model.failure or str(exc)
                 versions._failed(version, reason)
+                if name not in self._versions:  # a new model: listed by index() as failed
+                    self._unloaded[name] = versions
                 serving = (
                     f"; version {versions.version} goes on serving"
                     if name in self._versions

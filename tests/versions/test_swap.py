@@ -218,6 +218,10 @@ async def test_unload_and_load_again() -> None:
         assert await runtime.serve("m", 1) == ("5", 2)
         with pytest.raises(mds.ModelNotFound, match="no version '9'"):
             await runtime.unload_model("m", "9")
+        with pytest.raises(mds.LifecycleError, match="version '1' failed to load"):
+            await runtime.load_model("broken", FailsInit(), version="1")
+        [failed] = [s for s in runtime.index() if s.name == "broken"]
+        assert failed.state is ModelState.FAILED and "weights missing" in (failed.reason or "")
         brand_new = await runtime.load_model("fresh", Tagged(), version="1")
         assert brand_new.ready and await runtime.serve("fresh", 2) == ("1", 4)
 

@@ -93,7 +93,6 @@ class Residency:
         self._lru: OrderedDict[ModelRuntime[Any, Any], None] = OrderedDict()
         self._loading: dict[ModelRuntime[Any, Any], anyio.Event] = {}
         self._admitted: set[ModelRuntime[Any, Any]] = set()  # loading, with a slot
-        self._dropped: set[ModelRuntime[Any, Any]] = set()  # forgotten while loading
         self._forgotten: weakref.WeakSet[ModelRuntime[Any, Any]] = weakref.WeakSet()
         self._wanted: dict[ModelRuntime[Any, Any], int] = {}  # requests waiting for a load
         self._change: anyio.Event | None = None
@@ -209,8 +208,7 @@ class Residency:
                     model=model.name,
                     version=model.version,
                 ) from exc
-            if model in self._dropped:  # unloaded or retired while it loaded
-                self._dropped.discard(model)
+            if model in self._forgotten:  # unloaded or retired while it loaded
                 await self._hosting.stop(model)
                 raise model._refuse()
             after = await anyio.to_thread.run_sync(self._free)
@@ -306,8 +304,6 @@ class Residency:
         self._measured.pop(model, None)
         self._failures.pop(model, None)
         self._forgotten.add(model)
-        if model in self._loading:
-            self._dropped.add(model)
 
     def _devices_of(self, model: ModelRuntime[Any, Any]) -> set[str]:
         loaded = model._loaded

@@ -12,16 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import msgspec
 import numpy as np
 
 from .._collate import Collator, Stack
 from .._deps import require
 from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
-from .._handler import ModelContext, ModelHandler
+from .._handler import ModelContext
 from .._tensors import InputCheck, TensorSpec
-from .._threads import plain_as
+from .graph import GraphHandler
 
 __all__ = ["OnnxHandler", "TensorSpec"]
 
@@ -82,7 +81,7 @@ class _Sessions:
 _sessions = _Sessions()
 
 
-class OnnxHandler(ModelHandler[Any, Any]):
+class OnnxHandler(GraphHandler):
     """Serve an ONNX model with onnxruntime.
 
     The execution provider comes from the instance's device: CUDA with its
@@ -234,60 +233,13 @@ class OnnxHandler(ModelHandler[Any, Any]):
                 "cannot batch requests; set batching.max_batch_size to 1"
             )
 
-    def warmup(self) -> Sequence[Any] | None:
-        return self.examples
-
-    def signature(self) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-        """The model's inputs and outputs as one request carries them.
-
-        With a batch axis, a request is one item: the axis is left out.
-        """
-        if not self.batched:
-            return dict(self.inputs), dict(self.outputs)
-
-        def item(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
-            return {
-                name: msgspec.structs.replace(spec, shape=spec.shape[1:])
-                for name, spec in specs.items()
-            }
-
-        return item(self.inputs), item(self.outputs)
-
     def teardown(self) -> None:
         if self._key is not None:
             _sessions.release(self._key)
             self._key = None
         self.session = None
 
-    # -- a request --------------------------------------------------------------
-
-    @plain_as("check")  # mds calls check itself, on the loop
-    async def preprocess(self, request: Any) -> Any:
-        """Check the request against the model's inputs (see :meth:`check`).
-
-        Cheap, so it runs on the event loop (no thread hop). A subclass that
-        decodes or tokenises should override it with a plain ``def`` that
-        calls :meth:`check` at the end.
-        """
-        return self.check(request)
-
-    def check(self, request: Any) -> dict[str, np.ndarray]:
-        """The request as input arrays, checked against the model's inputs.
-
-        Lists become arrays of the input's dtype; an array must have the
-        input's dtype already. Call it from your own ``preprocess``.
-
-        Raises:
-            InvalidInput: a missing or unknown input, a wrong dtype or shape.
-        """
-        return self._check(request)
-
     # -- a batch ----------------------------------------------------------------
-
-    def collate(self, items: Sequence[Any]) -> Any:
-        if not self.batched:
-            return items[0]
-        return super().collate(items)
 
     def infer(self, batch: Any) -> Any:
         """Run the session on the batch's input arrays."""
@@ -296,11 +248,6 @@ class OnnxHandler(ModelHandler[Any, Any]):
             return arrays[0] if self.batched else [arrays[0]]
         outputs = dict(zip(self._run_outputs, arrays, strict=True))
         return outputs if self.batched else [outputs]
-
-    def split(self, outputs: Any, batch: Any) -> Sequence[Any]:
-        if not self.batched:
-            return outputs  # type: ignore[no-any-return]
-        return super().split(outputs, batch)
 
 
 def _spec(arg: Any) -> TensorSpec:

@@ -10,16 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import msgspec
 import numpy as np
 
 from .._collate import Collator, Stack
 from .._deps import require
 from .._devices.device import Device
 from .._errors import ConfigError, DeviceError
-from .._handler import ModelContext, ModelHandler
+from .._handler import ModelContext
 from .._tensors import InputCheck, TensorSpec, dims
-from .._threads import plain_as
+from .graph import GraphHandler
 from .onnx_handler import _Sessions
 
 __all__ = ["TensorFlowHandler"]
@@ -50,7 +49,7 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 _loaded = _Sessions()
 
 
-class TensorFlowHandler(ModelHandler[Any, Any]):
+class TensorFlowHandler(GraphHandler):
     """Serve a TensorFlow SavedModel through one of its signatures.
 
     The directory is what ``tf.saved_model.save`` writes (or Keras's
@@ -135,7 +134,6 @@ class TensorFlowHandler(ModelHandler[Any, Any]):
         self._device = "/CPU:0"
         self._key: tuple[Any, ...] | None = None
         self._check = InputCheck({})
-        self._strings: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -217,7 +215,6 @@ class TensorFlowHandler(ModelHandler[Any, Any]):
             spec.shape and not isinstance(spec.shape[0], int) for spec in self.inputs.values()
         )
         self._check = InputCheck(self.signature()[0], batched=self.batched)
-        self._strings = [name for name, spec in self.inputs.items() if spec.dtype == "object"]
         if not self.batched and context.config.batching.max_batch_size > 1:
             fixed = ", ".join(spec.describe() for spec in self.inputs.values())
             raise ConfigError(
@@ -258,65 +255,13 @@ class TensorFlowHandler(ModelHandler[Any, Any]):
                 f"shape with inputs=[mds.TensorSpec(name={unknown[0]!r}, ...)]"
             )
 
-    def warmup(self) -> Sequence[Any] | None:
-        return self.examples
-
-    def signature(self) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-        """The model's inputs and outputs as one request carries them.
-
-        With a batch axis, a request is one item: the axis is left out.
-        """
-        if not self.batched:
-            return dict(self.inputs), dict(self.outputs)
-
-        def item(specs: dict[str, TensorSpec]) -> dict[str, TensorSpec]:
-            return {
-                name: msgspec.structs.replace(spec, shape=spec.shape[1:])
-                for name, spec in specs.items()
-            }
-
-        return item(self.inputs), item(self.outputs)
-
     def teardown(self) -> None:
         if self._key is not None:
             _loaded.release(self._key)
             self._key = None
         self.model = self.function = None
 
-    # -- a request --------------------------------------------------------------
-
-    @plain_as("check")  # mds calls check itself, on the loop
-    async def preprocess(self, request: Any) -> Any:
-        """Check the request against the model's inputs (see :meth:`check`).
-
-        Cheap, so it runs on the event loop (no thread hop). A subclass that
-        decodes or tokenises should override it with a plain ``def`` that
-        calls :meth:`check` at the end.
-        """
-        return self.check(request)
-
-    def check(self, request: Any) -> dict[str, np.ndarray]:
-        """The request as input arrays, checked against the model's inputs.
-
-        Lists become arrays of the input's dtype; an array must have the
-        input's dtype already. Call it from your own ``preprocess``.
-
-        Raises:
-            InvalidInput: a missing or unknown input, a wrong dtype or shape.
-        """
-        return self._check(request)
-
     # -- a batch ----------------------------------------------------------------
-
-    def collate(self, items: Sequence[Any]) -> Any:
-        if not self.batched:
-            return items[0]
-        batch = super().collate(items)
-        for name in self._strings:
-            # np.stack, not the collator's np.array: that makes an array of
-            # arrays from 0-d object arrays (one string per request).
-            batch[name] = np.stack([item[name] for item in items])
-        return batch
 
     def infer(self, batch: Any) -> Any:
         """Call the signature's function on the batch's input arrays."""
@@ -326,11 +271,6 @@ class TensorFlowHandler(ModelHandler[Any, Any]):
         arrays = {name: results[name].numpy() for name in self._run_outputs}
         outputs = next(iter(arrays.values())) if len(arrays) == 1 else arrays
         return outputs if self.batched else [outputs]
-
-    def split(self, outputs: Any, batch: Any) -> Sequence[Any]:
-        if not self.batched:
-            return outputs  # type: ignore[no-any-return]
-        return super().split(outputs, batch)
 
 
 def _spec(name: str, spec: Any, *, output: bool = False) -> TensorSpec:

@@ -50,6 +50,8 @@ from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._runtime import Runtime as Runtime
 from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
+from ._status import Histogram as Histogram
+from ._status import ModelHistograms as ModelHistograms
 from ._status import ModelHealth as ModelHealth
 from ._status import ModelStatistics as ModelStatistics
 from ._status import NodeTrace as NodeTrace
@@ -74,6 +76,7 @@ __all__ = [
     "DeviceInfo",
     "DeviceKind",
     "DeviceManager",
+    "Histogram",
     "InferenceError",
     "InvalidInput",
     "LifecycleError",
@@ -83,6 +86,7 @@ __all__ = [
     "ModelContext",
     "ModelHandler",
     "ModelHealth",
+    "ModelHistograms",
     "ModelNotFound",
     "ModelRepository",
     "ModelRuntime",

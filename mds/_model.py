@@ -345,22 +345,20 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         steps = loaded.steps
         counts.requests += 1
         try:
-            if timeout is None:
-                deadline = None
-                began = self._clock() if trace else 0.0
-            else:
-                began = self._clock()
-                deadline = began + timeout
+            began = self._clock()
+            deadline = None if timeout is None else began + timeout
             if steps.pre is None and steps.pre_plain is None:
                 value = request
-                now = began if deadline is not None else None  # still "now"
+                now: float | None = began  # still "now"
+                preprocessed = began
             elif steps.pre is None:  # a check, on the loop: time passed
                 value = steps.preprocess_plain(request)
                 now = None
+                preprocessed = self._clock() if trace else began
             else:
                 value = await steps.preprocess(request, deadline)
-                now = None
-            preprocessed = self._clock() if trace else 0.0
+                now = preprocessed = self._clock()
+                counts.preprocess.observe(preprocessed - began)
             if steps.describes:
                 cost, key, length = steps.describe(value)
                 item = batcher.enqueue(value, deadline, priority, cost, key, length, now)
@@ -373,15 +371,21 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 raise
             if isinstance(outcome, BaseException):
                 raise outcome
-            computed = self._clock() if trace else 0.0
+            computed = self._clock()
             if stream:
                 # Still in flight (so a drain waits for it) until the stream ends.
-                return counted(steps.chunks(outcome, deadline), counts, self._ended)
+                return counted(
+                    steps.chunks(outcome, deadline), counts, self._ended, self._clock, began
+                )
             if steps.post is None:
                 response = outcome
+                ended = computed
             else:
                 response = await steps.postprocess(outcome, deadline)
+                ended = self._clock()
+                counts.postprocess.observe(ended - computed)
             counts.completed += 1
+            counts.request.observe(ended - began)
         except anyio.get_cancelled_exc_class():
             counts.cancelled += 1
             raise
@@ -399,10 +403,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 self._idle.set()
         if not trace:
             return response
-        now = self._clock()
         return Traced(
             value=response,
-            trace=item.trace(self.name, self.version, began, preprocessed, computed, now),
+            trace=item.trace(self.name, self.version, began, preprocessed, computed, ended),
         )
 
     async def _serve_many(
@@ -435,7 +438,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         outcomes: list[Any] = [None] * len(requests)
         items: list[Any] = [None] * len(requests)
         counts.requests += len(requests)
-        began = self._clock()
+        clock = self._clock
+        began = clock()
         deadline = None if timeout is None else began + timeout
         plain, describes = steps.pre_plain is not None, steps.describes
         for index, request in enumerate(requests):
@@ -461,12 +465,18 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                     outcomes[index] = self._failed(outcome)
                     continue
                 if steps.post is not None:
+                    computed = clock()
                     try:
                         outcome = await steps.postprocess(outcome, deadline)
                     except MdsError as exc:
                         outcomes[index] = self._failed(exc)
                         continue
+                    ended = clock()
+                    counts.postprocess.observe(ended - computed)
+                else:
+                    ended = clock()
                 counts.completed += 1
+                counts.request.observe(ended - began)
                 outcomes[index] = outcome
         except BaseException:
             left = [item for item in items[waiting:] if item is not None]
@@ -566,6 +576,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             counts=self._counts,
             batches=self._batch_stats,
             batcher=self._batcher,
+            instances=len(loaded.instances) if (loaded := self._loaded) is not None else 0,
         )
 
 

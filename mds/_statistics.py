@@ -9,10 +9,10 @@ from typing import Any
 import anyio
 
 from ._batching.batcher import Batcher
-from ._batching.stats import BatchStats
+from ._batching.stats import BatchStats, Buckets
 from ._config import ModelConfig
 from ._handler import ModelState
-from ._status import ModelStatistics
+from ._status import ModelHistograms, ModelStatistics
 
 __all__ = ["RequestCounts", "counted", "snapshot"]
 
@@ -28,6 +28,9 @@ class RequestCounts:
         "init_seconds",
         "not_ready",
         "overloaded",
+        "postprocess",
+        "preprocess",
+        "request",
         "requests",
         "warmup_seconds",
     )
@@ -37,6 +40,9 @@ class RequestCounts:
         self.not_ready = self.overloaded = 0
         self.init_seconds = self.warmup_seconds = 0.0
         self.errors: Counter[str] = Counter()
+        self.request = Buckets()
+        self.preprocess = Buckets()
+        self.postprocess = Buckets()
 
     @property
     def in_flight(self) -> int:
@@ -48,12 +54,17 @@ async def counted(
     chunks: AsyncGenerator[Any, None],
     counts: RequestCounts,
     ended: Callable[[BaseException | None], None],
+    clock: Callable[[], float],
+    began: float,
 ) -> AsyncGenerator[Any, None]:
     """``chunks``, counted as completed, failed or cancelled when the stream ends.
 
-    ``ended`` is told how it ended (the error, or ``None``) once it is counted.
+    ``ended`` is told how it ended (the error, or ``None``) once it is counted;
+    a stream that completes is timed from ``began`` (its request's admission)
+    by ``clock``, its chunks as its ``postprocess``.
     """
     failure: BaseException | None = None
+    streaming = clock()
     try:
         async for chunk in chunks:
             yield chunk
@@ -67,6 +78,9 @@ async def counted(
         raise
     else:
         counts.completed += 1
+        now = clock()
+        counts.request.observe(now - began)
+        counts.postprocess.observe(now - streaming)
     finally:
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
@@ -82,6 +96,7 @@ def snapshot(
     counts: RequestCounts,
     batches: BatchStats,
     batcher: Batcher[Any] | None,
+    instances: int,
 ) -> ModelStatistics:
     """The model's counters now, as a frozen struct."""
     queue = batcher.queue if batcher is not None else None
@@ -116,6 +131,16 @@ def snapshot(
         out_of_memory=batches.out_of_memory,
         init_seconds=counts.init_seconds,
         warmup_seconds=counts.warmup_seconds,
+        instances=instances,
+        histograms=ModelHistograms(
+            request=counts.request.snapshot(),
+            queue_wait=batches.waits.snapshot(),
+            preprocess=counts.preprocess.snapshot(),
+            infer=batches.infers.snapshot(),
+            postprocess=counts.postprocess.snapshot(),
+            batch_size=batches.batch_sizes(),
+            batch_cost=batches.costs.snapshot(),
+        ),
     )
 
 

@@ -13,6 +13,8 @@ from ._handler import ModelState
 
 __all__ = [
     "CallTrace",
+    "Histogram",
+    "ModelHistograms",
     "ModelHealth",
     "ModelStatistics",
     "NodeTrace",
@@ -116,6 +118,110 @@ class RuntimeHealth(msgspec.Struct, frozen=True, kw_only=True):
     pipelines: dict[str, PipelineHealth] = {}
 
 
+class Histogram(msgspec.Struct, frozen=True, kw_only=True):
+    """How many observations fell in each bucket, counted since the model was created.
+
+    Cumulative, like a Prometheus histogram: snapshots taken in several
+    processes, or at several times, add and subtract bucket by bucket.
+
+    Attributes:
+        bounds: each bucket's upper bound, ascending; a last bucket with no
+            bound (``+Inf``) follows them.
+        counts: how many observations fell in each bucket (not cumulative):
+            ``len(bounds) + 1`` numbers, the last for values above every bound.
+        sum: the sum of every observation.
+
+    Added in 0.5.
+    """
+
+    bounds: tuple[float, ...] = ()
+    counts: tuple[int, ...] = (0,)
+    sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many observations there were."""
+        return sum(self.counts)
+
+    @property
+    def mean(self) -> float:
+        """The mean observation; 0 before the first."""
+        count = self.count
+        return self.sum / count if count else 0.0
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations at or below it)``, ending with ``(inf, count)``."""
+        total, found = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            found.append((bound, total))
+        return found
+
+    def quantile(self, q: float) -> float:
+        """An estimate of the ``q`` quantile (``0 <= q <= 1``); 0 before the first observation.
+
+        Interpolated linearly inside the bucket it falls in, as Prometheus'
+        ``histogram_quantile`` does; a quantile in the last bucket is its
+        lower bound (the largest bound).
+        """
+        count = self.count
+        if not count:
+            return 0.0
+        rank, below, lower = q * count, 0, 0.0
+        for bound, seen in zip(self.bounds, self.counts, strict=False):
+            if seen and below + seen >= rank:
+                return lower + (bound - lower) * (rank - below) / seen
+            below += seen
+            lower = bound
+        return lower
+
+    def __sub__(self, other: "Histogram") -> "Histogram":
+        """The observations made since ``other``, an earlier snapshot of the same histogram."""
+        if other.bounds != self.bounds:
+            raise ValueError("the histograms have different buckets")
+        return Histogram(
+            bounds=self.bounds,
+            counts=tuple(a - b for a, b in zip(self.counts, other.counts, strict=True)),
+            sum=self.sum - other.sum,
+        )
+
+    def __add__(self, other: "Histogram") -> "Histogram":
+        """Both histograms' observations (say, of two worker processes)."""
+        if other.bounds != self.bounds:
+            raise ValueError("the histograms have different buckets")
+        return Histogram(
+            bounds=self.bounds,
+            counts=tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
+            sum=self.sum + other.sum,
+        )
+
+
+class ModelHistograms(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's distributions. Durations are seconds.
+
+    Attributes:
+        request: a completed request's whole call, from admission to its
+            response (to a stream's end).
+        queue_wait: a request's time queued before its batch started.
+        preprocess: a request's ``preprocess`` (only for handlers that have one).
+        infer: a batch's computation (collate, infer, split), per batch.
+        postprocess: a request's ``postprocess`` (only for handlers that
+            have one; a stream's whole length).
+        batch_size: requests per batch.
+        batch_cost: cost per batch (see :meth:`ModelHandler.cost`).
+
+    Added in 0.5.
+    """
+
+    request: Histogram = Histogram()
+    queue_wait: Histogram = Histogram()
+    preprocess: Histogram = Histogram()
+    infer: Histogram = Histogram()
+    postprocess: Histogram = Histogram()
+    batch_size: Histogram = Histogram()
+    batch_cost: Histogram = Histogram()
+
+
 class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Counters for one model since it was created. Durations are seconds.
 
@@ -149,8 +255,12 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         out_of_memory: batches that ran out of device memory (and were split).
         init_seconds: time the last start spent in ``init``.
         warmup_seconds: time the last start spent in warm-up.
+        instances: the instances running now (0 while it is stopped).
+        histograms: cumulative distributions of request, queue, step and
+            batch times and batch sizes, to aggregate across processes
+            (what :class:`mds.prometheus.Collector` exports).
 
-    Added in 0.1.
+    Added in 0.1; ``instances`` and ``histograms`` in 0.5.
     """
 
     name: str
@@ -180,6 +290,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     out_of_memory: int
     init_seconds: float
     warmup_seconds: float
+    instances: int = 0
+    histograms: ModelHistograms = ModelHistograms()
 
     @property
     def mean_batch_size(self) -> float:

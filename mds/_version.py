@@ -1,3 +1,3 @@
 """The installed version of mds."""
 
-__version__ = "0.4.0.dev0"
+__version__ = "0.5.0.dev0"

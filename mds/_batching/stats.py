@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter, deque
 
-__all__ = ["BatchStats"]
+from .._status import Histogram
+
+__all__ = ["SECONDS", "SIZES", "BatchStats", "Buckets"]
+
+#: Bucket bounds for durations: 0.5 ms to a minute, as latency SLOs are set.
+SECONDS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
+#: Bucket bounds for batch sizes and costs: powers of two.
+SIZES = tuple(float(2**power) for power in range(13))
+
+
+class Buckets:
+    """A histogram being counted: observations per bucket and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = SECONDS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bound's bucket (le).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> Histogram:
+        return Histogram(bounds=self.bounds, counts=tuple(self.counts), sum=self.sum)
 
 
 class BatchStats:
@@ -22,6 +52,9 @@ class BatchStats:
         self.isolation_splits = 0
         self.out_of_memory = 0
         self.padding_sum = 0.0
+        self.waits = Buckets()
+        self.infers = Buckets()
+        self.costs = Buckets(SIZES)
 
     def record(
         self, size: int, cost: int, padding: float, seconds: float, waits: list[float]
@@ -35,3 +68,16 @@ class BatchStats:
         self.padding_sum += padding
         self.queue_wait_seconds += sum(waits)
         self.recent_waits.extend(waits)
+        self.infers.observe(seconds)
+        self.costs.observe(cost)
+        observe = self.waits.observe
+        for wait in waits:
+            observe(wait)
+
+    def batch_sizes(self) -> Histogram:
+        """The batch sizes counted so far, as a histogram (from the exact counts)."""
+        sizes = Buckets(SIZES)
+        for size, count in self.sizes.items():
+            sizes.counts[bisect_left(SIZES, size)] += count
+            sizes.sum += size * count
+        return sizes.snapshot()

@@ -54,8 +54,10 @@ from ._status import Histogram as Histogram
 from ._status import ModelHistograms as ModelHistograms
 from ._status import ModelHealth as ModelHealth
 from ._status import ModelStatistics as ModelStatistics
+from ._status import NodeStatistics as NodeStatistics
 from ._status import NodeTrace as NodeTrace
 from ._status import PipelineHealth as PipelineHealth
+from ._status import PipelineStatistics as PipelineStatistics
 from ._status import PipelineTrace as PipelineTrace
 from ._status import RuntimeHealth as RuntimeHealth
 from ._status import Traced as Traced
@@ -94,6 +96,7 @@ __all__ = [
     "ModelStatistics",
     "ModelVersions",
     "Node",
+    "NodeStatistics",
     "NodeTrace",
     "NotReady",
     "OnnxHandler",
@@ -103,6 +106,7 @@ __all__ = [
     "Pipeline",
     "PipelineHealth",
     "PipelineRuntime",
+    "PipelineStatistics",
     "PipelineTrace",
     "RequestError",
     "ResidencyStatistics",

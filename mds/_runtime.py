@@ -26,7 +26,7 @@ from ._pipeline.nodes import ModelNode
 from ._pipeline.running import PipelineRuntime
 from ._residency import Residency, ResidencyStatistics
 from ._servable import Servable
-from ._status import ModelHealth, ModelStatistics, RuntimeHealth
+from ._status import ModelHealth, ModelStatistics, PipelineStatistics, RuntimeHealth
 from ._versions import ModelVersions
 
 __all__ = ["Load", "Runtime"]
@@ -501,8 +501,18 @@ class Runtime(Managing, ByName, LoopBound):
         return self._residency.statistics()
 
     def statistics(self) -> dict[str, ModelStatistics]:
-        """Each model's counters (its default version's), by name."""
+        """Each model's counters (its default version's), by name.
+
+        Every loaded version's: ``runtime.versions(name).runtimes[v].statistics()``.
+        """
         return {name: model.statistics() for name, model in sorted(self._versions.items())}
+
+    def pipeline_statistics(self) -> dict[str, PipelineStatistics]:
+        """Each pipeline's counters and its nodes', by name.
+
+        Added in 0.5.
+        """
+        return {name: p.statistics() for name, p in sorted(self._pipelines.items())}
 
 
 def _newest(version: str, versions: ModelVersions) -> bool:

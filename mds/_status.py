@@ -18,7 +18,9 @@ __all__ = [
     "ModelHealth",
     "ModelStatistics",
     "NodeTrace",
+    "NodeStatistics",
     "PipelineHealth",
+    "PipelineStatistics",
     "PipelineTrace",
     "RuntimeHealth",
     "Traced",
@@ -302,6 +304,66 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     def mean_queue_wait(self) -> float:
         """Average seconds a request waited for its batch; 0 before the first."""
         return self.queue_wait_seconds / self.batched_items if self.batched_items else 0.0
+
+
+class NodeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters for one node of a pipeline. Durations are seconds.
+
+    A model node's model has its own :class:`ModelStatistics` too (named
+    ``pipeline.node``, or the model the node names).
+
+    Attributes:
+        node: the node's name.
+        kind: ``"model"``, ``"function"``, ``"router"`` or ``"fan_out"``.
+        calls: times a request reached it.
+        failed: of those, the calls that raised (cancelled ones not counted).
+        seconds: how long its calls took, failed ones included (a fan-out's
+            includes its branches).
+
+    Added in 0.5.
+    """
+
+    node: str
+    kind: str
+    calls: int = 0
+    failed: int = 0
+    seconds: Histogram = Histogram()
+
+
+class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters for one pipeline since its runtime was made. Durations are seconds.
+
+    Attributes:
+        name: the pipeline's name.
+        version: the pipeline's version.
+        requests: requests that started through the graph.
+        completed: requests answered with a result.
+        failed: requests answered with an error raised in a node.
+        rejected: requests refused at once because a model node was not ready.
+        cancelled: requests whose caller went away before the answer.
+        errors: failed and rejected requests, by error class name.
+        request: a completed request's whole call.
+        nodes: each node's counters, by node name (nodes no request can
+            reach are not listed).
+
+    Added in 0.5.
+    """
+
+    name: str
+    version: str
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    errors: dict[str, int] = {}
+    request: Histogram = Histogram()
+    nodes: dict[str, NodeStatistics] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started and not yet answered."""
+        return self.requests - self.completed - self.failed - self.cancelled
 
 
 class CallTrace(msgspec.Struct, frozen=True, kw_only=True):

@@ -12,7 +12,8 @@ import anyio
 
 from .. import _loop
 from .._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
-from .._status import NodeTrace
+from .._batching.stats import Buckets
+from .._status import NodeStatistics, NodeTrace
 from .._threads import is_async
 from .._versions import ModelVersions
 from .nodes import FanOutNode, FunctionNode, ModelNode, Node, RouterNode
@@ -23,7 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 class Runner:
-    """A node, compiled. ``run`` returns the value and the runner that follows."""
+    """A node, compiled. ``run`` returns the value and the runner that follows.
+
+    Callers go through :meth:`call`, which counts.
+    """
 
     next: Runner | None = None
 
@@ -32,6 +36,37 @@ class Runner:
         self.kind = node.kind
         self.pipeline = pipeline
         self.where = f"pipeline {pipeline!r}, node {node.name!r}"  # for logs
+        self.calls = self.failed = 0
+        self.seconds = Buckets()
+
+    async def call(
+        self,
+        value: Any,
+        request: Any,
+        deadline: float | None,
+        priority: int | None,
+        traces: list[NodeTrace] | None,
+    ) -> tuple[Any, Runner | None]:
+        """:meth:`run`, counted and timed."""
+        clock = _loop.clock()
+        began = clock()
+        self.calls += 1
+        try:
+            return await self.run(value, request, deadline, priority, traces)
+        except Exception:
+            self.failed += 1
+            raise
+        finally:
+            self.seconds.observe(clock() - began)
+
+    def statistics(self) -> NodeStatistics:
+        return NodeStatistics(
+            node=self.name,
+            kind=self.kind,
+            calls=self.calls,
+            failed=self.failed,
+            seconds=self.seconds.snapshot(),
+        )
 
     async def run(
         self,
@@ -238,7 +273,7 @@ class _FanOutRunner(Runner):
         async def branch(runner: Runner, scope: anyio.CancelScope) -> None:
             mine: list[NodeTrace] | None = [] if traces is not None else None
             try:
-                outputs[runner.name], _ = await runner.run(value, request, deadline, priority, mine)
+                outputs[runner.name], _ = await runner.call(value, request, deadline, priority, mine)
             except Exception as exc:
                 if isinstance(exc, MdsError):
                     exc.add_context(pipeline=runner.pipeline, node=runner.name)

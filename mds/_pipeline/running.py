@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
 
+import anyio
+
 from .. import _loop
+from .._batching.stats import Buckets
 from .._bridge import Home
 from .._deprecation import renamed
 from .._errors import MdsError, NotReady
 from .._handler import ModelState
 from .._servable import Serving
-from .._status import ModelHealth, NodeTrace, PipelineHealth, PipelineTrace, Traced
+from .._status import (
+    ModelHealth,
+    NodeTrace,
+    PipelineHealth,
+    PipelineStatistics,
+    PipelineTrace,
+    Traced,
+)
 from .._tensors import Signature
 from .._versions import ModelVersions
 from .graph import Pipeline
@@ -53,7 +64,9 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         self.models: dict[str, ModelVersions] = dict(models)
         self._home = home if home is not None else Home(self._not_running)
         runners = compile_nodes(self.name, pipeline.nodes, pipeline.reachable(), self.models)
+        self._runners = runners
         self._start = runners[pipeline.start]
+        self._counts = _Counts()
 
     def __repr__(self) -> str:
         return f"<PipelineRuntime {self.name!r} nodes={list(self.pipeline.nodes)}>"
@@ -124,8 +137,11 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         self, request: Any, timeout: float | None, priority: int | None, trace: bool, stream: bool
     ) -> Any:
         """One request through the graph, in the runtime's loop (``stream``: as one chunk)."""
+        counts = self._counts
         for node, model in self.models.items():
             if not model.ready:
+                counts.rejected += 1
+                counts.errors["NotReady"] += 1
                 raise NotReady(
                     f"not ready: node {node!r} (model {model.name!r}) is {model.state.value}",
                     pipeline=self.name,
@@ -138,13 +154,27 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         traces: list[NodeTrace] | None = [] if trace else None
         runner: Runner | None = self._start
         value = request
-        while runner is not None:
-            try:
-                value, following = await runner.run(value, request, deadline, priority, traces)
-            except MdsError as exc:
-                exc.add_context(pipeline=self.name, node=runner.name)
-                raise
-            runner = following
+        counts.requests += 1
+        try:
+            while runner is not None:
+                try:
+                    value, following = await runner.call(
+                        value, request, deadline, priority, traces
+                    )
+                except MdsError as exc:
+                    exc.add_context(pipeline=self.name, node=runner.name)
+                    raise
+                runner = following
+        except anyio.get_cancelled_exc_class():
+            counts.cancelled += 1
+            raise
+        except Exception as exc:
+            counts.failed += 1
+            counts.errors[type(exc).__name__] += 1
+            raise
+        counts.completed += 1
+        ended = clock()
+        counts.request.observe(ended - began)
         if stream:
             return _one_chunk(value)
         if traces is None:
@@ -156,8 +186,27 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
                 pipeline=self.name,
                 path=tuple(t.node for t in nodes),
                 nodes=nodes,
-                total_seconds=clock() - began,
+                total_seconds=ended - began,
             ),
+        )
+
+    def statistics(self) -> PipelineStatistics:
+        """A snapshot of this pipeline's counters and its nodes'.
+
+        Added in 0.5.
+        """
+        counts = self._counts
+        return PipelineStatistics(
+            name=self.name,
+            version=self.version,
+            requests=counts.requests,
+            completed=counts.completed,
+            failed=counts.failed,
+            rejected=counts.rejected,
+            cancelled=counts.cancelled,
+            errors=dict(counts.errors),
+            request=counts.request.snapshot(),
+            nodes={name: runner.statistics() for name, runner in self._runners.items()},
         )
 
     # -- health -----------------------------------------------------------------
@@ -179,6 +228,17 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
                 why = report.reason if report is not None else "not reported"
                 reason = f"node {node!r} (model {model.name!r}) is not ready: {why}"
         return PipelineHealth(name=self.name, ready=reason is None, reason=reason, nodes=nodes)
+
+
+class _Counts:
+    """A pipeline's request counters."""
+
+    __slots__ = ("cancelled", "completed", "errors", "failed", "rejected", "request", "requests")
+
+    def __init__(self) -> None:
+        self.requests = self.completed = self.failed = self.rejected = self.cancelled = 0
+        self.errors: Counter[str] = Counter()
+        self.request = Buckets()
 
 
 async def _one_chunk(value: Any) -> AsyncIterator[Any]:

@@ -576,7 +576,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             counts=self._counts,
             batches=self._batch_stats,
             batcher=self._batcher,
-            instances=len(loaded.instances) if (loaded := self._loaded) is not None else 0,
+            devices=tuple(i.device.name for i in loaded.instances)
+            if (loaded := self._loaded) is not None
+            else (),
         )
 
 

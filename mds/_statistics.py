@@ -96,7 +96,7 @@ def snapshot(
     counts: RequestCounts,
     batches: BatchStats,
     batcher: Batcher[Any] | None,
-    instances: int,
+    devices: tuple[str, ...],
 ) -> ModelStatistics:
     """The model's counters now, as a frozen struct."""
     queue = batcher.queue if batcher is not None else None
@@ -131,7 +131,8 @@ def snapshot(
         out_of_memory=batches.out_of_memory,
         init_seconds=counts.init_seconds,
         warmup_seconds=counts.warmup_seconds,
-        instances=instances,
+        instances=len(devices),
+        devices=devices,
         histograms=ModelHistograms(
             request=counts.request.snapshot(),
             queue_wait=batches.waits.snapshot(),

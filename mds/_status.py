@@ -258,11 +258,13 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         init_seconds: time the last start spent in ``init``.
         warmup_seconds: time the last start spent in warm-up.
         instances: the instances running now (0 while it is stopped).
+        devices: the device each running instance is on, in instance order
+            (``"cpu"``, ``"cuda:0"``, ...).
         histograms: cumulative distributions of request, queue, step and
             batch times and batch sizes, to aggregate across processes
             (what :class:`mds.prometheus.Collector` exports).
 
-    Added in 0.1; ``instances`` and ``histograms`` in 0.5.
+    Added in 0.1; ``instances``, ``devices`` and ``histograms`` in 0.5.
     """
 
     name: str
@@ -293,6 +295,7 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     init_seconds: float
     warmup_seconds: float
     instances: int = 0
+    devices: tuple[str, ...] = ()
     histograms: ModelHistograms = ModelHistograms()
 
     @property

@@ -51,8 +51,8 @@ from ._runtime import Runtime as Runtime
 from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
 from ._status import Histogram as Histogram
-from ._status import ModelHistograms as ModelHistograms
 from ._status import ModelHealth as ModelHealth
+from ._status import ModelHistograms as ModelHistograms
 from ._status import ModelStatistics as ModelStatistics
 from ._status import NodeStatistics as NodeStatistics
 from ._status import NodeTrace as NodeTrace

@@ -17,6 +17,8 @@ _EXTRAS = {
     "flask": "flask",
     "pyarrow": "arrow",
     "tensorflow": "tensorflow",
+    "prometheus_client": "metrics",
+    "opentelemetry": "tracing",
 }
 
 DISTRIBUTION = "mds-serving"

@@ -26,6 +26,8 @@ Routes (under ``prefix``), each answering JSON:
 ``...``     ``/v2/...``                           the Open Inference Protocol (KServe V2)
 ``POST``    ``/v2/repository/...``                the protocol's model repository routes
                                                   (index, load, unload), with ``repository``
+``GET``     ``/metrics``                          Prometheus metrics, with ``metrics``
+``GET``     ``/status``                           an HTML status page, with ``status_page``
 ==========  ====================================  =========================================
 
 Added in 0.2.
@@ -51,7 +53,15 @@ from . import _loop
 from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
-from ._http.service import Call, Reply, Service, allowed, error_reply, paths
+from ._http.service import (
+    Call,
+    Reply,
+    Service,
+    allowed,
+    error_reply,
+    metrics_registry,
+    paths,
+)
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
 
@@ -78,6 +88,8 @@ def router(
     retry_after: int = 1,
     repository: ModelRepository | None = None,
     repository_dependencies: Sequence[Any] = (),
+    metrics: Any = False,
+    status_page: bool = False,
 ) -> APIRouter:
     """An ``APIRouter`` with mds's routes for ``runtime``; include it in your app.
 
@@ -101,6 +113,15 @@ def router(
         repository_dependencies: FastAPI dependencies run before each
             repository route, such as ``[Depends(require_admin)]``: your
             auth. Added in 0.4.
+        metrics: add ``GET {prefix}/metrics`` for Prometheus: ``True`` serves
+            ``runtime``'s metrics (:class:`mds.prometheus.Collector`); a
+            ``prometheus_client.CollectorRegistry`` is served as it is (register
+            the collector in it yourself, beside your own metrics, or with a
+            shared ``directory`` for several workers). Added in 0.5.
+        status_page: add ``GET {prefix}/status``, an HTML page of every
+            model's and pipeline's state, traffic and latency, refreshed in
+            place, and ``GET {prefix}/status/data``, the JSON it reads.
+            Added in 0.5.
 
     Raises:
         MissingDependency: FastAPI is not installed (``pip install mds-serving[fastapi]``).
@@ -117,10 +138,12 @@ def router(
         extensions=("binary_tensor_data", "model_repository")
         if repository is not None
         else ("binary_tensor_data",),
+        metrics=metrics_registry(runtime, metrics),
     )
     routes = _Routes(service)
     found: APIRouter = fastapi.APIRouter(prefix=prefix)
-    for path, methods in paths(v2).items():
+    wanted = paths(v2, metrics=service.metrics is not None, status_page=status_page)
+    for path, methods in wanted.items():
         # An ASGI callable (not a function) is served as it is: no request
         # object, no dependency solving, no body validation in between. It
         # takes every method: one the path does not answer gets mds's 405.
@@ -238,6 +261,8 @@ def add_routes(
     load: Load = "background",
     repository: ModelRepository | None = None,
     repository_dependencies: Sequence[Any] = (),
+    metrics: Any = False,
+    status_page: bool = False,
 ) -> APIRouter:
     """Add mds's routes and error handlers to ``app``; run ``runtime`` with its lifespan.
 
@@ -265,6 +290,8 @@ def add_routes(
         retry_after=retry_after,
         repository=repository,
         repository_dependencies=repository_dependencies,
+        metrics=metrics,
+        status_page=status_page,
     )
     app.router.routes.extend(found.routes)
     add_error_handlers(app, retry_after=retry_after)
@@ -377,6 +404,18 @@ class _Routes:
 
     async def statistics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send(send, self.service.statistics())
+
+    async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        accept = next((v for k, v in scope["headers"] if k == b"accept"), b"")
+        # Off the loop: a shared directory is read, devices are asked.
+        reply = await anyio.to_thread.run_sync(self.service.metrics_reply, accept.decode("latin-1"))
+        await _send(send, reply)
+
+    async def status_page(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, self.service.status_page())
+
+    async def status_data(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send(send, self.service.status_data())
 
     async def server_metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send(send, self.service.server_metadata())

@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
-from ._http.service import VERSION_HEADER, Call, Reply, Service, allowed, error_reply, paths
+from ._http.service import (
+    VERSION_HEADER,
+    Call,
+    Reply,
+    Service,
+    allowed,
+    error_reply,
+    metrics_registry,
+    paths,
+)
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
 
@@ -48,6 +57,8 @@ def blueprint(
     retry_after: int = 1,
     repository: ModelRepository | None = None,
     repository_decorator: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+    metrics: Any = False,
+    status_page: bool = False,
 ) -> Blueprint:
     """A Blueprint with mds's routes for ``runtime``; register it on your app.
 
@@ -71,10 +82,12 @@ def blueprint(
         extensions=("binary_tensor_data", "model_repository")
         if repository is not None
         else ("binary_tensor_data",),
+        metrics=metrics_registry(runtime, metrics),
     )
     views = _Views(service, flask)
     found: Blueprint = flask.Blueprint(name, __name__)
-    for index, (path, methods) in enumerate(paths(v2).items()):
+    wanted = paths(v2, metrics=service.metrics is not None, status_page=status_page)
+    for index, (path, methods) in enumerate(wanted.items()):
         rule = re.sub(r"\{(\w+)\}", r"<\1>", path)  # {name} -> <name>
         # Every method, dispatched here: one the path does not answer gets
         # mds's 405 (Flask's own would be an HTML page).
@@ -146,6 +159,8 @@ def add_routes(
     load: Load = "background",
     repository: ModelRepository | None = None,
     repository_decorator: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+    metrics: Any = False,
+    status_page: bool = False,
 ) -> Blueprint:
     """Add mds's routes and error handlers to ``app``; start ``runtime`` if it is not running.
 
@@ -179,6 +194,8 @@ def add_routes(
         retry_after=retry_after,
         repository=repository,
         repository_decorator=repository_decorator,
+        metrics=metrics,
+        status_page=status_page,
     )
     app.register_blueprint(found, url_prefix=prefix or None)
     add_error_handlers(app, retry_after=retry_after)
@@ -302,6 +319,16 @@ class _Views:
 
     def statistics(self) -> Response:
         return self._response(self.service.statistics())
+
+    def metrics(self) -> Response:
+        accept = self.flask.request.headers.get("Accept")
+        return self._answer(self.service.metrics_reply, accept)
+
+    def status_page(self) -> Response:
+        return self._response(self.service.status_page())
+
+    def status_data(self) -> Response:
+        return self._response(self.service.status_data())
 
     def server_metadata(self) -> Response:
         return self._response(self.service.server_metadata())

@@ -32,7 +32,17 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the model repository", {"_repository"}),
     (
         "transports, public namespaces",
-        {"_http", "_batch", "batch", "fastapi", "flask", "testing", "_demo"},
+        {
+            "_http",
+            "_batch",
+            "_metrics",
+            "batch",
+            "fastapi",
+            "flask",
+            "prometheus",
+            "testing",
+            "_demo",
+        },
     ),
     ("the package and the command line", {"__init__", "__main__"}),
 ]

@@ -27,6 +27,7 @@ from .._errors import (
     Unavailable,
     excerpt,
 )
+from .._deps import require
 from .._runtime import Runtime
 from .._servable import Servable
 from .._status import ModelHealth, PipelineHealth, RuntimeHealth
@@ -38,7 +39,9 @@ from .v2 import V2Call
 
 __all__ = [
     "ERROR_STATUS",
+    "METRICS_ROUTES",
     "ROUTES",
+    "STATUS_ROUTES",
     "V2_ROUTES",
     "Call",
     "Reply",
@@ -125,7 +128,18 @@ V2_ROUTES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def paths(v2: bool) -> dict[str, dict[str, str]]:
+#: Prometheus' scrape route, with ``metrics=``.
+METRICS_ROUTES: tuple[tuple[str, str, str], ...] = (("GET", "/metrics", "metrics"),)
+#: The status page and the data it reads, with ``status_page=True``.
+STATUS_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/status", "status_page"),
+    ("GET", "/status/data", "status_data"),
+)
+
+
+def paths(
+    v2: bool, *, metrics: bool = False, status_page: bool = False
+) -> dict[str, dict[str, str]]:
     """Each path the adapters add, with the route that answers each of its methods.
 
     An adapter registers each path once and dispatches by method itself, so
@@ -133,9 +147,36 @@ def paths(v2: bool) -> dict[str, dict[str, str]]:
     :meth:`Service.not_allowed`).
     """
     found: dict[str, dict[str, str]] = {}
-    for method, path, route in ROUTES + (V2_ROUTES if v2 else ()):
+    routes = (
+        ROUTES
+        + (V2_ROUTES if v2 else ())
+        + (METRICS_ROUTES if metrics else ())
+        + (STATUS_ROUTES if status_page else ())
+    )
+    for method, path, route in routes:
         found.setdefault(path, {})[method] = route
     return found
+
+
+def metrics_registry(runtime: Runtime, metrics: Any) -> Any:
+    """The registry ``/metrics`` serves: ``metrics=True`` makes one holding ``runtime``'s
+    collector; a registry given is served as it is; ``None`` for no route.
+    """
+    if metrics is None or metrics is False:
+        return None
+    if metrics is True:
+        core = require("prometheus_client", feature="the adapters' metrics=True")
+        from ..prometheus import Collector
+
+        registry = core.CollectorRegistry(auto_describe=True)
+        registry.register(Collector(runtime))
+        return registry
+    if not callable(getattr(metrics, "collect", None)):
+        raise TypeError(
+            f"metrics= takes True or a prometheus_client CollectorRegistry, "
+            f"not {type(metrics).__name__}"
+        )
+    return metrics
 
 
 def allowed(methods: Iterable[str]) -> tuple[str, ...]:
@@ -194,6 +235,7 @@ class Service:
         retry_after: seconds a client is told to wait (``Retry-After``) when
             a model is overloaded or not ready.
         extensions: the protocol extensions the server metadata lists.
+        metrics: the ``prometheus_client`` registry ``/metrics`` serves, if any.
     """
 
     runtime: Runtime
@@ -202,6 +244,7 @@ class Service:
     max_body_bytes: int = 64 * 1024 * 1024
     retry_after: int = 1
     extensions: tuple[str, ...] = ("binary_tensor_data",)
+    metrics: Any = None
     _retry: tuple[tuple[str, str], ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -292,6 +335,23 @@ class Service:
 
     def statistics(self) -> Reply:
         return Reply(200, _encoder.encode(self.runtime.statistics()))
+
+    def metrics_reply(self, accept: str | None) -> Reply:
+        """The metrics of :attr:`metrics` (a registry), as the scraper's ``Accept`` asks."""
+        from ..prometheus import exposition
+
+        body, content_type = exposition(self.metrics, accept)
+        return Reply(200, body, content_type)
+
+    def status_page(self) -> Reply:
+        from . import status_page
+
+        return Reply(200, status_page.PAGE, "text/html; charset=utf-8")
+
+    def status_data(self) -> Reply:
+        from . import status_page
+
+        return Reply(200, status_page.data(self.runtime))
 
     def server_metadata(self) -> Reply:
         meta = protocol.ServerMetadata(

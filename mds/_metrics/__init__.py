@@ -1,0 +1,1 @@
+"""mds's numbers as metric families, and their sharing between worker processes."""

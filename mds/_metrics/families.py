@@ -1,0 +1,246 @@
+"""mds's numbers as metric families: names, help, labels and samples, no client library.
+
+Families are plain data so that several processes' samples can be written to
+files, read back and added up (see :mod:`mds._metrics.shared`) before they
+are handed to ``prometheus_client``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, Protocol
+
+import msgspec
+
+from .._devices.device import Device
+from .._devices.manager import DeviceManager
+from .._errors import MdsError
+from .._handler import ModelState
+from .._runtime import Runtime
+from .._status import Histogram, ModelStatistics, PipelineStatistics
+
+__all__ = ["Family", "Sample", "families"]
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+class Sample(msgspec.Struct, array_like=True):
+    """One series: its label values and its value (a histogram's buckets for a histogram)."""
+
+    labels: tuple[str, ...]
+    value: float | Histogram
+
+
+class Family(msgspec.Struct):
+    """One metric family: ``name`` without the namespace and without ``_total``."""
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...]
+    samples: list[Sample] = msgspec.field(default_factory=list)
+    #: How processes' samples of a gauge add up: "sum" (queue depth) or
+    #: "max" (a limit every process has).
+    combine: Literal["sum", "max"] = "sum"
+
+    def add(self, labels: tuple[str, ...], value: float | Histogram) -> None:
+        self.samples.append(Sample(labels, value))
+
+
+_MODEL = ("model", "version")
+_PIPELINE = ("pipeline", "version")
+
+#: (name, help) of each model histogram, by ModelHistograms field.
+_MODEL_HISTOGRAMS = {
+    "request": (
+        "request_duration_seconds",
+        "Time from admission to response of completed requests.",
+    ),
+    "queue_wait": ("queue_duration_seconds", "Time requests waited in the queue for a batch."),
+    "preprocess": ("preprocess_duration_seconds", "Time requests spent in preprocess."),
+    "infer": (
+        "infer_duration_seconds",
+        "Time each batch took to compute (collate, infer, split), per batch.",
+    ),
+    "postprocess": ("postprocess_duration_seconds", "Time requests spent in postprocess."),
+    "batch_size": ("batch_size", "Requests per batch."),
+    "batch_cost": ("batch_cost", "Cost per batch (the handler's cost of its requests)."),
+}
+
+
+def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Family]:
+    """Every family for ``runtime`` now: its models (each loaded version), pipelines, devices.
+
+    Reads counters only (no I/O but the devices' memory), from any thread.
+    """
+    found: dict[str, Family] = {}
+
+    def family(
+        name: str, kind: Kind, help: str, labels: tuple[str, ...], combine: str = "sum"
+    ) -> Family:
+        if name not in found:
+            found[name] = Family(name, kind, help, labels, combine=combine)  # type: ignore[arg-type]
+        return found[name]
+
+    used: set[str] = set()
+    for name in runtime.models:
+        for version, model in sorted(runtime.versions(name).runtimes.items()):
+            stats = model.statistics()
+            _model(family, (name, version), stats)
+            used.update(stats.devices)
+    for pipeline in runtime.pipelines.values():
+        _pipeline(family, pipeline.statistics())
+    _residency(family, runtime)
+    if used:
+        _devices(family, used, devices if devices is not None else DeviceManager.default())
+    return list(found.values())
+
+
+def _model(family: _Make, labels: tuple[str, str], stats: ModelStatistics) -> None:
+    requests = family(
+        "requests",
+        "counter",
+        "Requests by outcome: success, error (failed in the model), deadline (its deadline "
+        "passed), rejected (not ready or queue full), cancelled (the caller left).",
+        (*_MODEL, "outcome"),
+    )
+    deadline = min(stats.deadline_misses, stats.failed)
+    requests.add((*labels, "success"), stats.completed)
+    requests.add((*labels, "error"), stats.failed - deadline)
+    requests.add((*labels, "deadline"), deadline)
+    requests.add((*labels, "rejected"), stats.rejected)
+    requests.add((*labels, "cancelled"), stats.cancelled)
+    errors = family(
+        "request_errors",
+        "counter",
+        "Failed and rejected requests by error class (InvalidInput, Overloaded, NotReady, ...).",
+        (*_MODEL, "error"),
+    )
+    for error, count in sorted(stats.errors.items()):
+        errors.add((*labels, error), count)
+    for field, (name, help) in _MODEL_HISTOGRAMS.items():
+        family(name, "histogram", help, _MODEL).add(labels, getattr(stats.histograms, field))
+    family(
+        "isolation_splits", "counter", "Failed batches split in two to find the items at fault.",
+        _MODEL,
+    ).add(labels, stats.isolation_splits)  # fmt: skip
+    family(
+        "out_of_memory", "counter", "Batches that ran out of device memory (and were split).",
+        _MODEL,
+    ).add(labels, stats.out_of_memory)  # fmt: skip
+    family("queue_depth", "gauge", "Requests waiting in the queue now.", _MODEL).add(
+        labels, stats.queued
+    )
+    family("requests_in_flight", "gauge", "Requests admitted and not yet answered.", _MODEL).add(
+        labels, stats.in_flight
+    )
+    instances = family(
+        "instances", "gauge", "Instances running now, by device.", (*_MODEL, "device")
+    )
+    for device in sorted(set(stats.devices)):
+        instances.add((*labels, device), stats.devices.count(device))
+    state = family(
+        "model_state",
+        "gauge",
+        "1 for the model's lifecycle state now, 0 for the others (summed over processes: how "
+        "many are in each state).",
+        (*_MODEL, "state"),
+    )
+    for each in ModelState:
+        state.add((*labels, each.value), 1.0 if each is stats.state else 0.0)
+    family(
+        "max_batch_size",
+        "gauge",
+        "The batch limit in force (lower than configured after running out of memory).",
+        _MODEL,
+        combine="max",
+    ).add(labels, stats.max_batch_size)
+
+
+def _pipeline(family: _Make, stats: PipelineStatistics) -> None:
+    labels = (stats.name, stats.version)
+    requests = family(
+        "pipeline_requests",
+        "counter",
+        "Pipeline requests by outcome: success, error, rejected, cancelled.",
+        (*_PIPELINE, "outcome"),
+    )
+    requests.add((*labels, "success"), stats.completed)
+    requests.add((*labels, "error"), stats.failed)
+    requests.add((*labels, "rejected"), stats.rejected)
+    requests.add((*labels, "cancelled"), stats.cancelled)
+    errors = family(
+        "pipeline_request_errors",
+        "counter",
+        "Failed and rejected pipeline requests by error class.",
+        (*_PIPELINE, "error"),
+    )
+    for error, count in sorted(stats.errors.items()):
+        errors.add((*labels, error), count)
+    family(
+        "pipeline_request_duration_seconds",
+        "histogram",
+        "Time completed pipeline requests took, end to end.",
+        _PIPELINE,
+    ).add(labels, stats.request)
+    node_labels = (*_PIPELINE, "node", "kind")
+    calls = family("pipeline_node_calls", "counter", "Calls of each pipeline node.", node_labels)
+    failures = family(
+        "pipeline_node_failures", "counter", "Calls of each pipeline node that raised.",
+        node_labels,
+    )  # fmt: skip
+    seconds = family(
+        "pipeline_node_duration_seconds",
+        "histogram",
+        "Time each pipeline node took per call (a fan-out's includes its branches).",
+        node_labels,
+    )
+    for name, node in sorted(stats.nodes.items()):
+        node_labels_now = (*labels, name, node.kind)
+        calls.add(node_labels_now, node.calls)
+        failures.add(node_labels_now, node.failed)
+        seconds.add(node_labels_now, node.seconds)
+
+
+def _residency(family: _Make, runtime: Runtime) -> None:
+    residency = runtime.residency()
+    for name, help, value in (
+        ("on_demand_loads", "On-demand models loaded.", residency.loads),
+        ("on_demand_failed_loads", "On-demand loads that failed.", residency.failed_loads),
+        ("on_demand_evictions", "On-demand models unloaded to make room.", residency.evictions),
+    ):
+        family(name, "counter", help, ()).add((), value)
+    family("resident_models", "gauge", "On-demand models loaded now.", ()).add(
+        (), len(residency.resident)
+    )
+
+
+def _devices(family: _Make, names: Iterable[str], manager: DeviceManager) -> None:
+    total = family(
+        "device_memory_total_bytes", "gauge", "Memory each device has, where known.", ("device",),
+        combine="max",
+    )  # fmt: skip
+    free = family(
+        "device_memory_free_bytes", "gauge", "Memory free on each device now, where known.",
+        ("device",), combine="max",
+    )  # fmt: skip
+    healthy = family(
+        "device_healthy", "gauge", "1 while the device works, 0 after a device error.",
+        ("device",), combine="max",
+    )  # fmt: skip
+    for name in sorted(names):
+        try:
+            info = manager.info(Device.parse(name))
+        except MdsError:
+            continue  # gone, or a kind this manager does not know: nothing to say
+        healthy.add((name,), 1.0 if info.healthy else 0.0)
+        if info.total_memory is not None:
+            total.add((name,), info.total_memory)
+        if info.free_memory is not None:
+            free.add((name,), info.free_memory)
+
+
+class _Make(Protocol):  # the type of ``family`` above, for the helpers' annotations
+    def __call__(
+        self, name: str, kind: Kind, help: str, labels: tuple[str, ...], combine: str = "sum"
+    ) -> Family: ...

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
+from .._deps import require
 from .._errors import (
     DeadlineExceeded,
     DecodeError,
@@ -27,7 +28,6 @@ from .._errors import (
     Unavailable,
     excerpt,
 )
-from .._deps import require
 from .._runtime import Runtime
 from .._servable import Servable
 from .._status import ModelHealth, PipelineHealth, RuntimeHealth
@@ -159,8 +159,10 @@ def paths(
 
 
 def metrics_registry(runtime: Runtime, metrics: Any) -> Any:
-    """The registry ``/metrics`` serves: ``metrics=True`` makes one holding ``runtime``'s
-    collector; a registry given is served as it is; ``None`` for no route.
+    """The registry ``/metrics`` serves (``None``: no such route).
+
+    ``metrics=True`` makes one holding ``runtime``'s collector; a registry
+    given is served as it is.
     """
     if metrics is None or metrics is False:
         return None

@@ -14,11 +14,11 @@ from ._handler import ModelState
 __all__ = [
     "CallTrace",
     "Histogram",
-    "ModelHistograms",
     "ModelHealth",
+    "ModelHistograms",
     "ModelStatistics",
-    "NodeTrace",
     "NodeStatistics",
+    "NodeTrace",
     "PipelineHealth",
     "PipelineStatistics",
     "PipelineTrace",
@@ -205,7 +205,7 @@ class ModelHistograms(msgspec.Struct, frozen=True, kw_only=True):
         request: a completed request's whole call, from admission to its
             response (to a stream's end).
         queue_wait: a request's time queued before its batch started.
-        preprocess: a request's ``preprocess`` (only for handlers that have one).
+        preprocess: a request's ``preprocess`` that returned (for handlers that have one).
         infer: a batch's computation (collate, infer, split), per batch.
         postprocess: a request's ``postprocess`` (only for handlers that
             have one; a stream's whole length).

@@ -228,6 +228,10 @@ def _devices(family: _Make, names: Iterable[str], manager: DeviceManager) -> Non
         "device_healthy", "gauge", "1 while the device works, 0 after a device error.",
         ("device",), combine="max",
     )  # fmt: skip
+    busy = family(
+        "device_utilization", "gauge", "The share of time each device was busy lately (0 to 1).",
+        ("device",), combine="max",
+    )  # fmt: skip
     for name in sorted(names):
         try:
             info = manager.info(Device.parse(name))
@@ -238,6 +242,8 @@ def _devices(family: _Make, names: Iterable[str], manager: DeviceManager) -> Non
             total.add((name,), info.total_memory)
         if info.free_memory is not None:
             free.add((name,), info.free_memory)
+        if info.utilization is not None:
+            busy.add((name,), info.utilization)
 
 
 class _Make(Protocol):  # the type of ``family`` above, for the helpers' annotations

@@ -44,6 +44,8 @@ EXTRA_PINS = {
     "fastapi": ["uvicorn"],
     "flask": [],
     "arrow": [],
+    "metrics": [],
+    "tracing": [],
 }
 
 

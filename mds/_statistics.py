@@ -133,6 +133,7 @@ def snapshot(
         warmup_seconds=counts.warmup_seconds,
         instances=len(devices),
         devices=devices,
+        batches_in_flight=batcher._busy if batcher is not None else 0,
         histograms=ModelHistograms(
             request=counts.request.snapshot(),
             queue_wait=batches.waits.snapshot(),

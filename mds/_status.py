@@ -260,11 +260,13 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         instances: the instances running now (0 while it is stopped).
         devices: the device each running instance is on, in instance order
             (``"cpu"``, ``"cuda:0"``, ...).
+        batches_in_flight: batches being computed now (at most one per
+            instance, or two while the next is handed over early).
         histograms: cumulative distributions of request, queue, step and
             batch times and batch sizes, to aggregate across processes
             (what :class:`mds.prometheus.Collector` exports).
 
-    Added in 0.1; ``instances``, ``devices`` and ``histograms`` in 0.5.
+    Added in 0.1; ``instances``, ``devices``, ``batches_in_flight`` and ``histograms`` in 0.5.
     """
 
     name: str
@@ -296,6 +298,7 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     warmup_seconds: float
     instances: int = 0
     devices: tuple[str, ...] = ()
+    batches_in_flight: int = 0
     histograms: ModelHistograms = ModelHistograms()
 
     @property

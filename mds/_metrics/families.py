@@ -134,6 +134,12 @@ def _model(family: _Make, labels: tuple[str, str], stats: ModelStatistics) -> No
     family("requests_in_flight", "gauge", "Requests admitted and not yet answered.", _MODEL).add(
         labels, stats.in_flight
     )
+    family(
+        "batches_in_flight",
+        "gauge",
+        "Batches being computed now (instances busy).",
+        _MODEL,
+    ).add(labels, stats.batches_in_flight)
     instances = family(
         "instances", "gauge", "Instances running now, by device.", (*_MODEL, "device")
     )

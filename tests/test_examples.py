@@ -281,6 +281,24 @@ def readme_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+def test_the_readme_observability_code_runs() -> None:
+    pytest.importorskip("torch")
+    fastapi = pytest.importorskip("fastapi.testclient")
+    pytest.importorskip("prometheus_client")
+    blocks = readme_blocks()
+    handler, observability = blocks[0], blocks[6]
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(handler + observability, namespace)
+    with fastapi.TestClient(namespace["app"]) as client:
+        wait_ready(lambda: client.get("/health/ready").status_code)
+        assert client.post("/models/classifier/infer", json=[0.1, 0.2, 0.3, 0.4]).is_success
+        metrics = client.get("/metrics").text
+        assert 'mds_requests_total{model="classifier",outcome="success",version="1"} 1.0' in metrics
+        page = client.get("/status")
+        assert page.headers["content-type"].startswith("text/html")
+        assert client.get("/status/data").json()["models"][0]["name"] == "classifier"
+
+
 def test_the_readme_starts_with_the_two_commands() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     start = lines.index("```sh")
@@ -298,7 +316,9 @@ def test_the_readme_code_runs() -> None:
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("flask")
     blocks = readme_blocks()
-    handler, fastapi_block, flask_block, batching_block, _, pipeline_block, testing_block = blocks
+    handler, fastapi_block, flask_block, batching_block, _, pipeline_block, _, testing_block = (
+        blocks
+    )
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + fastapi_block, namespace)
     routes = {

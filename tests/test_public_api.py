@@ -14,9 +14,10 @@ import mds
 import mds.batch
 import mds.fastapi
 import mds.flask
+import mds.prometheus
 import mds.testing
 
-PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask", "mds.batch"}
+PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask", "mds.batch", "mds.prometheus"}
 
 # The public API, pinned: a change here is a design decision, with docs and a
 # changelog line (as httpx pins its own).
@@ -85,10 +86,13 @@ EXPECTED = {
     "mds.fastapi": ["add_error_handlers", "add_routes", "lifespan", "router"],
     "mds.flask": ["add_error_handlers", "add_routes", "blueprint"],
     "mds.batch": ["JobFailed", "Progress", "Report", "run", "run_sync"],
+    "mds.prometheus": ["Collector", "exposition"],
 }
 
 
-@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch])
+@pytest.mark.parametrize(
+    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus]
+)
 def test_all_is_pinned(module: object) -> None:
     assert module.__all__ == EXPECTED[module.__name__]  # type: ignore[attr-defined]
 
@@ -96,12 +100,14 @@ def test_all_is_pinned(module: object) -> None:
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
     # public submodules; the __future__ import
-    exported -= {"testing", "fastapi", "flask", "batch", "annotations"}
+    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
 
 
-@pytest.mark.parametrize("module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch])
+@pytest.mark.parametrize(
+    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus]
+)
 def test_every_export_reports_a_public_module(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]
         obj = getattr(module, name)
@@ -148,9 +154,9 @@ def test_the_version_is_the_changelogs_newest() -> None:
 
 def test_import_mds_loads_no_optional_dependency() -> None:
     code = (
-        "import sys, mds, mds.testing\n"
+        "import sys, mds, mds.testing, mds.prometheus\n"
         "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio',\n"
-        "         'tensorflow', 'pyarrow'}\n"
+        "         'tensorflow', 'pyarrow', 'prometheus_client', 'opentelemetry'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run(

@@ -294,9 +294,6 @@ def _version(
             on_demand=status.on_demand,
         )
     stats = model.statistics()
-    # The devices its instances were placed on (read, not probed: no health check).
-    loaded = model._loaded
-    devices = tuple(str(i.device) for i in loaded.instances) if loaded is not None else ()
     return VersionView(
         version=status.version,
         state=status.state.value,
@@ -305,7 +302,7 @@ def _version(
         traffic=traffic,
         on_demand=status.on_demand,
         instances=stats.instances,
-        devices=devices,
+        devices=stats.devices,  # where they were placed (read, not probed)
         max_batch_size=stats.max_batch_size,
         queue_capacity=model.queue_capacity,
         counters=Counters(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 __all__ = ["STOP", "THREADS", "on_exit"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.runtime")
 
 #: Stopping what was started with ``start_sync`` (drains, teardown).
 STOP = 0

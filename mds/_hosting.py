@@ -14,7 +14,7 @@ from ._model import ModelRuntime
 
 __all__ = ["Hosting"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.runtime")
 
 
 class _Hosted:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Managing"]
 
-logger = logging.getLogger("mds._runtime")
+logger = logging.getLogger("mds.runtime")
 
 
 class Managing:

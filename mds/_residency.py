@@ -30,7 +30,7 @@ __all__ = ["RETRY_AFTER", "Residency", "ResidencyStatistics"]
 #: Seconds after a failed on-demand load before a request tries it again.
 RETRY_AFTER = 5.0
 
-logger = logging.getLogger("mds._runtime")
+logger = logging.getLogger("mds.runtime")
 
 
 class ResidencyStatistics(msgspec.Struct, frozen=True, kw_only=True):

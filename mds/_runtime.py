@@ -34,7 +34,7 @@ __all__ = ["Load", "Runtime"]
 #: How a runtime loads its models when it starts: see :meth:`Runtime.run`.
 Load = Literal["wait", "background"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.runtime")
 
 
 class Runtime(Managing, ByName, LoopBound):

@@ -24,7 +24,7 @@ from .graph import GraphHandler
 
 __all__ = ["OnnxHandler", "TensorSpec"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.backends")
 
 # onnxruntime's type strings -> numpy dtypes
 _DTYPES: dict[str, np.dtype[Any]] = {

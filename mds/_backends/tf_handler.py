@@ -23,7 +23,7 @@ from .onnx_handler import _Sessions
 
 __all__ = ["TensorFlowHandler"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.backends")
 
 # TensorFlow's dtype names -> the numpy dtypes mds feeds (strings as objects)
 _DTYPES: dict[str, np.dtype[Any]] = {

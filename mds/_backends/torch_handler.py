@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TorchHandler"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.backends")
 
 _DTYPES = ("float32", "float16", "bfloat16")
 

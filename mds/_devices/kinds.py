@@ -20,7 +20,7 @@ from .device import Device, DeviceInfo
 
 __all__ = ["CpuKind", "CudaKind", "DeviceKind", "MpsKind"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.devices")
 
 
 class DeviceKind:

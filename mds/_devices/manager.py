@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DeviceManager", "Placer"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.devices")
 
 #: Environment variable that gives this process's worker index.
 WORKER_INDEX_ENV = "MDS_WORKER_INDEX"

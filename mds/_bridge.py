@@ -7,6 +7,11 @@ mechanism: on the home loop's thread the call runs as it is; from
 elsewhere it is forwarded through a :class:`~anyio.from_thread.BlockingPortal`
 that the object opens for its lifetime. Sync code that has no loop at all
 starts such objects in mds's own background loop (:func:`process_portal`).
+
+A forwarded call runs in a copy of the caller's context (its contextvars:
+anyio's portal hands the call over with ``call_soon_threadsafe`` or trio's
+token, which copy it), so the caller's OpenTelemetry span and request id
+go with it; tests/test_tracing.py holds it to that.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ._errors import LifecycleError, MdsError
 
 __all__ = ["Home", "LoopBound", "process_portal"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.runtime")
 
 T = TypeVar("T")
 

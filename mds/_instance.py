@@ -16,7 +16,7 @@ from ._threads import Threads, is_async, off_loop, threads
 
 __all__ = ["Instance", "as_item_error", "overrides"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.model")
 
 
 def as_item_error(exc: BaseException, problem: str, instance: int | None = None) -> MdsError:
@@ -196,8 +196,10 @@ class Instance:
             logger.exception("%s: releasing memory after running out failed", self.where)
 
     def failure(self, exc: Exception, size: int) -> list[Any]:
-        """The errors for a batch of ``size`` items whose computation raised ``exc``."""
-        logger.error("%s: infer failed on a batch of %d", self.where, size, exc_info=exc)
+        """The errors for a batch of ``size`` items whose computation raised ``exc``.
+
+        Not logged here: each request logs its own failure (with its cause).
+        """
         problem = f"infer failed on a batch of {size}"
         return [as_item_error(exc, problem, self.index) for _ in range(size)]
 
@@ -227,5 +229,4 @@ class Instance:
         return items
 
     def _batch_error(self, problem: str, size: int) -> list[Any]:
-        logger.error("%s: %s", self.where, problem)
         return [InferenceError(problem, instance=self.index) for _ in range(size)]

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from . import _logs
 from ._config import ModelConfig, is_name, warmup_sizes
 from ._devices.device import Device, DeviceInfo
 from ._devices.manager import DeviceManager, Placer
@@ -22,7 +23,7 @@ from ._threads import Threads, threads
 
 __all__ = ["Instances", "Signature", "source_name", "start_instances"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.model")
 
 Source = ModelHandler[Any, Any] | Callable[[], ModelHandler[Any, Any]]
 
@@ -349,7 +350,12 @@ async def _teardown(instances: Sequence[Instance]) -> None:
         try:
             await instance.teardown()
         except Exception:
-            logger.exception("%s: teardown failed", instance.where)
+            context = instance.context
+            logger.exception(
+                "%s: teardown failed",
+                instance.where,
+                extra=_logs.fields(context.name, context.version),
+            )
 
     async with anyio.create_task_group() as tasks:
         for instance in instances:

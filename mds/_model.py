@@ -11,15 +11,16 @@ import anyio
 import anyio.abc
 import msgspec
 
-from . import _loop
+from . import _logs, _loop, _tracing
 from ._batching.batcher import Batcher
+from ._batching.queue import batch_id
 from ._batching.stats import BatchStats
 from ._bridge import Home, LoopBound
 from ._config import BatchingConfig, ModelConfig, check_name, queue_limits
 from ._deprecation import renamed
 from ._devices.device import DeviceInfo
 from ._devices.manager import DeviceManager
-from ._errors import ConfigError, LifecycleError, MdsError, NotReady, Overloaded
+from ._errors import ConfigError, InferenceError, LifecycleError, MdsError, NotReady, Overloaded
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._instances import Instances, Source, source_name, start_instances
 from ._servable import Serving
@@ -29,7 +30,7 @@ from ._tensors import Signature
 
 __all__ = ["ModelRuntime", "run_batch", "watch_states"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.model")
 
 _RUNNING = (ModelState.LOADING, ModelState.WARMING, ModelState.READY, ModelState.DRAINING)
 
@@ -79,6 +80,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self.name: str = check_name(name if name is not None else source_name(handler, self.config))
         self.version: str = version
         self._where = f"model {self.name!r}"  # for logs
+        self._failures = _logs.Failures(logger, model=self.name, version=version)
+        self._site = _tracing.site(f"mds.serve {self.name}", self.name, version)
         self._home = Home(self._refuse)
         self._state = ModelState.CREATED
         self._ready = False
@@ -209,10 +212,11 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         previous, self._state = self._state, state
         self._ready = state is ModelState.READY
         self._failure = reason if state is ModelState.FAILED else None
+        extra = _logs.fields(self.name, self.version)
         if state is ModelState.FAILED:
-            logger.error("%s: %s -> failed: %s", self._where, previous.value, reason)
+            logger.error("%s: %s -> failed: %s", self._where, previous.value, reason, extra=extra)
         else:
-            logger.info("%s: %s -> %s", self._where, previous.value, state.value)
+            logger.info("%s: %s -> %s", self._where, previous.value, state.value, extra=extra)
         for watch in self._watchers:
             watch(state, reason)
 
@@ -242,8 +246,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._counts.warmup_seconds = loaded.warmup_seconds
         self._tasks = tasks
         self._clock = _loop.clock()
+        _tracing.refresh()
         batcher: Batcher[Any] = Batcher(
-            self.config.batching, name=self._where, stats=self._batch_stats
+            self.config.batching, stats=self._batch_stats, model=self.name, version=self.version
         )
         self._batcher = batcher
         for instance in loaded.instances:
@@ -275,11 +280,13 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         batcher, loaded = self._batcher, self._loaded
         assert batcher is not None and loaded is not None
         batcher.close()
+        self._failures.flush()
         if self._counts.in_flight:
             logger.warning(
                 "%s: stopping with %d requests unanswered; they get an error",
                 self._where,
                 self._counts.in_flight,
+                extra=_logs.fields(self.name, self.version),
             )
         batcher.fail_queued("the model stopped before this request was computed")
         tasks.cancel_scope.cancel()
@@ -321,12 +328,17 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         priority: int | None,
         trace: bool,
         stream: bool,
+        span: _tracing.RequestSpan | None = None,
     ) -> Any:
         """The per-request path, in the model's loop; ``stream`` gives the chunks.
 
         Kept flat, since each call and await costs about as much here as the
-        queue itself (benchmarks/batcher.py).
+        queue itself (benchmarks/batcher.py). While tracing, it runs inside
+        :meth:`_spanned`, which gives ``span``.
         """
+        tracer = _tracing.active
+        if tracer is not None and span is None:
+            return await self._spanned(tracer, request, timeout, priority, trace, stream)
         batcher, loaded, counts = self._batcher, self._loaded, self._counts
         if timeout is None:
             timeout = self._default_timeout
@@ -344,6 +356,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             raise self._refuse()
         steps = loaded.steps
         counts.requests += 1
+        item = None
         try:
             began = self._clock()
             deadline = None if timeout is None else began + timeout
@@ -364,6 +377,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 item = batcher.enqueue(value, deadline, priority, cost, key, length, now)
             else:
                 item = batcher.enqueue(value, deadline, priority, 1, None, None, now)
+            if span is not None:
+                span.item = item
+                item.span = span
             try:
                 outcome = await item.waiter
             except BaseException:
@@ -397,6 +413,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             counts.errors[type(exc).__name__] += 1
             if isinstance(exc, MdsError):
                 exc.add_context(model=self.name, version=self.version)
+                if isinstance(exc, InferenceError):
+                    self._failures.report(exc, batch_id(item))
             raise
         finally:
             if self._idle is not None and not counts.in_flight:
@@ -407,6 +425,13 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             value=response,
             trace=item.trace(self.name, self.version, began, preprocessed, computed, ended),
         )
+
+    def _spanned(self, tracer: Any, *call: Any) -> Awaitable[Any]:
+        """:meth:`_serve` in a request span of its own (see ``mds._tracing``)."""
+        steps = self._loaded.steps if self._loaded is not None else None
+        pre = steps is not None and (steps.pre or steps.pre_plain) is not None
+        post = steps is not None and steps.post is not None
+        return _tracing.serve_in_span(tracer, self._serve, call, self._site, self._clock, pre, post)
 
     async def _serve_many(
         self, requests: list[Any], timeout: float | None, priority: int | None
@@ -462,14 +487,14 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 if isinstance(outcome, BaseException):
                     if not isinstance(outcome, MdsError):
                         raise outcome
-                    outcomes[index] = self._failed(outcome)
+                    outcomes[index] = self._failed(outcome, item)
                     continue
                 if steps.post is not None:
                     computed = clock()
                     try:
                         outcome = await steps.postprocess(outcome, deadline)
                     except MdsError as exc:
-                        outcomes[index] = self._failed(exc)
+                        outcomes[index] = self._failed(exc, item)
                         continue
                     ended = clock()
                     counts.postprocess.observe(ended - computed)
@@ -508,7 +533,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         """What serves the requests picked before a swap retired this model, if it did."""
         return self._successor
 
-    def _failed(self, exc: MdsError) -> MdsError:
+    def _failed(self, exc: MdsError, item: Any = None) -> MdsError:
         """``exc``, counted as a request's failure, with this model in its context."""
         counts = self._counts
         if isinstance(exc, Overloaded):
@@ -516,12 +541,17 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         else:
             counts.failed += 1
         counts.errors[type(exc).__name__] += 1
-        return exc.add_context(model=self.name, version=self.version)
+        exc.add_context(model=self.name, version=self.version)
+        if isinstance(exc, InferenceError):
+            self._failures.report(exc, batch_id(item))
+        return exc
 
     def _ended(self, exc: BaseException | None) -> None:
         """A stream ended (``exc``: how it failed): context for its error; a drain may end."""
         if isinstance(exc, MdsError):
             exc.add_context(model=self.name, version=self.version)
+            if isinstance(exc, InferenceError):
+                self._failures.report(exc)
         if self._idle is not None and not self._counts.in_flight:
             self._idle.set()
 

@@ -22,7 +22,7 @@ from ._threads import Threads, off_loop, plain_form
 
 __all__ = ["Steps"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.model")
 
 
 class Steps:
@@ -110,7 +110,7 @@ class Steps:
         except MdsError:
             raise
         except Exception as exc:
-            logger.exception("%s: postprocess failed", self._name)
+            # Logged by the request it fails (once, with the cause).
             raise InferenceError(f"postprocess failed: {describe(exc)}") from exc
 
     async def _collect(self, output: Any) -> list[Any]:
@@ -162,7 +162,6 @@ class Steps:
         return await self._threads.run(next, gen, _END)
 
     def _stream_failed(self, exc: Exception) -> InferenceError:
-        logger.error("%s: postprocess failed while streaming", self._name, exc_info=exc)
         return InferenceError(f"postprocess failed while streaming: {describe(exc)}")
 
 

@@ -12,8 +12,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mds"
 #: Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS: list[tuple[str, set[str]]] = [
     (
-        "leaves: errors, the loop, exit, threads, dependencies, tensors",
-        {"_errors", "_version", "_deps", "_loop", "_exit", "_threads", "_tensors", "_deprecation"},
+        "leaves: errors, the loop, exit, threads, dependencies, tensors, logs, tracing",
+        {
+            "_errors",
+            "_version",
+            "_deps",
+            "_loop",
+            "_exit",
+            "_threads",
+            "_tensors",
+            "_deprecation",
+            "_logs",
+            "_tracing",
+        },
     ),
     ("calls into a loop from elsewhere", {"_bridge"}),
     ("devices, config, collation", {"_devices", "_config", "_collate"}),

@@ -28,7 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
-from .. import _loop
+from .. import _logs, _loop, _tracing
 from .._config import BatchingConfig, queue_limits
 from .._errors import (
     ConfigError,
@@ -45,7 +45,7 @@ from .stats import BatchStats
 
 __all__ = ["Batcher", "Worker"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.batching")
 
 #: Seconds a growing batch leaves itself before its tightest deadline, beyond
 #: the time a batch typically takes.
@@ -57,6 +57,8 @@ class Worker(Protocol):
     """What computes batches: a model instance."""
 
     index: int
+    #: Where it computes (for spans).
+    device: object
     #: Whether the worker runs its batches one at a time in order of
     #: arrival (on its own thread), so the next batch can be handed over
     #: while one computes.
@@ -100,12 +102,19 @@ class Batcher(Generic[W]):
 
     Args:
         config: batching policy; replace it at run time with :meth:`configure`.
-        name: names the model in logs (errors get their context from the model).
         stats: where to count (kept by the model across restarts).
+        model: the model's name, for logs and spans (errors get their context
+            from the model).
+        version: the model's version, for logs and spans.
     """
 
-    def __init__(self, config: BatchingConfig, *, name: str, stats: BatchStats) -> None:
-        self._name = name
+    def __init__(
+        self, config: BatchingConfig, *, stats: BatchStats, model: str, version: str = ""
+    ) -> None:
+        self._name = f"model {model!r}"  # for logs
+        self._model = model
+        self._version = version
+        self._batch_id = 0
         self.stats = stats
         self._clock = _loop.clock()
         self._new_waiter = _loop.waiter_factory()
@@ -305,7 +314,11 @@ class Batcher(Generic[W]):
                 continue
             lane = queue.next_lane()
             if lane is None:  # pragma: no cover - a miscount; never loop on it
-                logger.error("%s: queue counts disagreed with its lanes; recounted", self._name)
+                logger.error(
+                    "%s: queue counts disagreed with its lanes; recounted",
+                    self._name,
+                    extra=_logs.fields(self._model, self._version),
+                )
                 queue.recount()
                 continue
             now = self._clock()
@@ -421,10 +434,14 @@ class Batcher(Generic[W]):
         else:
             lengths = [item.length or 0 for item in batch]
             padding = 1.0 - sum(lengths) / (len(lengths) * max(lengths))
-        info = BatchInfo(len(batch), sum(item.cost for item in batch), padding, handed)
+        self._batch_id += 1
+        info = BatchInfo(
+            len(batch), sum(item.cost for item in batch), padding, handed, self._batch_id
+        )
         info.instance = worker.index
+        info.device = worker.device
         try:
-            outcomes = await self._isolate(worker, batch)
+            outcomes = await self._isolate(worker, batch, info)
         except anyio.get_cancelled_exc_class():
             # A stop that could not wait: nobody is left waiting.
             for item in batch:
@@ -433,7 +450,12 @@ class Batcher(Generic[W]):
         except Exception as exc:
             # A fault of mds's own (user code's are answered per item): this
             # batch fails, the worker goes on.
-            logger.exception("%s: computing a batch failed", self._name)
+            logger.exception(
+                "%s: computing batch %d failed",
+                self._name,
+                info.id,
+                extra=_logs.fields(self._model, self._version, info.id),
+            )
             error = InferenceError(f"computing the batch failed: {describe(exc)}")
             outcomes = [error] * len(batch)
         finally:
@@ -452,13 +474,19 @@ class Batcher(Generic[W]):
                     item.waiter.set_result(outcome)
                 except Exception:
                     pass
+        # Read per batch, not per request: a provider set since is used from now on.
+        tracer = _tracing.refresh()
+        if tracer is not None:
+            _tracing.record_batch(
+                tracer, self._model, self._version, info, batch, outcomes, self._clock()
+            )
 
     @property
     def batch_limit(self) -> int:
         """The most cost a batch may have now: ``max_batch_size``, or lower after OOM."""
         return self._max_cost
 
-    async def _isolate(self, worker: W, items: list[Item]) -> list[Any]:
+    async def _isolate(self, worker: W, items: list[Item], info: BatchInfo) -> list[Any]:
         """Compute ``items``; if the batch raises, find the items at fault by halves.
 
         Out of memory is not the items' fault: the batch is split whatever
@@ -469,34 +497,39 @@ class Batcher(Generic[W]):
             and len(items) > 1
             and sum(item.cost for item in items) > self._max_cost
         ):
-            return await self._halves(worker, items)
+            return await self._halves(worker, items, info)
         try:
             return await worker.compute_items(items)
         except Exception as exc:
             out_of_memory = worker.is_out_of_memory(exc)
             if out_of_memory:
-                self._ran_out_of_memory(worker, exc, items)
+                self._ran_out_of_memory(worker, exc, items, info)
             if len(items) == 1 or not (out_of_memory or self.config.isolate_failures):
                 return worker.failure(exc, len(items))
             self.stats.isolation_splits += 1
             if not out_of_memory:
-                logger.warning(
-                    "%s: a batch of %d failed (%s: %s); retrying its halves to find "
-                    "the items at fault",
+                # The requests at fault are logged as they fail (mds.model).
+                logger.debug(
+                    "%s: %d items of batch %d failed together (%s: %s); retrying their "
+                    "halves to find the items at fault",
                     self._name,
                     len(items),
+                    info.id,
                     type(exc).__name__,
                     exc,
+                    extra=_logs.fields(self._model, self._version, info.id),
                 )
-            return await self._halves(worker, items)
+            return await self._halves(worker, items, info)
 
-    async def _halves(self, worker: W, items: list[Item]) -> list[Any]:
+    async def _halves(self, worker: W, items: list[Item], info: BatchInfo) -> list[Any]:
         middle = len(items) // 2
-        return await self._isolate(worker, items[:middle]) + await self._isolate(
-            worker, items[middle:]
+        return await self._isolate(worker, items[:middle], info) + await self._isolate(
+            worker, items[middle:], info
         )
 
-    def _ran_out_of_memory(self, worker: W, exc: Exception, items: list[Item]) -> None:
+    def _ran_out_of_memory(
+        self, worker: W, exc: Exception, items: list[Item], info: BatchInfo
+    ) -> None:
         self.stats.out_of_memory += 1
         cost = sum(item.cost for item in items)
         limit = max(1, cost // 2)
@@ -511,5 +544,6 @@ class Batcher(Generic[W]):
                 limit,
                 self.config.max_batch_size,
                 exc,
+                extra=_logs.fields(self._model, self._version, info.id),
             )
         worker.release_memory()

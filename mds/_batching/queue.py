@@ -15,29 +15,38 @@ from typing import Any
 from .._loop import Waiter
 from .._status import CallTrace
 
-__all__ = ["DONE", "QUEUED", "RUNNING", "BatchInfo", "Item", "RequestQueue"]
+__all__ = ["DONE", "QUEUED", "RUNNING", "BatchInfo", "Item", "RequestQueue", "batch_id"]
 
 QUEUED, RUNNING, DONE = 0, 1, 2
 
 
 class BatchInfo:
-    """What one ``infer`` call was; shared by the items it computed."""
+    """What one ``infer`` call was; shared by the items it computed.
 
-    __slots__ = ("cost", "infer_seconds", "instance", "padding", "size", "started")
+    ``id`` numbers a model's batches from 1 (from each start), for logs and spans.
+    """
 
-    def __init__(self, size: int, cost: int, padding: float, started: float) -> None:
+    __slots__ = ("cost", "device", "id", "infer_seconds", "instance", "padding", "size", "started")
+
+    def __init__(
+        self, size: int, cost: int, padding: float, started: float, batch_id: int = 0
+    ) -> None:
         self.size = size
         self.cost = cost
         self.padding = padding
         self.started = started
+        self.id = batch_id
         self.infer_seconds = 0.0
         self.instance = -1
+        self.device: object = None
 
 
 class Item:
     """One request between ``preprocess`` and its output.
 
     Its answer is its waiter's result: the output, or an exception instance.
+    ``span`` is its request's span (an ``mds._tracing.RequestSpan``) while
+    tracing, which its batch's span links to.
     """
 
     __slots__ = (
@@ -49,6 +58,7 @@ class Item:
         "length",
         "priority",
         "seq",
+        "span",
         "state",
         "value",
         "waiter",
@@ -77,6 +87,7 @@ class Item:
         self.length = length
         self.state = QUEUED
         self.batch: BatchInfo | None = None
+        self.span: Any = None
 
     def trace(
         self,
@@ -112,6 +123,12 @@ class Item:
         if not self.waiter.done():
             self.waiter.set_result(outcome)
         return True
+
+
+def batch_id(item: Item | None) -> int | None:
+    """The id of the batch that computed ``item``, if it had one."""
+    info = item.batch if item is not None else None
+    return info.id if info is not None else None
 
 
 class RequestQueue:

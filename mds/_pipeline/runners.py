@@ -10,9 +10,9 @@ from typing import Any
 
 import anyio
 
-from .. import _loop
-from .._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
+from .. import _logs, _loop, _tracing
 from .._batching.stats import Buckets
+from .._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
 from .._status import NodeStatistics, NodeTrace
 from .._threads import is_async
 from .._versions import ModelVersions
@@ -20,24 +20,32 @@ from .nodes import FanOutNode, FunctionNode, ModelNode, Node, RouterNode
 
 __all__ = ["compile_nodes"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mds.pipeline")
 
 
 class Runner:
     """A node, compiled. ``run`` returns the value and the runner that follows.
 
-    Callers go through :meth:`call`, which counts.
+    Callers go through :meth:`call`, which counts (and, while tracing, makes
+    the node's span). ``failures`` logs the failures of user code (the
+    pipeline's, shared by its nodes).
     """
 
     next: Runner | None = None
+    failures: _logs.Failures  # set by compile_nodes
 
     def __init__(self, pipeline: str, node: Node) -> None:
         self.name = node.name
         self.kind = node.kind
         self.pipeline = pipeline
-        self.where = f"pipeline {pipeline!r}, node {node.name!r}"  # for logs
         self.calls = self.failed = 0
         self.seconds = Buckets()
+        self._span = f"mds.node {node.name}"
+        self._span_attributes = {
+            "mds.pipeline.name": pipeline,
+            "mds.node.name": node.name,
+            "mds.node.kind": node.kind,
+        }
 
     async def call(
         self,
@@ -52,7 +60,8 @@ class Runner:
         began = clock()
         self.calls += 1
         try:
-            return await self.run(value, request, deadline, priority, traces)
+            with _tracing.spanned(_tracing.active, self._span, self._span_attributes):
+                return await self.run(value, request, deadline, priority, traces)
         except Exception:
             self.failed += 1
             raise
@@ -166,8 +175,10 @@ class _FunctionRunner(Runner):
         except MdsError:
             raise
         except Exception as exc:
-            logger.exception("%s failed", self.where)
-            raise InferenceError(describe(exc)) from exc
+            error = InferenceError(describe(exc), pipeline=self.pipeline, node=self.name)
+            error.__cause__ = exc
+            self.failures.report(error)
+            raise error from exc
         raise DeadlineExceeded("the pipeline's deadline passed in this function")
 
 
@@ -273,7 +284,9 @@ class _FanOutRunner(Runner):
         async def branch(runner: Runner, scope: anyio.CancelScope) -> None:
             mine: list[NodeTrace] | None = [] if traces is not None else None
             try:
-                outputs[runner.name], _ = await runner.call(value, request, deadline, priority, mine)
+                outputs[runner.name], _ = await runner.call(
+                    value, request, deadline, priority, mine
+                )
             except Exception as exc:
                 if isinstance(exc, MdsError):
                     exc.add_context(pipeline=runner.pipeline, node=runner.name)
@@ -299,8 +312,12 @@ class _FanOutRunner(Runner):
             except MdsError:
                 raise
             except Exception as exc:
-                logger.exception("%s: join failed", self.where)
-                raise InferenceError(f"the join failed: {describe(exc)}") from exc
+                error = InferenceError(
+                    f"the join failed: {describe(exc)}", pipeline=self.pipeline, node=self.name
+                )
+                error.__cause__ = exc
+                self.failures.report(error)
+                raise error from exc
         if traces is not None:
             branch_traces = tuple(t for r in self.branches for t in nested.get(r.name, []))
             traces.append(
@@ -323,6 +340,7 @@ def compile_nodes(
 ) -> dict[str, Runner]:
     """A runner for each node a call can reach, linked to those that follow it."""
     runners: dict[str, Runner] = {}
+    failures = _logs.Failures(logger, pipeline=pipeline)  # one rate limit per pipeline
     for name, node in nodes.items():
         if name not in reachable:
             continue  # never runs: not compiled (nor loaded)
@@ -335,6 +353,7 @@ def compile_nodes(
         elif isinstance(node, FanOutNode):
             runners[name] = _FanOutRunner(pipeline, node)
     for name, runner in runners.items():
+        runner.failures = failures
         node = nodes[name]
         runner.next = runners[node.next] if node.next is not None else None
         if isinstance(runner, _RouterRunner) and isinstance(node, RouterNode):

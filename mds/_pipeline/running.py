@@ -8,7 +8,7 @@ from typing import Any, Self
 
 import anyio
 
-from .. import _loop
+from .. import _loop, _tracing
 from .._batching.stats import Buckets
 from .._bridge import Home
 from .._deprecation import renamed
@@ -67,6 +67,11 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         self._runners = runners
         self._start = runners[pipeline.start]
         self._counts = _Counts()
+        self._span = f"mds.pipeline {self.name}"
+        self._span_attributes = {
+            "mds.pipeline.name": self.name,
+            "mds.pipeline.version": self.version,
+        }
 
     def __repr__(self) -> str:
         return f"<PipelineRuntime {self.name!r} nodes={list(self.pipeline.nodes)}>"
@@ -155,16 +160,19 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         runner: Runner | None = self._start
         value = request
         counts.requests += 1
+        # Read per request: a provider set since the runtime started is used.
+        tracer = _tracing.refresh()
         try:
-            while runner is not None:
-                try:
-                    value, following = await runner.call(
-                        value, request, deadline, priority, traces
-                    )
-                except MdsError as exc:
-                    exc.add_context(pipeline=self.name, node=runner.name)
-                    raise
-                runner = following
+            with _tracing.spanned(tracer, self._span, self._span_attributes):
+                while runner is not None:
+                    try:
+                        value, following = await runner.call(
+                            value, request, deadline, priority, traces
+                        )
+                    except MdsError as exc:
+                        exc.add_context(pipeline=self.name, node=runner.name)
+                        raise
+                    runner = following
         except anyio.get_cancelled_exc_class():
             counts.cancelled += 1
             raise

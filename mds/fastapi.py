@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from . import _loop
+from . import _logs, _loop, _tracing
 from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
@@ -61,6 +61,8 @@ from ._http.service import (
     error_reply,
     metrics_registry,
     paths,
+    request_id,
+    span_name,
 )
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
@@ -453,15 +455,23 @@ class _Routes:
             headers = self._headers(scope)
             body = await self._body(receive, headers)
             call = service.request(params["name"], params.get("version"), body, headers, v2=v2)
-            if call.streams:
-                await self._stream(receive, send, call)
-                return
-            target = call.target
-            if call.rows is None:
-                work = target.serve(call.payload, timeout=call.timeout, priority=call.priority)
-            else:
-                work = target.serve_many(call.rows, timeout=call.timeout, priority=call.priority)
-            result = await _watching(receive, work)
+            # The caller's trace (W3C traceparent) and request id follow the
+            # request into mds: the task _watching starts copies this context.
+            with (
+                _tracing.continued(headers, server_span=span_name(v2, "version" in params)),
+                _logs.request_id(request_id(call, headers.get("x-request-id"))),
+            ):
+                if call.streams:
+                    await self._stream(receive, send, call)
+                    return
+                target = call.target
+                if call.rows is None:
+                    work = target.serve(call.payload, timeout=call.timeout, priority=call.priority)
+                else:
+                    work = target.serve_many(
+                        call.rows, timeout=call.timeout, priority=call.priority
+                    )
+                result = await _watching(receive, work)
             if result is _GONE:
                 return
             if isinstance(result, _Failed):
@@ -554,7 +564,17 @@ class _Routes:
         return b"".join(parts)
 
 
-_READ = frozenset({b"content-length", b"accept", b"inference-header-content-length"})
+_READ = frozenset(
+    {
+        b"content-length",
+        b"accept",
+        b"inference-header-content-length",
+        # the caller's trace context and request id (mds._tracing.continued, mds._logs.request_id)
+        b"traceparent",
+        b"tracestate",
+        b"x-request-id",
+    }
+)
 
 
 async def _watching(receive: Receive, work: Awaitable[Any]) -> Any:

@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from . import _logs, _tracing
 from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
@@ -36,6 +37,8 @@ from ._http.service import (
     error_reply,
     metrics_registry,
     paths,
+    request_id,
+    span_name,
 )
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
@@ -354,17 +357,23 @@ class _Views:
             service.check_size(request.content_length)
             body = request.get_data(cache=False)
             call = service.request(name, version, body, request.headers, v2=v2)
-            if call.streams:
-                return self._stream(call)
-            target = call.target
-            if call.rows is None:
-                result = target.serve_sync(
-                    call.payload, timeout=call.timeout, priority=call.priority
-                )
-            else:
-                result = target.serve_many_sync(
-                    call.rows, timeout=call.timeout, priority=call.priority
-                )
+            # The caller's trace (W3C traceparent) and request id follow the
+            # request into mds's loop (serve_sync carries this thread's context).
+            with (
+                _tracing.continued(request.headers, server_span=span_name(v2, version is not None)),
+                _logs.request_id(request_id(call, request.headers.get("X-Request-Id"))),
+            ):
+                if call.streams:
+                    return self._stream(call)  # the first chunk is fetched in here
+                target = call.target
+                if call.rows is None:
+                    result = target.serve_sync(
+                        call.payload, timeout=call.timeout, priority=call.priority
+                    )
+                else:
+                    result = target.serve_many_sync(
+                        call.rows, timeout=call.timeout, priority=call.priority
+                    )
             reply = service.reply(call, result)
         except Exception as exc:
             reply = service.error(exc)

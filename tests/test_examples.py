@@ -81,8 +81,11 @@ def test_the_demo() -> None:
 
 
 @contextmanager
-def serving(example: str) -> Iterator[str]:
-    """Start an example app as its own process; yield its base URL."""
+def serving(example: str, printed: list[str] | None = None) -> Iterator[str]:
+    """Start an example app as its own process; yield its base URL.
+
+    What the process printed is added to ``printed`` once it has stopped.
+    """
     port = free_port()
     process = subprocess.Popen(
         # faulthandler: a process that will not stop shows where its threads are.
@@ -120,6 +123,41 @@ def serving(example: str) -> Iterator[str]:
             pytest.fail(f"the example did not stop within 30 s of SIGINT:\n{output}")
         assert process.returncode == 0, output
         assert "teardown failed" not in output, output
+        if printed is not None:
+            printed.append(output)
+
+
+def test_the_observability_example() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("prometheus_client")
+    pytest.importorskip("opentelemetry.sdk")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    printed: list[str] = []
+    with serving("observability_app.py", printed) as url:
+        features = [0.5] * 16
+        traced = httpx.post(
+            f"{url}/models/mlp/infer",
+            json=features,
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "X-Request-Id": "r-42"},
+            timeout=10,
+        )
+        assert traced.status_code == 200, traced.text
+        bad = httpx.post(f"{url}/models/mlp/infer", json=[1.0], timeout=10)
+        assert bad.status_code == 400
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'mds_requests_total{model="mlp",outcome="success",version="1"} 1.0' in metrics
+        assert 'mds_requests_total{model="mlp",outcome="error",version="1"} 1.0' in metrics
+        page = httpx.get(f"{url}/status", timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        assert httpx.get(f"{url}/status/data", timeout=10).json()["models"][0]["name"] == "mlp"
+    (output,) = printed
+    # The console exporter printed the request's spans, in the caller's trace.
+    assert '"name": "mds.serve mlp"' in output
+    assert f'"trace_id": "0x{trace_id}"' in output
+    assert '"mds.request.id": "r-42"' in output
+    # Lifecycle lines in the app's own log format, with mds's fields.
+    assert "INFO mds.model model 'mlp': warming -> ready [model=mlp version=1]" in output
 
 
 FEATURES = [[(i + j) / 16 for j in range(16)] for i in range(64)]

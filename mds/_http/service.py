@@ -51,6 +51,8 @@ __all__ = [
     "error_reply",
     "error_status",
     "paths",
+    "request_id",
+    "span_name",
 ]
 
 logger = logging.getLogger("mds.http")
@@ -156,6 +158,19 @@ def paths(
     for method, path, route in routes:
         found.setdefault(path, {})[method] = route
     return found
+
+
+def span_name(v2: bool, versioned: bool) -> str:
+    """The server span's name for an infer call: its method and route (low cardinality)."""
+    version = "/versions/{version}" if versioned else ""
+    return f"POST {'/v2' if v2 else ''}/models/{{name}}{version}/infer"
+
+
+def request_id(call: Call, header: str | None) -> str | None:
+    """The request's id for logs and traces: ``X-Request-Id``, else the protocol's ``id``."""
+    if header:
+        return header
+    return call.v2.request.id if call.v2 is not None else None
 
 
 def metrics_registry(runtime: Runtime, metrics: Any) -> Any:

@@ -69,11 +69,15 @@ async def test_a_fan_out_counts_each_branch_and_the_pipeline() -> None:
     assert stats.request.count == 10
     both, double, triple = stats.nodes["both"], stats.nodes["double"], stats.nodes["triple"]
     assert (both.kind, both.calls, both.failed) == ("fan_out", 11, 1)
-    assert (double.kind, double.calls, double.failed) == ("model", 11, 1)
-    assert triple.calls == 11 and triple.seconds.count == 11
+    assert double.kind == triple.kind == "model"
+    # The branch that fails first cancels the other (not counted as failed).
+    assert double.failed + triple.failed in (1, 2)
+    assert 10 <= triple.calls <= 11 and triple.seconds.count == triple.calls
     # A fan-out's time holds its branches'.
     assert both.seconds.sum >= max(double.seconds.sum, triple.seconds.sum)
-    assert models["ensemble.double"].histograms.batch_size.sum == 11
+    # Each request a branch served went through its model's batches (a
+    # cancelled one may have left the queue before its batch).
+    assert 10 <= models["ensemble.double"].histograms.batch_size.sum <= 11
 
 
 async def test_a_pipeline_refused_while_its_models_are_not_ready_counts_rejected() -> None:

@@ -12,8 +12,10 @@ as ratios against ``counting off`` (the machines are shared and noisy):
 - ``metrics + scrapes``: the same, with a Prometheus scrape of the runtime
   every 100 ms from another thread (a real server scrapes every 15-60 s);
 - ``tracing, no SDK``: ``opentelemetry-api`` installed, no SDK configured;
-- ``tracing, SDK``: an SDK tracer provider recording every span, exported to
-  nowhere (a processor that drops them), so the cost of making spans shows.
+- ``tracing, 1% sampled``: an SDK tracer provider sampling 1% of the traces
+  (``ParentBased(TraceIdRatioBased(0.01))``), as production tracing runs;
+- ``tracing, every span``: the same recording every span, handed to a
+  ``BatchSpanProcessor`` whose exporter drops them: the cost of making spans.
 
 Two workloads: a trivial model at 256 concurrent callers (requests/s: the
 per-request overhead, all of it mds's), and one caller at a time (p50
@@ -37,7 +39,14 @@ import anyio
 
 import mds
 
-VARIANTS = ("counting off", "metrics", "metrics + scrapes", "tracing, no SDK", "tracing, SDK")
+VARIANTS = (
+    "counting off",
+    "metrics",
+    "metrics + scrapes",
+    "tracing, no SDK",
+    "tracing, 1% sampled",
+    "tracing, every span",
+)
 
 
 class Trivial(mds.ModelHandler[int, int]):
@@ -50,19 +59,23 @@ def prepare(variant: str) -> None:
         from mds._batching import stats
 
         stats.Buckets.observe = lambda self, value: None  # type: ignore[method-assign]
-    if variant == "tracing, SDK":
+    if variant in ("tracing, 1% sampled", "tracing, every span"):
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
         class Nowhere(SpanExporter):
-            def export(self, spans: Any) -> Any:
-                from opentelemetry.sdk.trace.export import SpanExportResult
-
+            def export(self, spans: Any) -> SpanExportResult:
                 return SpanExportResult.SUCCESS
 
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(Nowhere()))
+        sampler = ParentBased(TraceIdRatioBased(0.01 if "sampled" in variant else 1.0))
+        provider = TracerProvider(sampler=sampler)
+        provider.add_span_processor(BatchSpanProcessor(Nowhere()))
         trace.set_tracer_provider(provider)
     elif variant.startswith("tracing"):
         import opentelemetry.trace  # noqa: F401  (installed, nothing configured)

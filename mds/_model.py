@@ -20,7 +20,7 @@ from ._config import BatchingConfig, ModelConfig, check_name, queue_limits
 from ._deprecation import renamed
 from ._devices.device import DeviceInfo
 from ._devices.manager import DeviceManager
-from ._errors import ConfigError, InferenceError, LifecycleError, MdsError, NotReady, Overloaded
+from ._errors import ConfigError, InferenceError, LifecycleError, MdsError, NotReady
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._instances import Instances, Source, source_name, start_instances
 from ._servable import Serving
@@ -345,9 +345,10 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         if self._on_demand is not None and self._successor is None:
             try:
                 batcher, loaded, timeout = await self._woken(timeout)
-            except NotReady:
+            except MdsError as exc:
                 successor = self._retired()  # swapped out while it loaded
-                if successor is None:
+                if successor is None or not isinstance(exc, NotReady):
+                    counts.refused(exc)
                     raise
                 return await successor(request, timeout, priority, trace, stream)
         elif not self._ready or batcher is None or loaded is None:
@@ -366,8 +367,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 preprocessed = began
             elif steps.pre is None:  # a check, on the loop: time passed
                 value = steps.preprocess_plain(request)
-                now = None
-                preprocessed = self._clock() if trace else began
+                now = preprocessed = self._clock()
+                counts.preprocess.observe(preprocessed - began)
             else:
                 value = await steps.preprocess(request, deadline)
                 now = preprocessed = self._clock()
@@ -406,11 +407,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             counts.cancelled += 1
             raise
         except Exception as exc:
-            if isinstance(exc, Overloaded):
-                counts.overloaded += 1
-            else:
-                counts.failed += 1
-            counts.errors[type(exc).__name__] += 1
+            counts.failure(exc)
             if isinstance(exc, MdsError):
                 exc.add_context(model=self.name, version=self.version)
                 if isinstance(exc, InferenceError):
@@ -452,6 +449,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                     self._default_timeout if timeout is None else timeout
                 )
             except MdsError as exc:
+                for _ in requests:
+                    counts.refused(exc)
                 return [exc for _ in requests]
         elif not self._ready or batcher is None or loaded is None:
             return [self._refuse() for _ in requests]
@@ -535,12 +534,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
 
     def _failed(self, exc: MdsError, item: Any = None) -> MdsError:
         """``exc``, counted as a request's failure, with this model in its context."""
-        counts = self._counts
-        if isinstance(exc, Overloaded):
-            counts.overloaded += 1
-        else:
-            counts.failed += 1
-        counts.errors[type(exc).__name__] += 1
+        self._counts.failure(exc)
         exc.add_context(model=self.name, version=self.version)
         if isinstance(exc, InferenceError):
             self._failures.report(exc, batch_id(item))

@@ -11,6 +11,7 @@ import anyio
 from ._batching.batcher import Batcher
 from ._batching.stats import BatchStats, Buckets
 from ._config import ModelConfig
+from ._errors import DeadlineExceeded, NotReady, Overloaded, RequestError
 from ._handler import ModelState
 from ._status import ModelHistograms, ModelStatistics
 
@@ -23,9 +24,11 @@ class RequestCounts:
     __slots__ = (
         "cancelled",
         "completed",
+        "deadline",
         "errors",
         "failed",
         "init_seconds",
+        "invalid",
         "not_ready",
         "overloaded",
         "postprocess",
@@ -36,7 +39,12 @@ class RequestCounts:
     )
 
     def __init__(self) -> None:
+        # Each request ends in exactly one of: completed, failed (in the
+        # model), deadline, invalid (the client's mistake), cancelled,
+        # overloaded; so every count only grows, and a scrape from another
+        # thread reads each outcome without subtracting one from another.
         self.requests = self.completed = self.failed = self.cancelled = 0
+        self.deadline = self.invalid = 0
         self.not_ready = self.overloaded = 0
         self.init_seconds = self.warmup_seconds = 0.0
         self.errors: Counter[str] = Counter()
@@ -47,7 +55,29 @@ class RequestCounts:
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet answered."""
-        return self.requests - self.completed - self.failed - self.cancelled - self.overloaded
+        ended = self.completed + self.failed + self.deadline + self.invalid + self.cancelled
+        return self.requests - ended - self.overloaded
+
+    def failure(self, exc: BaseException) -> None:
+        """An admitted request ended with ``exc``: counted by its kind."""
+        if isinstance(exc, Overloaded):
+            self.overloaded += 1
+        elif isinstance(exc, DeadlineExceeded):
+            self.deadline += 1
+        elif isinstance(exc, RequestError):
+            self.invalid += 1
+        else:
+            self.failed += 1
+        self.errors[type(exc).__name__] += 1
+
+    def refused(self, exc: BaseException) -> None:
+        """A request that never got its place (an on-demand model could not load in time)."""
+        if isinstance(exc, NotReady):
+            self.not_ready += 1
+            self.errors[type(exc).__name__] += 1
+        else:
+            self.requests += 1
+            self.failure(exc)
 
 
 async def counted(
@@ -73,8 +103,7 @@ async def counted(
         raise
     except Exception as exc:
         failure = exc
-        counts.failed += 1
-        counts.errors[type(exc).__name__] += 1
+        counts.failure(exc)
         raise
     else:
         counts.completed += 1
@@ -110,10 +139,11 @@ def snapshot(
         queued_by_priority=tuple(queue.counts) if queue is not None else (),
         requests=counts.requests,
         completed=counts.completed,
-        failed=counts.failed,
+        failed=counts.failed + counts.deadline + counts.invalid,
         rejected=counts.not_ready + counts.overloaded,
         cancelled=counts.cancelled,
-        deadline_misses=batches.deadline_misses,
+        deadline_misses=counts.deadline,
+        invalid=counts.invalid,
         errors=dict(counts.errors),
         batches=batches.batches,
         batched_items=batches.batched_items,

@@ -241,6 +241,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         cancelled: requests whose caller went away before the answer.
         deadline_misses: requests whose deadline passed before they were
             answered (also counted in ``failed``).
+        invalid: requests the client got wrong: bad input, a request that
+            does not decode (``RequestError``; also counted in ``failed``).
         errors: failed and rejected requests, by error class name.
         batches: ``infer`` calls for requests (warm-up not included).
         batched_items: requests in those calls.
@@ -266,7 +268,8 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
             batch times and batch sizes, to aggregate across processes
             (what :class:`mds.prometheus.Collector` exports).
 
-    Added in 0.1; ``instances``, ``devices``, ``batches_in_flight`` and ``histograms`` in 0.5.
+    Added in 0.1; ``invalid``, ``instances``, ``devices``, ``batches_in_flight`` and
+        ``histograms`` in 0.5.
     """
 
     name: str
@@ -296,6 +299,7 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     out_of_memory: int
     init_seconds: float
     warmup_seconds: float
+    invalid: int = 0
     instances: int = 0
     devices: tuple[str, ...] = ()
     batches_in_flight: int = 0
@@ -345,8 +349,12 @@ class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
         requests: requests that started through the graph.
         completed: requests answered with a result.
         failed: requests answered with an error raised in a node.
-        rejected: requests refused at once because a model node was not ready.
+        rejected: requests refused: a model node was not ready (at once), or
+            a model node's queue was full.
         cancelled: requests whose caller went away before the answer.
+        deadline_misses: of ``failed``, requests whose deadline passed.
+        invalid: of ``failed``, requests the client got wrong (``RequestError``).
+        in_flight: requests started and not yet answered.
         errors: failed and rejected requests, by error class name.
         request: a completed request's whole call.
         nodes: each node's counters, by node name (nodes no request can
@@ -362,14 +370,12 @@ class PipelineStatistics(msgspec.Struct, frozen=True, kw_only=True):
     failed: int = 0
     rejected: int = 0
     cancelled: int = 0
+    deadline_misses: int = 0
+    invalid: int = 0
+    in_flight: int = 0
     errors: dict[str, int] = {}
     request: Histogram = Histogram()
     nodes: dict[str, NodeStatistics] = {}
-
-    @property
-    def in_flight(self) -> int:
-        """Requests started and not yet answered."""
-        return self.requests - self.completed - self.failed - self.cancelled
 
 
 class CallTrace(msgspec.Struct, frozen=True, kw_only=True):

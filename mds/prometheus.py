@@ -32,7 +32,7 @@ from ._runtime import Runtime
 from ._status import Histogram
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
+    from prometheus_client.metrics_core import Metric  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Collector", "exposition"]
 
@@ -135,7 +135,7 @@ def _metric(name: str, family: Family) -> Metric:
             assert isinstance(histogram, Histogram)
             buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
             metric.add_metric(list(sample.labels), buckets, histogram.sum)
-    return metric  # type: ignore[no-any-return]
+    return metric  # type: ignore[no-any-return,unused-ignore]
 
 
 def _number(value: float | Histogram) -> float:

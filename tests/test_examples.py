@@ -147,7 +147,7 @@ def test_the_observability_example() -> None:
         assert bad.status_code == 400
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert 'mds_requests_total{model="mlp",outcome="success",version="1"} 1.0' in metrics
-        assert 'mds_requests_total{model="mlp",outcome="error",version="1"} 1.0' in metrics
+        assert 'mds_requests_total{model="mlp",outcome="invalid",version="1"} 1.0' in metrics
         page = httpx.get(f"{url}/status", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
         assert httpx.get(f"{url}/status/data", timeout=10).json()["models"][0]["name"] == "mlp"

@@ -97,19 +97,8 @@ def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Fam
 
 
 def _model(family: _Make, labels: tuple[str, str], stats: ModelStatistics) -> None:
-    requests = family(
-        "requests",
-        "counter",
-        "Requests by outcome: success, error (failed in the model), deadline (its deadline "
-        "passed), rejected (not ready or queue full), cancelled (the caller left).",
-        (*_MODEL, "outcome"),
-    )
-    deadline = min(stats.deadline_misses, stats.failed)
-    requests.add((*labels, "success"), stats.completed)
-    requests.add((*labels, "error"), stats.failed - deadline)
-    requests.add((*labels, "deadline"), deadline)
-    requests.add((*labels, "rejected"), stats.rejected)
-    requests.add((*labels, "cancelled"), stats.cancelled)
+    requests = family("requests", "counter", _OUTCOMES, (*_MODEL, "outcome"))
+    _outcomes(requests, labels, stats)
     errors = family(
         "request_errors",
         "counter",
@@ -163,18 +152,29 @@ def _model(family: _Make, labels: tuple[str, str], stats: ModelStatistics) -> No
     ).add(labels, stats.max_batch_size)
 
 
-def _pipeline(family: _Make, stats: PipelineStatistics) -> None:
-    labels = (stats.name, stats.version)
-    requests = family(
-        "pipeline_requests",
-        "counter",
-        "Pipeline requests by outcome: success, error, rejected, cancelled.",
-        (*_PIPELINE, "outcome"),
-    )
+_OUTCOMES = (
+    "Requests by outcome: success; error (failed in the model or a node); deadline (its "
+    "deadline passed); invalid (the client's mistake: bad input); rejected (not ready, or a "
+    "queue full); cancelled (the caller left)."
+)
+
+
+def _outcomes(
+    requests: Family, labels: tuple[str, ...], stats: ModelStatistics | PipelineStatistics
+) -> None:
+    # failed holds deadline and invalid, read in the same snapshot: never negative.
     requests.add((*labels, "success"), stats.completed)
-    requests.add((*labels, "error"), stats.failed)
+    requests.add((*labels, "error"), stats.failed - stats.deadline_misses - stats.invalid)
+    requests.add((*labels, "deadline"), stats.deadline_misses)
+    requests.add((*labels, "invalid"), stats.invalid)
     requests.add((*labels, "rejected"), stats.rejected)
     requests.add((*labels, "cancelled"), stats.cancelled)
+
+
+def _pipeline(family: _Make, stats: PipelineStatistics) -> None:
+    labels = (stats.name, stats.version)
+    requests = family("pipeline_requests", "counter", _OUTCOMES, (*_PIPELINE, "outcome"))
+    _outcomes(requests, labels, stats)
     errors = family(
         "pipeline_request_errors",
         "counter",

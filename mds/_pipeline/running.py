@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
 
 import anyio
 
 from .. import _loop, _tracing
-from .._batching.stats import Buckets
 from .._bridge import Home
 from .._deprecation import renamed
 from .._errors import MdsError, NotReady
 from .._handler import ModelState
 from .._servable import Serving
+from .._statistics import RequestCounts
 from .._status import (
     ModelHealth,
     NodeTrace,
@@ -66,7 +65,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         runners = compile_nodes(self.name, pipeline.nodes, pipeline.reachable(), self.models)
         self._runners = runners
         self._start = runners[pipeline.start]
-        self._counts = _Counts()
+        self._counts = RequestCounts()
         self._span = f"mds.pipeline {self.name}"
         self._span_attributes = {
             "mds.pipeline.name": self.name,
@@ -145,7 +144,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         counts = self._counts
         for node, model in self.models.items():
             if not model.ready:
-                counts.rejected += 1
+                counts.not_ready += 1
                 counts.errors["NotReady"] += 1
                 raise NotReady(
                     f"not ready: node {node!r} (model {model.name!r}) is {model.state.value}",
@@ -177,8 +176,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
             counts.cancelled += 1
             raise
         except Exception as exc:
-            counts.failed += 1
-            counts.errors[type(exc).__name__] += 1
+            counts.failure(exc)
             raise
         counts.completed += 1
         ended = clock()
@@ -209,9 +207,12 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
             version=self.version,
             requests=counts.requests,
             completed=counts.completed,
-            failed=counts.failed,
-            rejected=counts.rejected,
+            failed=counts.failed + counts.deadline + counts.invalid,
+            rejected=counts.not_ready + counts.overloaded,
             cancelled=counts.cancelled,
+            deadline_misses=counts.deadline,
+            invalid=counts.invalid,
+            in_flight=counts.in_flight,
             errors=dict(counts.errors),
             request=counts.request.snapshot(),
             nodes={name: runner.statistics() for name, runner in self._runners.items()},
@@ -236,17 +237,6 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
                 why = report.reason if report is not None else "not reported"
                 reason = f"node {node!r} (model {model.name!r}) is not ready: {why}"
         return PipelineHealth(name=self.name, ready=reason is None, reason=reason, nodes=nodes)
-
-
-class _Counts:
-    """A pipeline's request counters."""
-
-    __slots__ = ("cancelled", "completed", "errors", "failed", "rejected", "request", "requests")
-
-    def __init__(self) -> None:
-        self.requests = self.completed = self.failed = self.rejected = self.cancelled = 0
-        self.errors: Counter[str] = Counter()
-        self.request = Buckets()
 
 
 async def _one_chunk(value: Any) -> AsyncIterator[Any]:

@@ -102,7 +102,9 @@ def test_a_scrape_reads_outcomes_histograms_and_gauges(runtime: mds.Runtime) -> 
     model = {"model": "scorer", "version": "2"}
     # 7, and the pipeline's.
     assert value(series, "mds_requests_total", outcome="success", **model) == 8
-    assert value(series, "mds_requests_total", outcome="error", **model) == 2
+    # Bad input is the client's mistake, apart from the model's own errors.
+    assert value(series, "mds_requests_total", outcome="invalid", **model) == 2
+    assert value(series, "mds_requests_total", outcome="error", **model) == 0
     assert value(series, "mds_request_errors_total", error="InvalidInput", **model) == 2
     assert value(series, "mds_requests_total", outcome="success", model="scorer", version="1") == 1
     assert value(series, "mds_request_duration_seconds_count", **model) == 8
@@ -144,7 +146,7 @@ def test_a_failing_pipeline_node_is_counted_where_it_failed(runtime: mds.Runtime
         mds.serve_sync("flow", "not a number")
     series = scrape(mds.prometheus.Collector(runtime))
     flow = {"pipeline": "flow", "version": "1"}
-    assert value(series, "mds_pipeline_requests_total", outcome="error", **flow) == 1
+    assert value(series, "mds_pipeline_requests_total", outcome="invalid", **flow) == 1
     assert value(series, "mds_pipeline_request_errors_total", error="InvalidInput", **flow) == 1
     assert value(
         series, "mds_pipeline_node_failures_total", node="first", kind="model", **flow

@@ -120,3 +120,42 @@ def test_a_quantile_interpolates_inside_its_bucket() -> None:
     assert histogram.quantile(0.5) == pytest.approx(2.0)
     assert histogram.quantile(0.75) == pytest.approx(3.0)
     assert histogram.cumulative() == [(1.0, 0), (2.0, 4), (4.0, 8), (float("inf"), 8)]
+
+
+class Slow(mds.ModelHandler[float, float]):
+    async def infer(self, batch: Sequence[float]) -> list[float]:
+        await anyio.sleep(0.5)
+        return list(batch)
+
+
+class Broken(mds.ModelHandler[float, float]):
+    def init(self, context: mds.ModelContext) -> None:
+        raise OSError("no weights here")
+
+    def infer(self, batch: Sequence[float]) -> list[float]:
+        return list(batch)
+
+
+async def test_each_outcome_is_counted_once_where_the_request_ends() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("slow", Slow)
+    async with runtime:
+        with pytest.raises(mds.DeadlineExceeded):
+            await runtime.serve("slow", 1.0, timeout=0.05)
+        stats = runtime.statistics()["slow"]
+    assert (stats.requests, stats.failed, stats.deadline_misses, stats.invalid) == (1, 1, 1, 0)
+    assert stats.in_flight == 0 and stats.errors == {"DeadlineExceeded": 1}
+
+
+async def test_requests_an_on_demand_model_cannot_take_are_counted() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("broken", Broken, on_demand=True)
+    async with runtime:
+        for _ in range(2):
+            with pytest.raises(mds.NotReady):
+                await runtime.serve("broken", 1.0)
+        outcomes = await runtime.servable("broken").serve_many([1.0, 2.0, 3.0])
+        assert all(isinstance(outcome, mds.NotReady) for outcome in outcomes)
+        stats = runtime.statistics()["broken"]
+    assert stats.rejected == 5 and stats.errors == {"NotReady": 5}
+    assert stats.in_flight == 0

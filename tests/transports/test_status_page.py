@@ -264,6 +264,8 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
+    pytest.importorskip("fastapi")  # the page is served by the FastAPI adapter on uvicorn
+    pytest.importorskip("uvicorn")
     if not os.path.exists(CHROMIUM):
         pytest.skip("needs Debian's chromium: apt-get install chromium")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs pip install playwright")

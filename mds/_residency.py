@@ -324,11 +324,14 @@ class Residency:
         return found
 
     def statistics(self) -> ResidencyStatistics:
+        # A copy made in one C call: a scrape reads this from another thread
+        # while requests move models to the end.
+        resident = list(self._lru)
         return ResidencyStatistics(
             max_models=self.max_models,
             max_memory=dict(self.max_memory),
-            resident=tuple(f"{m.name}:{m.version}" for m in self._lru),
-            memory={f"{m.name}:{m.version}": dict(self._footprint.get(m, {})) for m in self._lru},
+            resident=tuple(f"{m.name}:{m.version}" for m in resident),
+            memory={f"{m.name}:{m.version}": dict(self._footprint.get(m, {})) for m in resident},
             hits=self.hits,
             misses=self.misses,
             loads=self.loads,

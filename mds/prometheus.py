@@ -21,12 +21,16 @@ Added in 0.5.
 from __future__ import annotations
 
 import os
+import re
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deps import require
 from ._devices.manager import DeviceManager
-from ._metrics.families import Family, families
+from ._errors import ConfigError
+from ._handler import ModelState
+from ._metrics.families import Family, Retained, families
 from ._metrics.shared import SharedDirectory
 from ._runtime import Runtime
 from ._status import Histogram
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Collector", "exposition"]
+
+_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 class Collector:
@@ -60,9 +66,14 @@ class Collector:
         devices: where the models' devices are looked up; the default
             manager if ``None``.
 
+    Counters and histograms never go down: when a version is reloaded (its
+    counts start again) or unloaded (its series vanish), what it counted is
+    kept and added to what is counted under the same labels after it.
+
     Raises:
         MissingDependency: ``prometheus_client`` is not installed
             (``pip install mds-serving[metrics]``).
+        ConfigError: ``namespace`` cannot start a metric name.
 
     Example:
         >>> registry = prometheus_client.CollectorRegistry()
@@ -80,19 +91,37 @@ class Collector:
         devices: DeviceManager | None = None,
     ) -> None:
         require("prometheus_client", feature="mds.prometheus")
+        if not _NAME.fullmatch(namespace):
+            raise ConfigError(
+                f"namespace {namespace!r} is not a metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*)"
+            )
         self.runtime = runtime
         self.namespace = namespace
         self._devices = devices
+        self._lock = threading.Lock()
+        self._retained = Retained()
         self._shared = (
-            SharedDirectory(directory, self._own, interval) if directory is not None else None
+            SharedDirectory(directory, self._own, interval, self._has_run)
+            if directory is not None
+            else None
         )
 
     def __repr__(self) -> str:
         where = f" directory={str(self._shared.path)!r}" if self._shared is not None else ""
         return f"<mds.prometheus.Collector {self.runtime!r}{where}>"
 
+    def _has_run(self) -> bool:
+        """Whether this process's runtime has started (a ``--preload`` master's never does)."""
+        runtime = self.runtime
+        return runtime.running or any(
+            model.state is not ModelState.CREATED for model in list(runtime.models.values())
+        )
+
     def _own(self) -> list[Family]:
-        return families(self.runtime, self._devices)
+        owners: dict[tuple[str, str], int] = {}
+        found = families(self.runtime, self._devices, owners)
+        with self._lock:  # scrapes and the background writer, from their own threads
+            return self._retained.apply(found, owners)
 
     def collect(self) -> Iterator[Metric]:
         """The metric families now (what a registry calls at each scrape)."""

@@ -77,7 +77,8 @@ class BatchStats:
     def batch_sizes(self) -> Histogram:
         """The batch sizes counted so far, as a histogram (from the exact counts)."""
         sizes = Buckets(SIZES)
-        for size, count in self.sizes.items():
+        # Copied in one C call: read from a scrape's thread while batches are counted.
+        for size, count in list(self.sizes.items()):
             sizes.counts[bisect_left(SIZES, size)] += count
             sizes.sum += size * count
         return sizes.snapshot()

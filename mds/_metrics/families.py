@@ -19,7 +19,7 @@ from .._handler import ModelState
 from .._runtime import Runtime
 from .._status import Histogram, ModelStatistics, PipelineStatistics
 
-__all__ = ["Family", "Sample", "families"]
+__all__ = ["Family", "Retained", "Sample", "families"]
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -68,10 +68,16 @@ _MODEL_HISTOGRAMS = {
 }
 
 
-def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Family]:
+def families(
+    runtime: Runtime,
+    devices: DeviceManager | None = None,
+    owners: dict[tuple[str, str], int] | None = None,
+) -> list[Family]:
     """Every family for ``runtime`` now: its models (each loaded version), pipelines, devices.
 
     Reads counters only (no I/O but the devices' memory), from any thread.
+    ``owners`` is filled with which object counted each ``(model, version)``
+    (an ``id``): a reload of a version counts afresh (see :class:`Retained`).
     """
     found: dict[str, Family] = {}
 
@@ -83,8 +89,14 @@ def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Fam
         return found[name]
 
     used: set[str] = set()
-    for name in runtime.models:
-        for version, model in sorted(runtime.versions(name).runtimes.items()):
+    for name in list(runtime.models):  # copied: a load may add a name meanwhile
+        try:
+            loaded = sorted(runtime.versions(name).runtimes.items())
+        except MdsError:  # unloaded meanwhile
+            continue
+        for version, model in loaded:
+            if owners is not None:
+                owners[name, version] = id(model)
             stats = model.statistics()
             _model(family, (name, version), stats)
             used.update(stats.devices)
@@ -256,3 +268,65 @@ class _Make(Protocol):  # the type of ``family`` above, for the helpers' annotat
     def __call__(
         self, name: str, kind: Kind, help: str, labels: tuple[str, ...], combine: str = "sum"
     ) -> Family: ...
+
+
+class Retained:
+    """Counts of model versions that were reloaded or unloaded, kept so that totals never drop.
+
+    A reload starts a version's counts again from zero, and an unloaded
+    version's series vanish; where several processes add up (or a scrape
+    compares with the last), either reads as traffic going backwards. This
+    keeps, per series, what the objects gone had counted, and adds it to what
+    is counted now (or reports it alone). Gauges are not kept.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, tuple[str, ...]], tuple[int, float | Histogram]] = {}
+        self._kept: dict[tuple[str, tuple[str, ...]], float | Histogram] = {}
+        self._meta: dict[str, Family] = {}
+
+    def apply(self, found: list[Family], owners: dict[tuple[str, str], int]) -> list[Family]:
+        """``found`` (made with ``owners``), with what reloaded or unloaded versions counted."""
+        seen: set[tuple[str, tuple[str, ...]]] = set()
+        by_name = {family.name: family for family in found}
+        for family in found:
+            if family.kind == "gauge" or family.labels[:2] != _MODEL:
+                continue
+            self._meta.setdefault(family.name, family)
+            for sample in family.samples:
+                key = (family.name, sample.labels)
+                owner = owners.get((sample.labels[0], sample.labels[1]), 0)
+                last = self._last.get(key)
+                if last is not None and last[0] != owner:  # reloaded: a new object counts
+                    self._keep(key, last[1])
+                self._last[key] = (owner, sample.value)
+                seen.add(key)
+                kept = self._kept.get(key)
+                if kept is not None:
+                    sample.value = _add(kept, sample.value)
+        for key in [key for key in self._last if key not in seen]:  # unloaded
+            self._keep(key, self._last.pop(key)[1])
+        for (name, labels), value in self._kept.items():
+            if (name, labels) in seen:
+                continue
+            target = by_name.get(name)
+            if target is None:
+                meta = self._meta[name]
+                target = by_name[name] = Family(
+                    meta.name, meta.kind, meta.help, meta.labels, combine=meta.combine
+                )
+                found.append(target)
+            target.add(labels, value)
+        return found
+
+    def _keep(self, key: tuple[str, tuple[str, ...]], value: float | Histogram) -> None:
+        kept = self._kept.get(key)
+        self._kept[key] = value if kept is None else _add(kept, value)
+
+
+def _add(a: float | Histogram, b: float | Histogram) -> float | Histogram:
+    if isinstance(a, Histogram) and isinstance(b, Histogram):
+        return a + b if a.bounds == b.bounds else b
+    if isinstance(a, Histogram) or isinstance(b, Histogram):
+        return b
+    return a + b

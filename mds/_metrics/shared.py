@@ -1,11 +1,15 @@
 """Metrics of several worker processes added up through a shared directory.
 
-Each process writes its own families to ``mds-<pid>.json`` in the directory
-(atomically: write, then rename), every ``interval`` seconds, at each scrape
-and at exit. A scrape, whichever process answers it, reads every file and
-adds them up: counters and histograms over every process that ever wrote
-(a worker that exited keeps its counts, so totals never go down), gauges
-over the processes still alive.
+Each process writes its own families to ``mds-<pid>-<start>.json`` in the
+directory (atomically: write, then rename), every ``interval`` seconds, at
+each scrape and at exit, once its runtime has run (a ``--preload`` master,
+whose runtime never starts, writes nothing). A scrape, whichever process
+answers it, reads every file and adds them up: counters and histograms over
+every process that ever wrote (a worker that exited keeps its counts, so
+totals never go down), gauges over the processes still alive. The files of
+exited workers are folded into one, ``mds-exited.json``, so that the
+directory does not grow with restarts; a lock file keeps readers from seeing
+a worker's counts twice, or not at all, while that happens.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -23,16 +28,19 @@ import msgspec
 from .._status import Histogram
 from .families import Family, Sample
 
-__all__ = ["SharedDirectory"]
+__all__ = ["SharedDirectory", "merge"]
 
 logger = logging.getLogger("mds.metrics")
 
 _PREFIX = "mds-"
+_EXITED = "mds-exited.json"
+_LOCK = ".mds-metrics.lock"
 
 
 class _File(msgspec.Struct):
     pid: int
     families: list[Family]
+    started: int = 0  # the process's start time (Linux clock ticks), to tell a reused pid
 
 
 _encoder = msgspec.json.Encoder()
@@ -46,14 +54,20 @@ class SharedDirectory:
         path: the directory every worker shares (made if missing).
         snapshot: this process's families now.
         interval: seconds between writes in the background.
+        active: whether this process has numbers to write yet.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], snapshot: Callable[[], list[Family]], interval: float
+        self,
+        path: str | os.PathLike[str],
+        snapshot: Callable[[], list[Family]],
+        interval: float,
+        active: Callable[[], bool],
     ) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._snapshot = snapshot
+        self._active = active
         self._interval = interval
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -87,33 +101,78 @@ class SharedDirectory:
         self.write()
 
     def write(self) -> None:
-        """Write this process's families now."""
+        """Write this process's families now (if its runtime has run)."""
+        if not self._active():
+            return
         pid = os.getpid()
-        data = _encoder.encode(_File(pid=pid, families=self._snapshot()))
-        target = self.path / f"{_PREFIX}{pid}.json"
-        temporary = self.path / f".{_PREFIX}{pid}.{threading.get_ident()}.tmp"
+        started = _started(pid)
+        target = self.path / f"{_PREFIX}{pid}-{started}.json"
+        temporary = self.path / f".{_PREFIX}{pid}-{started}.tmp"
+        # The snapshot is taken under the lock too: an older one never
+        # replaces a newer one (counts would seem to go down).
         with self._lock:
+            data = _encoder.encode(_File(pid=pid, started=started, families=self._snapshot()))
             temporary.write_bytes(data)
             os.replace(temporary, target)
 
     def merged(self) -> list[Family]:
         """Every process's families added up (this one's written first, so it is fresh)."""
         self.write()
-        files: list[_File] = []
-        for path in sorted(self.path.glob(f"{_PREFIX}*.json")):
-            try:
-                files.append(_decoder.decode(path.read_bytes()))
-            except (OSError, msgspec.DecodeError) as exc:
-                logger.warning("skipping metrics file %s: %s", path, exc)
+        with self._locked():
+            self._fold_exited()
+            files = list(self._read(sorted(self.path.glob(f"{_PREFIX}*.json"))))
         return merge(files)
 
+    def _fold_exited(self) -> None:
+        """Fold the files of exited workers into ``mds-exited.json`` (under the lock)."""
+        exited = self.path / _EXITED
+        gone: list[Path] = []
+        files: list[_File] = []
+        for path in self.path.glob(f"{_PREFIX}*.json"):
+            if path.name == _EXITED:
+                continue
+            for read in self._read([path]):
+                if not _alive(read.pid, read.started):
+                    gone.append(path)
+                    files.append(read)
+        if not gone:
+            return
+        files += list(self._read([exited])) if exited.exists() else []
+        folded = _File(pid=0, families=merge(files, gauges=False))
+        temporary = self.path / f".{_EXITED}.tmp"
+        temporary.write_bytes(_encoder.encode(folded))
+        os.replace(temporary, exited)
+        for path in gone:
+            path.unlink(missing_ok=True)
+            (path.parent / f".{path.stem}.tmp").unlink(missing_ok=True)
 
-def merge(files: list[_File]) -> list[Family]:
-    """The files' families, added up (gauges of exited processes left out)."""
+    def _read(self, paths: list[Path]) -> Iterator[_File]:
+        for path in paths:
+            try:
+                yield _decoder.decode(path.read_bytes())
+            except FileNotFoundError:
+                continue  # folded meanwhile
+            except (OSError, msgspec.DecodeError) as exc:
+                logger.warning("skipping metrics file %s: %s", path, exc)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl  # POSIX only: imported where it is used
+
+        with open(self.path / _LOCK, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def merge(files: list[_File], *, gauges: bool = True) -> list[Family]:
+    """The files' families, added up (gauges only of processes alive, and only if ``gauges``)."""
     found: dict[str, Family] = {}
     values: dict[str, dict[tuple[str, ...], float | Histogram]] = {}
     for file in files:
-        alive = _alive(file.pid)
+        alive = gauges and file.pid != 0 and _alive(file.pid, file.started)
         for family in file.families:
             if family.kind == "gauge" and not alive:
                 continue
@@ -148,7 +207,19 @@ def _combine(
     return before + value
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot, from /proc); 0 where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # The command name (field 2) may hold spaces: count from its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def _alive(pid: int, started: int) -> bool:
+    """Whether the process that wrote a file runs still (not another one given its pid since)."""
     if pid == os.getpid():
         return True
     try:
@@ -156,8 +227,8 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        pass
+    return not started or _started(pid) in (0, started)
 
 
 def _restart(ref: weakref.ref[SharedDirectory]) -> None:

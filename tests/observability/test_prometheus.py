@@ -285,7 +285,7 @@ def test_workers_that_exited_keep_their_counts_but_not_their_gauges(tmp_path: Pa
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
-    assert len(list(tmp_path.glob("mds-*.json"))) == 2
+    assert len(list(tmp_path.glob("mds-*.json"))) == 2  # one file per worker
     runtime = mds.Runtime()
     runtime.add_model("plain", Plain)
     collector = mds.prometheus.Collector(runtime, directory=tmp_path, interval=60)
@@ -302,6 +302,109 @@ def test_workers_that_exited_keep_their_counts_but_not_their_gauges(tmp_path: Pa
     # Gauges: this process only (the others exited).
     assert value(series, "mds_model_state", state="ready", **model) == 1
     assert value(series, "mds_model_state", state="stopped", **model) == 0
+
+
+def test_exited_workers_are_folded_into_one_file_and_still_count(tmp_path: Path) -> None:
+    for count in (1, 2, 3):
+        subprocess.run(
+            [sys.executable, "-c", _WORKER, str(tmp_path), str(count)], check=True, timeout=60
+        )
+    runtime = mds.Runtime()
+    runtime.add_model("plain", Plain)
+    collector = mds.prometheus.Collector(runtime, directory=tmp_path, interval=60)
+    runtime.start_sync(load="wait")
+    try:
+        first = scrape(collector)
+        files = sorted(path.name for path in tmp_path.glob("mds-*.json"))
+        subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path), "4"], check=True, timeout=60)
+        second = scrape(collector)
+    finally:
+        runtime.stop_sync()
+        collector.close()
+    model = {"model": "plain", "version": "1"}
+    assert value(first, "mds_requests_total", outcome="success", **model) == 6
+    assert len(files) == 2 and "mds-exited.json" in files  # this process's, and the folded
+    assert value(second, "mds_requests_total", outcome="success", **model) == 10
+    assert value(second, "mds_request_duration_seconds_count", **model) == 10
+
+
+_PRELOAD = textwrap.dedent(
+    """
+    import os, sys
+    import mds, mds.prometheus
+
+    class Plain(mds.ModelHandler):
+        def infer(self, batch):
+            return list(batch)
+
+    # As gunicorn --preload: the app (runtime and collector) is made in the
+    # master, which forks the workers; only the workers start the runtime.
+    runtime = mds.Runtime()
+    runtime.add_model("plain", Plain)
+    collector = mds.prometheus.Collector(runtime, directory=sys.argv[1], interval=0.05)
+    pid = os.fork()
+    if pid == 0:
+        runtime.start_sync(load="wait")
+        for x in range(3):
+            mds.serve_sync("plain", x)
+        runtime.stop_sync()
+        sys.exit(0)
+    os.waitpid(pid, 0)
+    import pathlib, time
+    time.sleep(0.2)  # the master's writer had time to write, if it would
+    files = pathlib.Path(sys.argv[1]).glob("mds-*.json")
+    print(sorted(path.name.split("-")[1] for path in files))
+    print(os.getpid(), pid)
+    """
+)
+
+
+def test_a_preloading_master_writes_nothing_its_forked_worker_does(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _PRELOAD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    written, pids = done.stdout.strip().splitlines()
+    master, worker = pids.split()
+    assert written == f"['{worker}']", (written, master)
+
+
+def test_a_reloaded_or_unloaded_version_keeps_its_counts() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("plain", Plain, version="1", policy=mds.VersionPolicy(all=True))
+    collector = mds.prometheus.Collector(runtime)
+    runtime.start_sync(load="wait")
+    try:
+        for x in range(3):
+            mds.serve_sync("plain", x)
+        model = {"model": "plain", "version": "1"}
+        assert value(scrape(collector), "mds_requests_total", outcome="success", **model) == 3
+        runtime.load_model_sync("plain", Plain, version="1")  # a reload counts afresh
+        for x in range(2):
+            mds.serve_sync("plain", x)
+        assert runtime.statistics()["plain"].completed == 2
+        series = scrape(collector)
+        assert value(series, "mds_requests_total", outcome="success", **model) == 5
+        assert value(series, "mds_request_duration_seconds_count", **model) == 5
+        runtime.load_model_sync("plain", Plain, version="2")
+        runtime.unload_model_sync("plain", "1")
+        mds.serve_sync("plain", 0)
+        series = scrape(collector)
+        # Version 1's series stays, with what it counted; gauges go with it.
+        assert value(series, "mds_requests_total", outcome="success", **model) == 5
+        assert ("mds_queue_depth", frozenset(model.items())) not in series
+        two = {"model": "plain", "version": "2"}
+        assert value(series, "mds_requests_total", outcome="success", **two) == 1
+    finally:
+        runtime.stop_sync()
+
+
+def test_a_namespace_must_start_a_metric_name() -> None:
+    with pytest.raises(mds.ConfigError, match="is not a metric name prefix"):
+        mds.prometheus.Collector(mds.Runtime(), namespace="my-app")
 
 
 @pytest.mark.slow

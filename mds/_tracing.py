@@ -173,10 +173,12 @@ class RequestSpan:
             set_error(self.span, exc)
             raise
         finally:
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                await close()
-            self.span.end()
+            try:
+                close = getattr(chunks, "aclose", None)
+                if close is not None:
+                    await close()
+            finally:
+                self.span.end()
 
     def _batch(self, offset: int) -> None:
         """Its batch's attributes and its ``mds.queue`` child, once it had a batch."""
@@ -349,10 +351,13 @@ def continued(
     if tracer is None:
         yield
         return
-    token = None
-    if not _trace.get_current_span().get_span_context().is_valid:
-        lowered = {key.lower(): value for key, value in headers.items()}
-        token = _context.attach(_propagate.extract(lowered))
+    if _trace.get_current_span().get_span_context().is_valid:
+        # The host's instrumentation made the server span: it is the parent
+        # as it is (a SERVER span inside a SERVER span would be wrong).
+        yield
+        return
+    lowered = {key.lower(): value for key, value in headers.items()}
+    token = _context.attach(_propagate.extract(lowered))
     try:
         if server_span is None:
             yield
@@ -360,8 +365,7 @@ def continued(
             with current_span(tracer, server_span, dict(attributes or {}), server=True):
                 yield
     finally:
-        if token is not None:
-            _context.detach(token)
+        _context.detach(token)
 
 
 # -- helpers -------------------------------------------------------------------

@@ -477,9 +477,12 @@ class Batcher(Generic[W]):
         # Read per batch, not per request: a provider set since is used from now on.
         tracer = _tracing.refresh()
         if tracer is not None:
-            _tracing.record_batch(
-                tracer, self._model, self._version, info, batch, outcomes, self._clock()
-            )
+            try:
+                _tracing.record_batch(
+                    tracer, self._model, self._version, info, batch, outcomes, self._clock()
+                )
+            except Exception:  # the host's SDK failed: the batch is answered all the same
+                logger.debug("%s: recording the batch's span failed", self._name, exc_info=True)
 
     @property
     def batch_limit(self) -> int:

@@ -9,10 +9,11 @@ from .._status import Histogram
 
 __all__ = ["SECONDS", "SIZES", "BatchStats", "Buckets"]
 
-#: Bucket bounds for durations: 0.1 ms to a minute, as latency SLOs are set.
+#: Bucket bounds for durations: 0.1 ms to five minutes (a long stream), as
+#: latency SLOs are set.
 SECONDS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 #: Bucket bounds for batch sizes and costs: powers of two.
 SIZES = tuple(float(2**power) for power in range(13))

@@ -77,6 +77,8 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
 
 #: The most characters of an error message a reply carries.
 MAX_MESSAGE = 2000
+#: The most characters of a request id kept for logs and traces.
+MAX_REQUEST_ID = 128
 
 
 def error_status(exc: BaseException) -> int | None:
@@ -168,9 +170,9 @@ def span_name(v2: bool, versioned: bool) -> str:
 
 def request_id(call: Call, header: str | None) -> str | None:
     """The request's id for logs and traces: ``X-Request-Id``, else the protocol's ``id``."""
-    if header:
-        return header
-    return call.v2.request.id if call.v2 is not None else None
+    found = header or (call.v2.request.id if call.v2 is not None else None)
+    # Bounded: it goes on every log record and span of the request.
+    return found[:MAX_REQUEST_ID] if found else None
 
 
 def metrics_registry(runtime: Runtime, metrics: Any) -> Any:

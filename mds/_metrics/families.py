@@ -247,7 +247,7 @@ def _devices(family: _Make, names: Iterable[str], manager: DeviceManager) -> Non
         ("device",), combine="max",
     )  # fmt: skip
     busy = family(
-        "device_utilization", "gauge", "The share of time each device was busy lately (0 to 1).",
+        "device_utilization_ratio", "gauge", "The share of time each device was busy (0 to 1).",
         ("device",), combine="max",
     )  # fmt: skip
     for name in sorted(names):

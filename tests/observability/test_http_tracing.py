@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
+from opentelemetry.trace import SpanKind
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER = "b7ad6b7169203331"
@@ -142,3 +143,42 @@ def test_without_a_traceparent_the_server_span_starts_a_trace(
         (request,) = wait_for(spans, "mds.serve doubler")
     assert server.parent is None
     assert request.parent is not None and request.parent.span_id == server.context.span_id
+
+
+def test_the_hosts_own_server_span_is_kept_not_nested() -> None:
+    fastapi = pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _tracing.use(provider)
+    try:
+        runtime = mds.Runtime()
+        runtime.add_model("doubler", Doubler)
+        app = fastapi.FastAPI()
+
+        @app.middleware("http")
+        async def instrumented(request: Any, call_next: Any) -> Any:
+            # As opentelemetry-instrumentation-fastapi does: the host's SERVER span.
+            tracer = provider.get_tracer("host")
+            with tracer.start_as_current_span("host request", kind=SpanKind.SERVER):
+                return await call_next(request)
+
+        importlib.import_module("mds.fastapi").add_routes(app, runtime)
+        with running("fastapi", app, runtime) as served:
+            deadline = time.monotonic() + 30
+            while served.client.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            reply = served.client.post(
+                "/models/doubler/infer", json={"x": [1]}, headers={"traceparent": TRACEPARENT}
+            )
+            assert reply.status_code == 200
+            (request,) = wait_for(exporter, "mds.serve doubler")
+    finally:
+        _tracing.use(None)
+        provider.shutdown()
+    servers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert {s.name for s in servers} == {"host request"}  # one per HTTP request, the host's
+    assert request.parent is not None
+    assert request.parent.span_id in {s.context.span_id for s in servers}

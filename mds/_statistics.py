@@ -134,7 +134,7 @@ def snapshot(
         name=name,
         version=version,
         state=state,
-        in_flight=counts.in_flight,
+        in_flight=max(0, counts.in_flight),  # read from another thread: never below 0
         queued=queue.count if queue is not None else 0,
         queued_by_priority=tuple(queue.counts) if queue is not None else (),
         requests=counts.requests,

@@ -212,7 +212,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
             cancelled=counts.cancelled,
             deadline_misses=counts.deadline,
             invalid=counts.invalid,
-            in_flight=counts.in_flight,
+            in_flight=max(0, counts.in_flight),
             errors=dict(counts.errors),
             request=counts.request.snapshot(),
             nodes={name: runner.statistics() for name, runner in self._runners.items()},

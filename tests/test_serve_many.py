@@ -81,3 +81,53 @@ async def test_a_model_not_running_answers_each_request_not_ready() -> None:
 async def test_empty_and_single(request_count: int) -> None:
     async with mds.ModelRuntime(Doubling(), CONFIG, name="d") as model:
         assert await model.serve_many([5] * request_count) == [10] * request_count
+
+
+class Poisoned(mds.ModelHandler[int, int]):
+    """A batch with a negative number in it fails as a whole (as a real model's would)."""
+
+    def infer(self, batch: Sequence[int]) -> list[int]:
+        if any(x < 0 for x in batch):
+            raise ValueError("a negative number poisoned the batch")
+        return [x + 1 for x in batch]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=-2, max_value=9), min_size=2, max_size=60))
+def test_rows_fail_alone_when_their_batch_fails(xs: list[int]) -> None:
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8))
+
+    async def main() -> None:
+        async with mds.ModelRuntime(Poisoned, config, name="p") as model:
+            outcomes = await model.serve_many(xs)
+            stats = model.statistics()
+        for x, outcome in zip(xs, outcomes, strict=True):
+            if x < 0:
+                assert isinstance(outcome, mds.InferenceError)
+                assert "poisoned" in str(outcome)
+            else:
+                assert outcome == x + 1
+        assert stats.in_flight == 0
+        assert (stats.completed, stats.failed) == (sum(x >= 0 for x in xs), sum(x < 0 for x in xs))
+        # Batches are counted in rows (a failed batch's halves retried count again).
+        assert stats.histograms.batch_size.sum == stats.batched_items >= len(xs)
+
+    anyio.run(main)
+
+
+async def test_a_batch_jobs_rows_and_single_requests_share_batches() -> None:
+    config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=16, max_queue_delay=0.01))
+    async with mds.ModelRuntime(Poisoned, config, name="p") as model:
+        singles: list[int] = []
+
+        async def one(x: int) -> None:
+            singles.append(await model.serve(x))
+
+        async with anyio.create_task_group() as tasks:
+            for x in range(5):
+                tasks.start_soon(one, 100 + x)
+            rows = await model.serve_many(list(range(20)))
+        assert rows == [x + 1 for x in range(20)]
+        assert sorted(singles) == [101 + x for x in range(5)]
+        stats = model.statistics()
+    assert stats.batched_items == 25 and max(stats.batch_sizes) <= 16

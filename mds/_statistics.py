@@ -27,6 +27,7 @@ class RequestCounts:
         "deadline",
         "errors",
         "failed",
+        "first_chunk",
         "init_seconds",
         "invalid",
         "not_ready",
@@ -49,6 +50,7 @@ class RequestCounts:
         self.init_seconds = self.warmup_seconds = 0.0
         self.errors: Counter[str] = Counter()
         self.request = Buckets()
+        self.first_chunk = Buckets()
         self.preprocess = Buckets()
         self.postprocess = Buckets()
 
@@ -95,8 +97,12 @@ async def counted(
     """
     failure: BaseException | None = None
     streaming = clock()
+    first = True
     try:
         async for chunk in chunks:
+            if first:  # the time a client waits before the stream starts
+                counts.first_chunk.observe(clock() - began)
+                first = False
             yield chunk
     except (anyio.get_cancelled_exc_class(), GeneratorExit):
         counts.cancelled += 1
@@ -166,6 +172,7 @@ def snapshot(
         batches_in_flight=batcher._busy if batcher is not None else 0,
         histograms=ModelHistograms(
             request=counts.request.snapshot(),
+            first_chunk=counts.first_chunk.snapshot(),
             queue_wait=batches.waits.snapshot(),
             preprocess=counts.preprocess.snapshot(),
             infer=batches.infers.snapshot(),

@@ -204,6 +204,8 @@ class ModelHistograms(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         request: a completed request's whole call, from admission to its
             response (to a stream's end).
+        first_chunk: a stream's time from admission to its first chunk
+            (time to first token, for a model that streams text).
         queue_wait: a request's time queued before its batch started.
         preprocess: a request's ``preprocess`` that returned (for handlers that have one).
         infer: a batch's computation (collate, infer, split), per batch.
@@ -216,6 +218,7 @@ class ModelHistograms(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     request: Histogram = Histogram()
+    first_chunk: Histogram = Histogram()
     queue_wait: Histogram = Histogram()
     preprocess: Histogram = Histogram()
     infer: Histogram = Histogram()

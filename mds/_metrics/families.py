@@ -56,6 +56,10 @@ _MODEL_HISTOGRAMS = {
         "request_duration_seconds",
         "Time from admission to response of completed requests.",
     ),
+    "first_chunk": (
+        "first_chunk_duration_seconds",
+        "Time from admission to the first chunk of streams (time to first token).",
+    ),
     "queue_wait": ("queue_duration_seconds", "Time requests waited in the queue for a batch."),
     "preprocess": ("preprocess_duration_seconds", "Time requests spent in preprocess."),
     "infer": (

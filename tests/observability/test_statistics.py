@@ -49,6 +49,8 @@ async def test_a_stream_is_timed_to_its_end() -> None:
         stats = runtime.statistics()["words"]
     histograms = stats.histograms
     assert histograms.request.count == 1 and histograms.postprocess.count == 1
+    assert histograms.first_chunk.count == 1
+    assert histograms.first_chunk.sum <= histograms.request.sum
     assert histograms.request.sum >= histograms.postprocess.sum >= 0
     assert histograms.queue_wait.count == histograms.batch_size.count == 1
 

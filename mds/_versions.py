@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect
+from collections import Counter
 from collections.abc import Coroutine, Mapping
 from threading import get_ident as _get_ident
 from types import MappingProxyType
@@ -184,6 +185,7 @@ class ModelVersions(_Delegating):
         self._table: _Table = (None, (), (), None)
         self._history: list[dict[str, float]] = []
         self._gone: dict[str, VersionStatus] = {}  # failed loads, unloaded versions
+        self._load_failures: Counter[str] = Counter()  # loads that failed, by version
         self._reload_failed: dict[str, str] = {}  # loaded versions whose reload failed
 
     def __repr__(self) -> str:
@@ -355,6 +357,7 @@ class ModelVersions(_Delegating):
 
     def _failed(self, version: str, reason: str) -> None:
         """Record that a load of ``version`` failed (a loaded copy goes on serving)."""
+        self._load_failures[version] += 1
         if version in self._loaded:
             self._reload_failed[version] = f"a reload failed (this copy serves on): {reason}"
         else:

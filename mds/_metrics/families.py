@@ -93,11 +93,21 @@ def families(
         return found[name]
 
     used: set[str] = set()
+    failures = family(
+        "model_load_failures",
+        "counter",
+        "Loads of a version that failed (Runtime.load_model, a watched repository); the "
+        "version serving before goes on serving.",
+        _MODEL,
+    )
     for name in list(runtime.models):  # copied: a load may add a name meanwhile
         try:
-            loaded = sorted(runtime.versions(name).runtimes.items())
+            versions = runtime.versions(name)
+            loaded = sorted(versions.runtimes.items())
         except MdsError:  # unloaded meanwhile
             continue
+        for version, count in sorted(versions._load_failures.items()):
+            failures.add((name, version), count)
         for version, model in loaded:
             if owners is not None:
                 owners[name, version] = id(model)
@@ -274,6 +284,10 @@ class _Make(Protocol):  # the type of ``family`` above, for the helpers' annotat
     ) -> Family: ...
 
 
+#: Model families counted by the model's name, not by a version's object: kept already.
+_KEPT = frozenset({"model_load_failures"})
+
+
 class Retained:
     """Counts of model versions that were reloaded or unloaded, kept so that totals never drop.
 
@@ -294,7 +308,7 @@ class Retained:
         seen: set[tuple[str, tuple[str, ...]]] = set()
         by_name = {family.name: family for family in found}
         for family in found:
-            if family.kind == "gauge" or family.labels[:2] != _MODEL:
+            if family.kind == "gauge" or family.labels[:2] != _MODEL or family.name in _KEPT:
                 continue
             self._meta.setdefault(family.name, family)
             for sample in family.samples:

@@ -402,6 +402,32 @@ def test_a_reloaded_or_unloaded_version_keeps_its_counts() -> None:
         runtime.stop_sync()
 
 
+class Unloadable(mds.ModelHandler[Any, Any]):
+    def init(self, context: mds.ModelContext) -> None:
+        raise OSError("no weights")
+
+    def infer(self, batch: Sequence[Any]) -> list[Any]:
+        return list(batch)
+
+
+def test_a_failed_load_is_counted_and_the_old_version_serves_on() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("plain", Plain)
+    collector = mds.prometheus.Collector(runtime)
+    runtime.start_sync(load="wait")
+    try:
+        for _ in range(2):
+            with pytest.raises(mds.LifecycleError):
+                runtime.load_model_sync("plain", Unloadable, version="2")
+        assert mds.serve_sync("plain", 3) == 3
+        runtime.load_model_sync("plain", Plain, version="2")  # then it loads
+        series = scrape(collector)
+    finally:
+        runtime.stop_sync()
+    # Counted by the model, not by a version's object: a later good load keeps the count.
+    assert value(series, "mds_model_load_failures_total", model="plain", version="2") == 2
+
+
 def test_a_namespace_must_start_a_metric_name() -> None:
     with pytest.raises(mds.ConfigError, match="is not a metric name prefix"):
         mds.prometheus.Collector(mds.Runtime(), namespace="my-app")

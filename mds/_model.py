@@ -302,8 +302,11 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
 
     def _refuse(self) -> NotReady:
         """The error for a request the model cannot take now (counted)."""
-        self._counts.not_ready += 1
-        self._counts.errors["NotReady"] += 1
+        self._counts.refused(error := self._not_ready())
+        return error
+
+    def _not_ready(self) -> NotReady:
+        """That error, not counted: a request waiting on an on-demand load counts its own."""
         return NotReady(
             f"not ready: {self._not_ready_reason()}", model=self.name, version=self.version
         )
@@ -525,7 +528,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             timeout = await residency.wake(self, timeout)
         batcher, loaded = self._batcher, self._loaded
         if not self._ready or batcher is None or loaded is None:
-            raise self._refuse()
+            raise self._not_ready()
         return batcher, loaded, timeout
 
     def _retired(self) -> Callable[..., Awaitable[Any]] | None:

@@ -155,7 +155,7 @@ class Residency:
     async def _wait_loaded(self, model: ModelRuntime[Any, Any], *, background: bool) -> None:
         while not _ready(model):
             if model in self._forgotten:  # unloaded or swapped out meanwhile: never loaded again
-                raise model._refuse()
+                raise model._not_ready()
             leaving = self._leaving.get(model)
             if leaving is not None:
                 await leaving.wait()
@@ -174,7 +174,7 @@ class Residency:
                     )
                 continue  # loaded, then unloaded again before this request ran: again
             if not self._hosting.open:
-                raise model._refuse()
+                raise model._not_ready()
             if background:
                 self._loading[model] = anyio.Event()
                 self._hosting.start_soon(functools.partial(self._load_quietly, model))
@@ -210,7 +210,7 @@ class Residency:
                 ) from exc
             if model in self._forgotten:  # unloaded or retired while it loaded
                 await self._hosting.stop(model)
-                raise model._refuse()
+                raise model._not_ready()
             after = await anyio.to_thread.run_sync(self._free)
             self._footprint[model] = self._measured[model] = {
                 device: max(0, before[device] - after[device])

@@ -186,6 +186,8 @@ class ModelVersions(_Delegating):
         self._history: list[dict[str, float]] = []
         self._gone: dict[str, VersionStatus] = {}  # failed loads, unloaded versions
         self._load_failures: Counter[str] = Counter()  # loads that failed, by version
+        # The counters of each version's runtimes that were reloaded or unloaded.
+        self._retired_counts: dict[str, list[tuple[Any, Any]]] = {}
         self._reload_failed: dict[str, str] = {}  # loaded versions whose reload failed
 
     def __repr__(self) -> str:
@@ -390,7 +392,14 @@ class ModelVersions(_Delegating):
         self._table = (single, tuple(bounds), choices, default)
 
     def _retire(self, runtime: ModelRuntime[Any, Any]) -> None:
-        """``runtime`` serves no new request: one already picked goes to what serves now."""
+        """``runtime`` serves no new request: one already picked goes to what serves now.
+
+        Its counters stay with the version (they count the requests it still
+        finishes), so that metrics of the version never go down.
+        """
+        self._retired_counts.setdefault(runtime.version, []).append(
+            (runtime._counts, runtime._batch_stats)
+        )
 
         async def forward(
             request: Any, timeout: float | None, priority: int | None, trace: bool, stream: bool

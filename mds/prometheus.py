@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,7 @@ from ._deps import require
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError
 from ._handler import ModelState
-from ._metrics.families import Family, Retained, families
+from ._metrics.families import Family, families
 from ._metrics.shared import SharedDirectory
 from ._runtime import Runtime
 from ._status import Histogram
@@ -73,7 +72,8 @@ class Collector:
     Raises:
         MissingDependency: ``prometheus_client`` is not installed
             (``pip install mds-serving[metrics]``).
-        ConfigError: ``namespace`` cannot start a metric name.
+        ConfigError: ``namespace`` cannot start a metric name, or
+            ``directory`` is given where there are no POSIX file locks (Windows).
 
     Example:
         >>> registry = prometheus_client.CollectorRegistry()
@@ -95,11 +95,14 @@ class Collector:
             raise ConfigError(
                 f"namespace {namespace!r} is not a metric name prefix ([a-zA-Z_][a-zA-Z0-9_]*)"
             )
+        if directory is not None and os.name != "posix":
+            raise ConfigError(
+                "directory= shares metrics between processes with POSIX file locks; "
+                "it is not supported on this platform"
+            )
         self.runtime = runtime
         self.namespace = namespace
         self._devices = devices
-        self._lock = threading.Lock()
-        self._retained = Retained()
         self._shared = (
             SharedDirectory(directory, self._own, interval, self._has_run)
             if directory is not None
@@ -118,10 +121,7 @@ class Collector:
         )
 
     def _own(self) -> list[Family]:
-        owners: dict[tuple[str, str], int] = {}
-        found = families(self.runtime, self._devices, owners)
-        with self._lock:  # scrapes and the background writer, from their own threads
-            return self._retained.apply(found, owners)
+        return families(self.runtime, self._devices)
 
     def collect(self) -> Iterator[Metric]:
         """The metric families now (what a registry calls at each scrape)."""

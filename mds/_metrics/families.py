@@ -7,19 +7,24 @@ are handed to ``prometheus_client``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
-from typing import Literal, Protocol
+from functools import reduce
+from operator import add
+from typing import Any, Literal, Protocol
 
 import msgspec
 
+from .._config import ModelConfig, version_key
 from .._devices.device import Device
 from .._devices.manager import DeviceManager
 from .._errors import MdsError
 from .._handler import ModelState
 from .._runtime import Runtime
-from .._status import Histogram, ModelStatistics, PipelineStatistics
+from .._statistics import snapshot
+from .._status import Histogram, ModelHistograms, ModelStatistics, PipelineStatistics
 
-__all__ = ["Family", "Retained", "Sample", "families"]
+__all__ = ["Family", "Sample", "families"]
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -72,16 +77,12 @@ _MODEL_HISTOGRAMS = {
 }
 
 
-def families(
-    runtime: Runtime,
-    devices: DeviceManager | None = None,
-    owners: dict[tuple[str, str], int] | None = None,
-) -> list[Family]:
+def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Family]:
     """Every family for ``runtime`` now: its models (each loaded version), pipelines, devices.
 
-    Reads counters only (no I/O but the devices' memory), from any thread.
-    ``owners`` is filled with which object counted each ``(model, version)``
-    (an ``id``): a reload of a version counts afresh (see :class:`Retained`).
+    Reads counters only (no I/O but the devices' memory), from any thread. A
+    version's counters include those of its runtimes that were reloaded or
+    unloaded, so that they never go down while the model is served.
     """
     found: dict[str, Family] = {}
 
@@ -108,12 +109,15 @@ def families(
             continue
         for version, count in sorted(versions._load_failures.items()):
             failures.add((name, version), count)
-        for version, model in loaded:
-            if owners is not None:
-                owners[name, version] = id(model)
-            stats = model.statistics()
-            _model(family, (name, version), stats)
-            used.update(stats.devices)
+        current = dict(loaded)
+        retired = dict(versions._retired_counts)
+        for version in sorted(set(current) | set(retired), key=version_key):
+            model = current.get(version)
+            stats = model.statistics() if model is not None else None
+            older = [_counted(name, version, *pair) for pair in list(retired.get(version, ()))]
+            _model(family, (name, version), stats, older)
+            if stats is not None:
+                used.update(stats.devices)
     for pipeline in runtime.pipelines.values():
         _pipeline(family, pipeline.statistics())
     _residency(family, runtime)
@@ -122,7 +126,59 @@ def families(
     return list(found.values())
 
 
-def _model(family: _Make, labels: tuple[str, str], stats: ModelStatistics) -> None:
+def _counted(name: str, version: str, counts: Any, batches: Any) -> ModelStatistics:
+    """A retired runtime's counters, as statistics (its gauges mean nothing now)."""
+    return snapshot(
+        name=name,
+        version=version,
+        state=ModelState.STOPPED,
+        config=_NO_CONFIG,
+        counts=counts,
+        batches=batches,
+        batcher=None,
+        devices=(),
+    )
+
+
+_NO_CONFIG = ModelConfig()
+
+
+def _summed(stats: ModelStatistics | None, older: list[ModelStatistics]) -> ModelStatistics:
+    """``stats`` with the counters and histograms of ``older`` added (gauges: ``stats``')."""
+    if not older:
+        assert stats is not None
+        return stats
+    every = ([stats] if stats is not None else []) + older
+    errors: Counter[str] = Counter()
+    for each in every:
+        errors.update(each.errors)
+    histograms = {
+        field: reduce(add, (getattr(each.histograms, field) for each in every))
+        for field in ModelHistograms.__struct_fields__
+    }
+    base = stats if stats is not None else older[0]
+    return msgspec.structs.replace(
+        base,
+        **{field: sum(getattr(each, field) for each in every) for field in _SUMMED},
+        errors=dict(errors),
+        histograms=ModelHistograms(**histograms),
+    )
+
+
+#: The counters of ModelStatistics that add up across a version's runtimes.
+_SUMMED = (
+    "requests", "completed", "failed", "rejected", "cancelled", "deadline_misses", "invalid",
+    "batches", "batched_items", "batched_cost", "isolation_splits", "out_of_memory",
+)  # fmt: skip
+
+
+def _model(
+    family: _Make,
+    labels: tuple[str, str],
+    current: ModelStatistics | None,
+    older: list[ModelStatistics],
+) -> None:
+    stats = _summed(current, older)
     requests = family("requests", "counter", _OUTCOMES, (*_MODEL, "outcome"))
     _outcomes(requests, labels, stats)
     errors = family(
@@ -143,6 +199,9 @@ def _model(family: _Make, labels: tuple[str, str], stats: ModelStatistics) -> No
         "out_of_memory", "counter", "Batches that ran out of device memory (and were split).",
         _MODEL,
     ).add(labels, stats.out_of_memory)  # fmt: skip
+    if current is None:
+        return  # unloaded: its counts, no gauges
+    stats = current
     family("queue_depth", "gauge", "Requests waiting in the queue now.", _MODEL).add(
         labels, stats.queued
     )
@@ -282,69 +341,3 @@ class _Make(Protocol):  # the type of ``family`` above, for the helpers' annotat
     def __call__(
         self, name: str, kind: Kind, help: str, labels: tuple[str, ...], combine: str = "sum"
     ) -> Family: ...
-
-
-#: Model families counted by the model's name, not by a version's object: kept already.
-_KEPT = frozenset({"model_load_failures"})
-
-
-class Retained:
-    """Counts of model versions that were reloaded or unloaded, kept so that totals never drop.
-
-    A reload starts a version's counts again from zero, and an unloaded
-    version's series vanish; where several processes add up (or a scrape
-    compares with the last), either reads as traffic going backwards. This
-    keeps, per series, what the objects gone had counted, and adds it to what
-    is counted now (or reports it alone). Gauges are not kept.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, tuple[str, ...]], tuple[int, float | Histogram]] = {}
-        self._kept: dict[tuple[str, tuple[str, ...]], float | Histogram] = {}
-        self._meta: dict[str, Family] = {}
-
-    def apply(self, found: list[Family], owners: dict[tuple[str, str], int]) -> list[Family]:
-        """``found`` (made with ``owners``), with what reloaded or unloaded versions counted."""
-        seen: set[tuple[str, tuple[str, ...]]] = set()
-        by_name = {family.name: family for family in found}
-        for family in found:
-            if family.kind == "gauge" or family.labels[:2] != _MODEL or family.name in _KEPT:
-                continue
-            self._meta.setdefault(family.name, family)
-            for sample in family.samples:
-                key = (family.name, sample.labels)
-                owner = owners.get((sample.labels[0], sample.labels[1]), 0)
-                last = self._last.get(key)
-                if last is not None and last[0] != owner:  # reloaded: a new object counts
-                    self._keep(key, last[1])
-                self._last[key] = (owner, sample.value)
-                seen.add(key)
-                kept = self._kept.get(key)
-                if kept is not None:
-                    sample.value = _add(kept, sample.value)
-        for key in [key for key in self._last if key not in seen]:  # unloaded
-            self._keep(key, self._last.pop(key)[1])
-        for (name, labels), value in self._kept.items():
-            if (name, labels) in seen:
-                continue
-            target = by_name.get(name)
-            if target is None:
-                meta = self._meta[name]
-                target = by_name[name] = Family(
-                    meta.name, meta.kind, meta.help, meta.labels, combine=meta.combine
-                )
-                found.append(target)
-            target.add(labels, value)
-        return found
-
-    def _keep(self, key: tuple[str, tuple[str, ...]], value: float | Histogram) -> None:
-        kept = self._kept.get(key)
-        self._kept[key] = value if kept is None else _add(kept, value)
-
-
-def _add(a: float | Histogram, b: float | Histogram) -> float | Histogram:
-    if isinstance(a, Histogram) and isinstance(b, Histogram):
-        return a + b if a.bounds == b.bounds else b
-    if isinstance(a, Histogram) or isinstance(b, Histogram):
-        return b
-    return a + b

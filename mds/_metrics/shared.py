@@ -41,6 +41,7 @@ class _File(msgspec.Struct):
     pid: int
     families: list[Family]
     started: int = 0  # the process's start time (Linux clock ticks), to tell a reused pid
+    folded: list[str] = msgspec.field(default_factory=list)  # mds-exited.json: files in it
 
 
 _encoder = msgspec.json.Encoder()
@@ -120,16 +121,30 @@ class SharedDirectory:
         self.write()
         with self._locked():
             self._fold_exited()
-            files = list(self._read(sorted(self.path.glob(f"{_PREFIX}*.json"))))
+            exited = self.path / _EXITED
+            files = list(self._read([exited])) if exited.exists() else []
+            folded = set(files[0].folded) if files else set()
+            paths = self.path.glob(f"{_PREFIX}*.json")
+            others = [p for p in paths if p.name != _EXITED and p.name not in folded]
+            files += self._read(sorted(others))
         return merge(files)
 
     def _fold_exited(self) -> None:
-        """Fold the files of exited workers into ``mds-exited.json`` (under the lock)."""
+        """Fold the files of exited workers into ``mds-exited.json`` (under the lock).
+
+        The folded file names the files in it: one left behind by a fold that
+        was interrupted is removed, not counted again.
+        """
         exited = self.path / _EXITED
+        before = list(self._read([exited])) if exited.exists() else []
+        done = set(before[0].folded) if before else set()
         gone: list[Path] = []
         files: list[_File] = []
         for path in self.path.glob(f"{_PREFIX}*.json"):
             if path.name == _EXITED:
+                continue
+            if path.name in done:
+                _remove(path)
                 continue
             for read in self._read([path]):
                 if not _alive(read.pid, read.started):
@@ -137,14 +152,18 @@ class SharedDirectory:
                     files.append(read)
         if not gone:
             return
-        files += list(self._read([exited])) if exited.exists() else []
-        folded = _File(pid=0, families=merge(files, gauges=False))
+        names = sorted(done & {p.name for p in self.path.glob(f"{_PREFIX}*.json")})
+        folded = _File(
+            pid=0,
+            families=merge(files + before, gauges=False),
+            folded=names + [path.name for path in gone],
+        )
         temporary = self.path / f".{_EXITED}.tmp"
         temporary.write_bytes(_encoder.encode(folded))
         os.replace(temporary, exited)
         for path in gone:
-            path.unlink(missing_ok=True)
-            (path.parent / f".{path.stem}.tmp").unlink(missing_ok=True)
+            _remove(path)
+            _remove(path.parent / f".{path.stem}.tmp")
 
     def _read(self, paths: list[Path]) -> Iterator[_File]:
         for path in paths:
@@ -218,10 +237,17 @@ def _started(pid: int) -> int:
     return int(fields[19])
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # the next fold tries again; the scrape goes on
+        logger.warning("could not remove metrics file %s: %s", path, exc)
+
+
 def _alive(pid: int, started: int) -> bool:
     """Whether the process that wrote a file runs still (not another one given its pid since)."""
     if pid == os.getpid():
-        return True
+        return not started or started == _started(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

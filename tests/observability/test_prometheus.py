@@ -328,6 +328,34 @@ def test_exited_workers_are_folded_into_one_file_and_still_count(tmp_path: Path)
     assert value(second, "mds_request_duration_seconds_count", **model) == 10
 
 
+def test_a_fold_cut_short_never_counts_a_worker_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mds._metrics import shared
+
+    for count in (3, 4):
+        subprocess.run(
+            [sys.executable, "-c", _WORKER, str(tmp_path), str(count)], check=True, timeout=60
+        )
+    runtime = mds.Runtime()
+    runtime.add_model("plain", Plain)
+    collector = mds.prometheus.Collector(runtime, directory=tmp_path, interval=60)
+    model = {"model": "plain", "version": "1"}
+    try:
+        # As if the scraping process died after writing the folded file: the
+        # exited workers' own files are left behind.
+        with monkeypatch.context() as patched:
+            patched.setattr(shared, "_remove", lambda path: None)
+            first = scrape(collector)
+        assert len(list(tmp_path.glob("mds-*.json"))) == 3
+        second = scrape(collector)
+    finally:
+        collector.close()
+    assert value(first, "mds_requests_total", outcome="success", **model) == 7
+    assert value(second, "mds_requests_total", outcome="success", **model) == 7
+    assert sorted(p.name for p in tmp_path.glob("mds-*.json")) == ["mds-exited.json"]
+
+
 _PRELOAD = textwrap.dedent(
     """
     import os, sys
@@ -382,19 +410,21 @@ def test_a_reloaded_or_unloaded_version_keeps_its_counts() -> None:
             mds.serve_sync("plain", x)
         model = {"model": "plain", "version": "1"}
         assert value(scrape(collector), "mds_requests_total", outcome="success", **model) == 3
+        for x in range(4):  # after the scrape, before the reload: counted too
+            mds.serve_sync("plain", x)
         runtime.load_model_sync("plain", Plain, version="1")  # a reload counts afresh
         for x in range(2):
             mds.serve_sync("plain", x)
         assert runtime.statistics()["plain"].completed == 2
         series = scrape(collector)
-        assert value(series, "mds_requests_total", outcome="success", **model) == 5
-        assert value(series, "mds_request_duration_seconds_count", **model) == 5
+        assert value(series, "mds_requests_total", outcome="success", **model) == 9
+        assert value(series, "mds_request_duration_seconds_count", **model) == 9
         runtime.load_model_sync("plain", Plain, version="2")
         runtime.unload_model_sync("plain", "1")
         mds.serve_sync("plain", 0)
         series = scrape(collector)
         # Version 1's series stays, with what it counted; gauges go with it.
-        assert value(series, "mds_requests_total", outcome="success", **model) == 5
+        assert value(series, "mds_requests_total", outcome="success", **model) == 9
         assert ("mds_queue_depth", frozenset(model.items())) not in series
         two = {"model": "plain", "version": "2"}
         assert value(series, "mds_requests_total", outcome="success", **two) == 1

@@ -161,3 +161,36 @@ async def test_requests_an_on_demand_model_cannot_take_are_counted() -> None:
         stats = runtime.statistics()["broken"]
     assert stats.rejected == 5 and stats.errors == {"NotReady": 5}
     assert stats.in_flight == 0
+
+
+class SlowToLoad(mds.ModelHandler[float, float]):
+    def init(self, context: mds.ModelContext) -> None:
+        import time
+
+        time.sleep(0.3)
+
+    def infer(self, batch: Sequence[float]) -> list[float]:
+        return list(batch)
+
+
+async def test_a_request_refused_while_its_model_loads_is_never_counted_twice() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("slow", SlowToLoad, on_demand=True)
+    async with runtime:
+        model = runtime.model("slow")
+        failures: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await runtime.serve("slow", 1.0)
+            except mds.MdsError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(call)
+            await anyio.sleep(0.1)  # loading now
+            await runtime.unload_model("slow")
+        stats = model.statistics()
+    assert [type(f) for f in failures] == [mds.NotReady]
+    # Once at most: the unloaded version hands it on (to no version now), not counting it.
+    assert stats.rejected <= 1 and stats.in_flight == 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable
+from functools import reduce
+from operator import add
 from typing import Any
 
 import anyio
+import msgspec
 
 from ._batching.batcher import Batcher
 from ._batching.stats import BatchStats, Buckets
@@ -15,7 +18,7 @@ from ._errors import DeadlineExceeded, NotReady, Overloaded, RequestError
 from ._handler import ModelState
 from ._status import ModelHistograms, ModelStatistics
 
-__all__ = ["RequestCounts", "counted", "snapshot"]
+__all__ = ["RequestCounts", "counted", "retired_statistics", "snapshot", "summed"]
 
 
 class RequestCounts:
@@ -181,6 +184,54 @@ def snapshot(
             batch_cost=batches.costs.snapshot(),
         ),
     )
+
+
+def retired_statistics(
+    name: str, version: str, counts: RequestCounts, batches: BatchStats
+) -> ModelStatistics:
+    """A retired runtime's counters, as statistics (its gauges mean nothing now)."""
+    return snapshot(
+        name=name,
+        version=version,
+        state=ModelState.STOPPED,
+        config=_NO_CONFIG,
+        counts=counts,
+        batches=batches,
+        batcher=None,
+        devices=(),
+    )
+
+
+_NO_CONFIG = ModelConfig()
+
+
+def summed(stats: ModelStatistics | None, older: list[ModelStatistics]) -> ModelStatistics:
+    """``stats`` with the counters and histograms of ``older`` added (gauges: ``stats``')."""
+    if not older:
+        assert stats is not None
+        return stats
+    every = ([stats] if stats is not None else []) + older
+    errors: Counter[str] = Counter()
+    for each in every:
+        errors.update(each.errors)
+    histograms = {
+        field: reduce(add, (getattr(each.histograms, field) for each in every))
+        for field in ModelHistograms.__struct_fields__
+    }
+    base = stats if stats is not None else older[0]
+    return msgspec.structs.replace(
+        base,
+        **{field: sum(getattr(each, field) for each in every) for field in _SUMMED},
+        errors=dict(errors),
+        histograms=ModelHistograms(**histograms),
+    )
+
+
+#: The counters of ModelStatistics that add up across a version's runtimes.
+_SUMMED = (
+    "requests", "completed", "failed", "rejected", "cancelled", "deadline_misses", "invalid",
+    "batches", "batched_items", "batched_cost", "isolation_splits", "out_of_memory",
+)  # fmt: skip
 
 
 def _percentile(ordered: list[float], q: float) -> float:

@@ -25,6 +25,7 @@ from ._errors import ConfigError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelState
 from ._model import ModelRuntime
 from ._servable import Serving
+from ._statistics import retired_statistics, summed
 from ._status import CallTrace, ModelHealth, ModelStatistics, VersionStatus
 from ._tensors import Signature
 
@@ -187,7 +188,9 @@ class ModelVersions(_Delegating):
         self._gone: dict[str, VersionStatus] = {}  # failed loads, unloaded versions
         self._load_failures: Counter[str] = Counter()  # loads that failed, by version
         # The counters of each version's runtimes that were reloaded or unloaded.
-        self._retired_counts: dict[str, list[tuple[Any, Any]]] = {}
+        # Each version's reloaded or unloaded runtimes' counters: those folded
+        # once idle, and those live.
+        self._retired: dict[str, tuple[ModelStatistics | None, tuple[Any, ...]]] = {}
         self._reload_failed: dict[str, str] = {}  # loaded versions whose reload failed
 
     def __repr__(self) -> str:
@@ -397,9 +400,18 @@ class ModelVersions(_Delegating):
         Its counters stay with the version (they count the requests it still
         finishes), so that metrics of the version never go down.
         """
-        self._retired_counts.setdefault(runtime.version, []).append(
-            (runtime._counts, runtime._batch_stats)
-        )
+        version = runtime.version
+        frozen, live = self._retired.get(version, (None, ()))
+        live = (*live, (runtime._counts, runtime._batch_stats))
+        if len(live) > _RETIRED_KEPT:
+            # Those that finished every request count no more: fold them into one.
+            idle = [pair for pair in live if not pair[0].in_flight]
+            if idle:
+                older = [retired_statistics(self.name, version, *pair) for pair in idle]
+                frozen = summed(frozen, older)
+                live = tuple(pair for pair in live if pair[0].in_flight)
+        # One tuple, replaced whole: a scrape from another thread reads it at once.
+        self._retired[version] = (frozen, live)
 
         async def forward(
             request: Any, timeout: float | None, priority: int | None, trace: bool, stream: bool
@@ -408,6 +420,10 @@ class ModelVersions(_Delegating):
             return await successor._serve(request, timeout, priority, trace, stream)
 
         runtime._successor = forward
+
+
+#: Retired runtimes' live counters a version keeps before it folds the idle ones.
+_RETIRED_KEPT = 4
 
 
 class _Pinned(_Delegating):

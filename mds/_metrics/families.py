@@ -7,22 +7,19 @@ are handed to ``prometheus_client``.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
-from functools import reduce
-from operator import add
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
-from .._config import ModelConfig, version_key
+from .._config import version_key
 from .._devices.device import Device
 from .._devices.manager import DeviceManager
 from .._errors import MdsError
 from .._handler import ModelState
 from .._runtime import Runtime
-from .._statistics import snapshot
-from .._status import Histogram, ModelHistograms, ModelStatistics, PipelineStatistics
+from .._statistics import retired_statistics, summed
+from .._status import Histogram, ModelStatistics, PipelineStatistics
 
 __all__ = ["Family", "Sample", "families"]
 
@@ -110,11 +107,14 @@ def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Fam
         for version, count in sorted(versions._load_failures.items()):
             failures.add((name, version), count)
         current = dict(loaded)
-        retired = dict(versions._retired_counts)
+        retired = dict(versions._retired)
         for version in sorted(set(current) | set(retired), key=version_key):
             model = current.get(version)
             stats = model.statistics() if model is not None else None
-            older = [_counted(name, version, *pair) for pair in list(retired.get(version, ()))]
+            frozen, live = retired.get(version, (None, ()))
+            older = [retired_statistics(name, version, *pair) for pair in live]
+            if frozen is not None:
+                older.append(frozen)
             _model(family, (name, version), stats, older)
             if stats is not None:
                 used.update(stats.devices)
@@ -126,59 +126,13 @@ def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Fam
     return list(found.values())
 
 
-def _counted(name: str, version: str, counts: Any, batches: Any) -> ModelStatistics:
-    """A retired runtime's counters, as statistics (its gauges mean nothing now)."""
-    return snapshot(
-        name=name,
-        version=version,
-        state=ModelState.STOPPED,
-        config=_NO_CONFIG,
-        counts=counts,
-        batches=batches,
-        batcher=None,
-        devices=(),
-    )
-
-
-_NO_CONFIG = ModelConfig()
-
-
-def _summed(stats: ModelStatistics | None, older: list[ModelStatistics]) -> ModelStatistics:
-    """``stats`` with the counters and histograms of ``older`` added (gauges: ``stats``')."""
-    if not older:
-        assert stats is not None
-        return stats
-    every = ([stats] if stats is not None else []) + older
-    errors: Counter[str] = Counter()
-    for each in every:
-        errors.update(each.errors)
-    histograms = {
-        field: reduce(add, (getattr(each.histograms, field) for each in every))
-        for field in ModelHistograms.__struct_fields__
-    }
-    base = stats if stats is not None else older[0]
-    return msgspec.structs.replace(
-        base,
-        **{field: sum(getattr(each, field) for each in every) for field in _SUMMED},
-        errors=dict(errors),
-        histograms=ModelHistograms(**histograms),
-    )
-
-
-#: The counters of ModelStatistics that add up across a version's runtimes.
-_SUMMED = (
-    "requests", "completed", "failed", "rejected", "cancelled", "deadline_misses", "invalid",
-    "batches", "batched_items", "batched_cost", "isolation_splits", "out_of_memory",
-)  # fmt: skip
-
-
 def _model(
     family: _Make,
     labels: tuple[str, str],
     current: ModelStatistics | None,
     older: list[ModelStatistics],
 ) -> None:
-    stats = _summed(current, older)
+    stats = summed(current, older)
     requests = family("requests", "counter", _OUTCOMES, (*_MODEL, "outcome"))
     _outcomes(requests, labels, stats)
     errors = family(

@@ -458,6 +458,26 @@ def test_a_failed_load_is_counted_and_the_old_version_serves_on() -> None:
     assert value(series, "mds_model_load_failures_total", model="plain", version="2") == 2
 
 
+def test_many_reloads_keep_every_count_and_fold_what_they_keep() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("plain", Plain)
+    collector = mds.prometheus.Collector(runtime)
+    runtime.start_sync(load="wait")
+    try:
+        for _ in range(12):
+            for x in range(3):
+                mds.serve_sync("plain", x)
+            runtime.load_model_sync("plain", Plain, version="1")
+        series = scrape(collector)
+        frozen, live = runtime.versions("plain")._retired["1"]
+    finally:
+        runtime.stop_sync()
+    model = {"model": "plain", "version": "1"}
+    assert value(series, "mds_requests_total", outcome="success", **model) == 36
+    assert value(series, "mds_batch_size_sum", **model) == 36
+    assert frozen is not None and len(live) <= 4  # the idle ones folded into one
+
+
 def test_a_namespace_must_start_a_metric_name() -> None:
     with pytest.raises(mds.ConfigError, match="is not a metric name prefix"):
         mds.prometheus.Collector(mds.Runtime(), namespace="my-app")

@@ -7,11 +7,10 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 import mds
@@ -68,21 +67,6 @@ def failures(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> 
     return [r for r in caplog.records if r.name == "mds.model" and r.levelno == level]
 
 
-async def serve_all(model: Any, requests: Sequence[Any]) -> list[Any]:
-    results: list[Any] = [None] * len(requests)
-
-    async def one(index: int) -> None:
-        try:
-            results[index] = await model.serve(requests[index])
-        except mds.MdsError as exc:
-            results[index] = exc
-
-    async with anyio.create_task_group() as tasks:
-        for index in range(len(requests)):
-            tasks.start_soon(one, index)
-    return results
-
-
 def test_the_rate_limit_lets_a_number_through_per_interval_and_counts_the_rest() -> None:
     clock = Clock()
     limit = _logs.RateLimit(3, 10.0, clock=clock)
@@ -96,7 +80,7 @@ def test_the_rate_limit_lets_a_number_through_per_interval_and_counts_the_rest()
 
 
 async def test_a_storm_of_failures_logs_a_few_lines_and_how_many_it_held_back(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, serve_all: Callable[..., Awaitable[list[Any]]]
 ) -> None:
     clock = Clock()
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8))
@@ -126,7 +110,7 @@ async def test_a_storm_of_failures_logs_a_few_lines_and_how_many_it_held_back(
 
 
 async def test_a_failure_is_one_warning_with_its_cause_and_a_traceback_at_debug(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, serve_all: Callable[..., Awaitable[list[Any]]]
 ) -> None:
     config = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=4))
     with caplog.at_level(logging.DEBUG, logger="mds"):

@@ -276,15 +276,20 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_workers_that_exited_keep_their_counts_but_not_their_gauges(tmp_path: Path) -> None:
-    for count in (3, 4):
+def run_workers(directory: Path, *requests: int) -> None:
+    """One worker process after another, each serving so many requests, then exiting."""
+    for count in requests:
         done = subprocess.run(
-            [sys.executable, "-c", _WORKER, str(tmp_path), str(count)],
+            [sys.executable, "-c", _WORKER, str(directory), str(count)],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_workers_that_exited_keep_their_counts_but_not_their_gauges(tmp_path: Path) -> None:
+    run_workers(tmp_path, 3, 4)
     assert len(list(tmp_path.glob("mds-*.json"))) == 2  # one file per worker
     runtime = mds.Runtime()
     runtime.add_model("plain", Plain)
@@ -305,10 +310,7 @@ def test_workers_that_exited_keep_their_counts_but_not_their_gauges(tmp_path: Pa
 
 
 def test_exited_workers_are_folded_into_one_file_and_still_count(tmp_path: Path) -> None:
-    for count in (1, 2, 3):
-        subprocess.run(
-            [sys.executable, "-c", _WORKER, str(tmp_path), str(count)], check=True, timeout=60
-        )
+    run_workers(tmp_path, 1, 2, 3)
     runtime = mds.Runtime()
     runtime.add_model("plain", Plain)
     collector = mds.prometheus.Collector(runtime, directory=tmp_path, interval=60)
@@ -316,7 +318,7 @@ def test_exited_workers_are_folded_into_one_file_and_still_count(tmp_path: Path)
     try:
         first = scrape(collector)
         files = sorted(path.name for path in tmp_path.glob("mds-*.json"))
-        subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path), "4"], check=True, timeout=60)
+        run_workers(tmp_path, 4)
         second = scrape(collector)
     finally:
         runtime.stop_sync()
@@ -333,10 +335,7 @@ def test_a_fold_cut_short_never_counts_a_worker_twice(
 ) -> None:
     from mds._metrics import shared
 
-    for count in (3, 4):
-        subprocess.run(
-            [sys.executable, "-c", _WORKER, str(tmp_path), str(count)], check=True, timeout=60
-        )
+    run_workers(tmp_path, 3, 4)
     runtime = mds.Runtime()
     runtime.add_model("plain", Plain)
     collector = mds.prometheus.Collector(runtime, directory=tmp_path, interval=60)

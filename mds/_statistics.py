@@ -63,6 +63,20 @@ class RequestCounts:
         ended = self.completed + self.failed + self.deadline + self.invalid + self.cancelled
         return self.requests - ended - self.overloaded
 
+    def outcomes(self) -> dict[str, Any]:
+        """The fields of ``ModelStatistics`` and ``PipelineStatistics`` these make."""
+        return {
+            "requests": self.requests,
+            "completed": self.completed,
+            "failed": self.failed + self.deadline + self.invalid,
+            "rejected": self.not_ready + self.overloaded,
+            "cancelled": self.cancelled,
+            "deadline_misses": self.deadline,
+            "invalid": self.invalid,
+            "in_flight": max(0, self.in_flight),  # read from another thread: never below 0
+            "errors": dict(self.errors),
+        }
+
     def failure(self, exc: BaseException) -> None:
         """An admitted request ended with ``exc``: counted by its kind."""
         if isinstance(exc, Overloaded):
@@ -143,17 +157,9 @@ def snapshot(
         name=name,
         version=version,
         state=state,
-        in_flight=max(0, counts.in_flight),  # read from another thread: never below 0
         queued=queue.count if queue is not None else 0,
         queued_by_priority=tuple(queue.counts) if queue is not None else (),
-        requests=counts.requests,
-        completed=counts.completed,
-        failed=counts.failed + counts.deadline + counts.invalid,
-        rejected=counts.not_ready + counts.overloaded,
-        cancelled=counts.cancelled,
-        deadline_misses=counts.deadline,
-        invalid=counts.invalid,
-        errors=dict(counts.errors),
+        **counts.outcomes(),
         batches=batches.batches,
         batched_items=batches.batched_items,
         batched_cost=batches.batched_cost,

@@ -284,23 +284,19 @@ def _model(
 def _version(
     status: VersionStatus, model: ModelRuntime[Any, Any] | None, traffic: float
 ) -> VersionView:
+    listed: dict[str, Any] = {
+        "version": status.version,
+        "state": status.state.value,
+        "reason": status.reason,
+        "traffic": traffic,
+        "on_demand": status.on_demand,
+    }
     if model is None:
-        return VersionView(
-            version=status.version,
-            state=status.state.value,
-            reason=status.reason,
-            loaded=False,
-            traffic=traffic,
-            on_demand=status.on_demand,
-        )
+        return VersionView(**listed, loaded=False)
     stats = model.statistics()
     return VersionView(
-        version=status.version,
-        state=status.state.value,
-        reason=status.reason,
+        **listed,
         loaded=True,
-        traffic=traffic,
-        on_demand=status.on_demand,
         instances=stats.instances,
         devices=stats.devices,  # where they were placed (read, not probed)
         max_batch_size=stats.max_batch_size,

@@ -133,16 +133,7 @@ def _model(
     older: list[ModelStatistics],
 ) -> None:
     stats = summed(current, older)
-    requests = family("requests", "counter", _OUTCOMES, (*_MODEL, "outcome"))
-    _outcomes(requests, labels, stats)
-    errors = family(
-        "request_errors",
-        "counter",
-        "Failed and rejected requests by error class (InvalidInput, Overloaded, NotReady, ...).",
-        (*_MODEL, "error"),
-    )
-    for error, count in sorted(stats.errors.items()):
-        errors.add((*labels, error), count)
+    _outcomes(family, "", _MODEL, labels, stats)
     for field, (name, help) in _MODEL_HISTOGRAMS.items():
         family(name, "histogram", help, _MODEL).add(labels, getattr(stats.histograms, field))
     family(
@@ -199,8 +190,22 @@ _OUTCOMES = (
 
 
 def _outcomes(
-    requests: Family, labels: tuple[str, ...], stats: ModelStatistics | PipelineStatistics
+    family: _Make,
+    prefix: str,
+    names: tuple[str, ...],
+    labels: tuple[str, ...],
+    stats: ModelStatistics | PipelineStatistics,
 ) -> None:
+    """Requests by outcome, and failures by error class."""
+    errors = family(
+        f"{prefix}request_errors",
+        "counter",
+        "Failed and rejected requests by error class (InvalidInput, Overloaded, NotReady, ...).",
+        (*names, "error"),
+    )
+    for error, count in sorted(stats.errors.items()):
+        errors.add((*labels, error), count)
+    requests = family(f"{prefix}requests", "counter", _OUTCOMES, (*names, "outcome"))
     # failed holds deadline and invalid, read in the same snapshot: never negative.
     requests.add((*labels, "success"), stats.completed)
     requests.add((*labels, "error"), stats.failed - stats.deadline_misses - stats.invalid)
@@ -212,16 +217,7 @@ def _outcomes(
 
 def _pipeline(family: _Make, stats: PipelineStatistics) -> None:
     labels = (stats.name, stats.version)
-    requests = family("pipeline_requests", "counter", _OUTCOMES, (*_PIPELINE, "outcome"))
-    _outcomes(requests, labels, stats)
-    errors = family(
-        "pipeline_request_errors",
-        "counter",
-        "Failed and rejected pipeline requests by error class.",
-        (*_PIPELINE, "error"),
-    )
-    for error, count in sorted(stats.errors.items()):
-        errors.add((*labels, error), count)
+    _outcomes(family, "pipeline_", _PIPELINE, labels, stats)
     family(
         "pipeline_request_duration_seconds",
         "histogram",

@@ -205,15 +205,7 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
         return PipelineStatistics(
             name=self.name,
             version=self.version,
-            requests=counts.requests,
-            completed=counts.completed,
-            failed=counts.failed + counts.deadline + counts.invalid,
-            rejected=counts.not_ready + counts.overloaded,
-            cancelled=counts.cancelled,
-            deadline_misses=counts.deadline,
-            invalid=counts.invalid,
-            in_flight=max(0, counts.in_flight),
-            errors=dict(counts.errors),
+            **counts.outcomes(),
             request=counts.request.snapshot(),
             nodes={name: runner.statistics() for name, runner in self._runners.items()},
         )

@@ -127,7 +127,7 @@ class Batcher(Generic[W]):
         self._want_full: list[_loop.Waiter] = []  # busy workers waiting for a full batch
         self._running_batches: dict[int, list[Item]] = {}
         self.queue = RequestQueue(config.priority_levels)
-        self._watch = DeadlineWatch(self.queue, self._running_batches, stats, self._clock)
+        self._watch = DeadlineWatch(self.queue, self._running_batches, self._clock)
         self.configure(config)
 
     def configure(self, config: BatchingConfig) -> None:
@@ -200,7 +200,6 @@ class Batcher(Generic[W]):
         if now is None:
             now = self._clock()
         if deadline is not None and deadline <= now:
-            self.stats.deadline_misses += 1
             raise DeadlineExceeded("the request's deadline passed before it was queued")
         seq = self._seq = self._seq + 1
         item = Item(value, self._new_waiter(), now, seq, deadline, level, cost, key, length)
@@ -354,7 +353,6 @@ class Batcher(Generic[W]):
     def _drop(self, item: Item, now: float, max_cost: int) -> None:
         """Answer an item that can never run: expired, or too costly for the limit."""
         if item.deadline is not None and item.deadline <= now:
-            self.stats.deadline_misses += 1
             item.settle(
                 DeadlineExceeded(
                     "the request's deadline passed while it waited in the queue; "

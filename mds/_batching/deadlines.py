@@ -10,7 +10,6 @@ import anyio
 
 from .._errors import DeadlineExceeded
 from .queue import DONE, QUEUED, RUNNING, Item, RequestQueue
-from .stats import BatchStats
 
 __all__ = ["DeadlineWatch"]
 
@@ -25,7 +24,6 @@ class DeadlineWatch:
     Args:
         queue: the batcher's queue.
         running: the batches being computed, by id.
-        stats: where misses are counted.
         clock: the loop's clock.
     """
 
@@ -33,12 +31,10 @@ class DeadlineWatch:
         self,
         queue: RequestQueue,
         running: dict[int, list[Item]],
-        stats: BatchStats,
         clock: Callable[[], float],
     ) -> None:
         self._queue = queue
         self._running = running
-        self._stats = stats
         self._clock = clock
         self._heap: list[tuple[float, int, Item]] = []  # out-of-order deadlines
         #: When the watcher wakes next; an earlier deadline must :meth:`wake` it.
@@ -109,5 +105,4 @@ class DeadlineWatch:
             message = "the request's deadline passed while its batch was computed"
         else:
             return
-        self._stats.deadline_misses += 1
         item.settle(DeadlineExceeded(message))

@@ -49,7 +49,6 @@ class BatchStats:
         self.infer_seconds = 0.0
         self.queue_wait_seconds = 0.0
         self.recent_waits: deque[float] = deque(maxlen=1024)
-        self.deadline_misses = 0
         self.isolation_splits = 0
         self.out_of_memory = 0
         self.padding_sum = 0.0

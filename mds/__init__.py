@@ -46,6 +46,9 @@ from ._pipeline.graph import Pipeline as Pipeline
 from ._pipeline.nodes import Node as Node
 from ._pipeline.running import PipelineRuntime as PipelineRuntime
 from ._repository.repository import ModelRepository as ModelRepository
+from ._request import RequestContext as RequestContext
+from ._request import request_context as request_context
+from ._request import use_request_context as use_request_context
 from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._runtime import Runtime as Runtime
 from ._servable import Servable as Servable
@@ -108,6 +111,7 @@ __all__ = [
     "PipelineRuntime",
     "PipelineStatistics",
     "PipelineTrace",
+    "RequestContext",
     "RequestError",
     "ResidencyStatistics",
     "Runtime",
@@ -123,8 +127,10 @@ __all__ = [
     "VersionStatus",
     "__version__",
     "current_runtime",
+    "request_context",
     "serve",
     "serve_sync",
+    "use_request_context",
 ]
 
 # Reprs and tracebacks show the public path, not the private module.

@@ -21,6 +21,9 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
         dtype: its numpy dtype's name (``"float32"``, ``"int64"``, ``"object"``
             for strings).
         shape: its dimensions; a string or ``None`` for a dimension of any size.
+        labels: for an output of scores, the class each position stands for:
+            the Open Inference Protocol's ``classification`` names them.
+            Added in 0.5.
 
     Added in 0.2.
     """
@@ -28,6 +31,7 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     dtype: str
     shape: tuple[int | str | None, ...]
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -65,6 +65,7 @@ from ._http.service import (
     span_name,
 )
 from ._repository.repository import ModelRepository
+from ._request import use_request_context
 from ._runtime import Load, Runtime
 
 if TYPE_CHECKING:
@@ -460,6 +461,7 @@ class _Routes:
             with (
                 _tracing.continued(headers, server_span=span_name(v2, "version" in params)),
                 _logs.request_id(request_id(call, headers.get("x-request-id"))),
+                use_request_context(call.context),
             ):
                 if call.streams:
                     await self._stream(receive, send, call)

@@ -41,6 +41,7 @@ from ._http.service import (
     span_name,
 )
 from ._repository.repository import ModelRepository
+from ._request import use_request_context
 from ._runtime import Load, Runtime
 
 if TYPE_CHECKING:
@@ -362,6 +363,7 @@ class _Views:
             with (
                 _tracing.continued(request.headers, server_span=span_name(v2, version is not None)),
                 _logs.request_id(request_id(call, request.headers.get("X-Request-Id"))),
+                use_request_context(call.context),
             ):
                 if call.streams:
                     return self._stream(call)  # the first chunk is fetched in here
@@ -392,7 +394,13 @@ class _Views:
                 if first is _END:
                     return
                 yield service.stream_event(call, first)
-                for chunk in chunks:
+                while True:
+                    # Each chunk is fetched with the request's context (never
+                    # set across a yield: the server resumes this generator).
+                    with use_request_context(call.context):
+                        chunk = next(chunks, _END)
+                    if chunk is _END:
+                        break
                     yield service.stream_event(call, chunk)
             except Exception as exc:
                 yield service.error_event(exc)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mds"
 #: Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS: list[tuple[str, set[str]]] = [
     (
-        "leaves: errors, the loop, exit, threads, dependencies, tensors, logs, tracing",
+        "leaves: errors, the loop, exit, threads, dependencies, tensors, logs, tracing, requests",
         {
             "_errors",
             "_version",
@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_deprecation",
             "_logs",
             "_tracing",
+            "_request",
         },
     ),
     ("calls into a loop from elsewhere", {"_bridge"}),
@@ -41,6 +42,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"_runtime", "_by_name", "_current", "_hosting", "_managing", "_residency"},
     ),
     ("the model repository", {"_repository"}),
+    ("the Open Inference Protocol, apart from its transports", {"_oip"}),
     (
         "transports, public namespaces",
         {

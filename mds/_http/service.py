@@ -28,14 +28,15 @@ from .._errors import (
     Unavailable,
     excerpt,
 )
+from .._oip import call as v2_protocol
+from .._oip import protocol, reports
+from .._oip.call import V2Call
+from .._oip.protocol import ModelMetadata
+from .._request import RequestContext
 from .._runtime import Runtime
 from .._servable import Servable
 from .._status import ModelHealth, PipelineHealth, RuntimeHealth
 from .._version import __version__
-from . import protocol
-from . import v2 as v2_protocol
-from .protocol import ModelMetadata
-from .v2 import V2Call
 
 __all__ = [
     "ERROR_STATUS",
@@ -227,6 +228,8 @@ class Call(NamedTuple):
     priority: int | None
     streams: bool  # answer with server-sent events
     v2: V2Call | None = None
+    #: What the handler may read of the request (``mds.request_context()``).
+    context: RequestContext = RequestContext()
 
 
 def _enc_hook(value: Any) -> Any:
@@ -239,6 +242,7 @@ def _enc_hook(value: Any) -> Any:
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_NO_CONTEXT = RequestContext()
 _decoder = msgspec.json.Decoder()
 
 
@@ -386,14 +390,7 @@ class Service:
         return Reply(200, _encoder.encode([self.metadata(target) for target in servables]))
 
     def metadata(self, target: Servable) -> ModelMetadata:
-        inputs, outputs = target.signature() or ({}, {})
-        return ModelMetadata(
-            name=target.name,
-            versions=list(target.versions),
-            platform=target.platform,
-            inputs=[v2_protocol.tensor_metadata(spec) for spec in inputs.values()],
-            outputs=[v2_protocol.tensor_metadata(spec) for spec in outputs.values()],
-        )
+        return reports.metadata(target)
 
     # -- mds's own JSON inference -------------------------------------------
 
@@ -450,12 +447,20 @@ class Service:
         target = self.target(name, version).choose()
         v2_call: V2Call | None = None
         rows: list[Any] | None = None
+        given_id = headers.get("x-request-id")
         try:
             if v2:
-                v2_call = v2_protocol.decode(target, body, headers.get(BINARY_HEADER))
-                payload, rows = v2_call.payload, v2_call.rows
+                v2_call = v2_protocol.decode(target, body, headers.get(BINARY_HEADER), given_id)
+                payload, rows, context = v2_call.payload, v2_call.rows, v2_call.context
+                # A header and a parameter may both set them: the earlier
+                # deadline holds; the header's priority (mds's own levels) wins.
+                if v2_call.timeout is not None and (timeout is None or v2_call.timeout < timeout):
+                    timeout = v2_call.timeout
+                if priority is None:
+                    priority = v2_call.priority
             else:
                 payload = self.json_request(body)
+                context = RequestContext(id=given_id) if given_id else _NO_CONTEXT
         except MdsError as exc:
             target.add_context(exc)
             raise
@@ -465,7 +470,7 @@ class Service:
                 "a model that streams takes one request at a time: send the tensors "
                 "without a batch axis"
             )
-        return Call(target, payload, rows, timeout, priority, streams, v2_call)
+        return Call(target, payload, rows, timeout, priority, streams, v2_call, context)
 
     def reply(self, call: Call, result: Any) -> Reply:
         """The response to ``call`` for the model's ``result`` (each row's, with rows)."""

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mds._http.protocol import (
+from mds._oip.protocol import (
     InferRequest,
     RequestInput,
     decode_inputs,

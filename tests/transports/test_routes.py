@@ -339,7 +339,7 @@ def test_every_datatype_round_trips_as_json_and_binary(
     expected_type = "FP32" if datatype == "BF16" else datatype
     assert output == {"name": "t", "shape": shape, "datatype": expected_type, "data": data}
 
-    from mds._http.protocol import DATATYPES
+    from mds._oip.protocol import DATATYPES
 
     if datatype == "BYTES":
         raw = b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in data)

@@ -32,7 +32,9 @@ __all__ = [
     "datatype_of",
     "decode_inputs",
     "decode_request",
+    "check_shape",
     "encode_outputs",
+    "from_bytes",
 ]
 
 #: The header that says how long the JSON part of a binary body is.
@@ -196,7 +198,7 @@ def decode_inputs(request: InferRequest, binary: memoryview | None) -> dict[str,
                 f"{where}: unknown datatype {tensor.datatype!r}; the protocol's are "
                 f"{', '.join(DATATYPES)}"
             )
-        _check_shape(tensor.shape, dtype, where)
+        check_shape(tensor.shape, dtype, where)
         count = math.prod(tensor.shape)
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is not None:
@@ -212,7 +214,7 @@ def decode_inputs(request: InferRequest, binary: memoryview | None) -> dict[str,
                 raise DecodeError(f"{where}: has both data and binary_data_size")
             raw = binary[offset : offset + size]
             offset += size
-            arrays[tensor.name] = _from_bytes(raw, tensor.datatype, dtype, tensor.shape, where)
+            arrays[tensor.name] = from_bytes(raw, tensor.datatype, dtype, tensor.shape, where)
         else:
             if tensor.data is None:
                 raise DecodeError(f"{where}: has no data (and no binary_data_size)")
@@ -227,7 +229,7 @@ def decode_inputs(request: InferRequest, binary: memoryview | None) -> dict[str,
     return arrays
 
 
-def _check_shape(shape: list[int], dtype: np.dtype[Any], where: str) -> None:
+def check_shape(shape: list[int], dtype: np.dtype[Any], where: str) -> None:
     """Refuse a shape numpy cannot make, before anything is made of it."""
     if len(shape) > MAX_DIMS:
         raise DecodeError(
@@ -240,9 +242,16 @@ def _check_shape(shape: list[int], dtype: np.dtype[Any], where: str) -> None:
         raise DecodeError(f"{where}: shape {quote(shape)} is too large for any tensor")
 
 
-def _from_bytes(
+def from_bytes(
     raw: memoryview, datatype: str, dtype: np.dtype[Any], shape: list[int], where: str
 ) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (BYTES: length-prefixed elements).
+
+    ``dtype`` is ``DATATYPES[datatype]``; ``where`` names the tensor in errors.
+
+    Raises:
+        DecodeError: the bytes do not make ``shape`` of ``datatype``.
+    """
     count = math.prod(shape)
     if datatype == "BYTES":
         items = _unpack_bytes(raw, where)

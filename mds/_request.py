@@ -1,0 +1,79 @@
+"""What a transport knows of the request being served, for the handler to read.
+
+A transport (the protocol routes, the gRPC service) sets the request's
+context around its call into the runtime. The caller's task runs
+``preprocess`` and ``postprocess`` (or hands them to a thread or another
+loop with a copy of its context), so they see it; ``infer`` serves a whole
+batch and does not.
+"""
+
+# No `from __future__ import annotations`: msgspec reads these annotations.
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+
+__all__ = ["RequestContext", "request_context", "use_request_context"]
+
+
+class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What the caller sent beside the request itself.
+
+    Attributes:
+        id: the request's id: the protocol's ``id``, else an ``X-Request-Id``
+            header; ``None`` when it has none.
+        parameters: the request's protocol ``parameters``, but those mds acts
+            on itself (``timeout``, ``priority``, ``binary_data_output``).
+        outputs: the outputs the client asked for, by name, each with its
+            own ``parameters``; empty when it asked for every output.
+
+    Added in 0.5.
+    """
+
+    id: str | None = None
+    parameters: Mapping[str, Any] = msgspec.field(default_factory=dict)
+    outputs: Mapping[str, Mapping[str, Any]] = msgspec.field(default_factory=dict)
+
+
+_EMPTY = RequestContext()
+_current: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
+    "mds_request_context", default=_EMPTY
+)
+
+
+def request_context() -> RequestContext:
+    """The context of the request being served, for ``preprocess`` and ``postprocess``.
+
+    Outside a request, or for a request with no context (a plain
+    ``mds.serve`` call), an empty one.
+
+    Example:
+        >>> def preprocess(self, request):
+        ...     k = mds.request_context().parameters.get("top_k", 5)
+
+    Added in 0.5.
+    """
+    return _current.get()
+
+
+@contextmanager
+def use_request_context(context: RequestContext) -> Iterator[RequestContext]:
+    """Serve the calls made inside the block with ``context``.
+
+    What the transports do for each request; for your own routes, or tests
+    of a handler that reads :func:`request_context`.
+
+    Example:
+        >>> with mds.use_request_context(mds.RequestContext(parameters={"top_k": 3})):
+        ...     response = await runtime.serve("ranker", query)
+
+    Added in 0.5.
+    """
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)

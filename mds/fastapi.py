@@ -35,13 +35,11 @@ Added in 0.2.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
-    MutableMapping,
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -49,11 +47,23 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from . import _logs, _loop, _tracing
+from . import _logs, _tracing
 from ._deps import require
 from ._errors import MdsError
+from ._http.asgi import (
+    GONE,
+    ClientGone,
+    Failed,
+    Receive,
+    Scope,
+    Send,
+    send_reply,
+    watching,
+)
+from ._http.openapi import describe
 from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import (
+    EXTENSIONS,
     Call,
     Reply,
     Service,
@@ -73,11 +83,6 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 __all__ = ["add_error_handlers", "add_routes", "lifespan", "router"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 def router(
@@ -138,9 +143,7 @@ def router(
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
-        extensions=("binary_tensor_data", "model_repository")
-        if repository is not None
-        else ("binary_tensor_data",),
+        extensions=(*EXTENSIONS, "model_repository") if repository is not None else EXTENSIONS,
         metrics=metrics_registry(runtime, metrics),
     )
     routes = _Routes(service)
@@ -155,6 +158,7 @@ def router(
         found.routes.append(Route(prefix + path, endpoint, include_in_schema=False))
     if repository is not None:
         _add_repository_routes(found, prefix, service, repository, repository_dependencies)
+    found.mds_paths = wanted  # type: ignore[attr-defined]  # what _describe documents
     return found
 
 
@@ -296,7 +300,15 @@ def add_routes(
         metrics=metrics,
         status_page=status_page,
     )
-    app.router.routes.extend(found.routes)
+    # First, so that an app's catch-all route (``/{path:path}``, a mount at
+    # "/") cannot shadow them.
+    app.router.routes[0:0] = found.routes
+    routes = [
+        (method, path, route)
+        for path, methods in found.mds_paths.items()  # type: ignore[attr-defined]
+        for method, route in methods.items()
+    ]
+    describe(app, [*routes, *(REPOSITORY_ROUTES if repository is not None else ())], prefix)
     add_error_handlers(app, retry_after=retry_after)
     inner = app.router.lifespan_context
     outer = lifespan(runtime, load=load)
@@ -356,23 +368,9 @@ class _Dispatch:
         method = scope["method"]
         endpoint = self.endpoints.get("GET" if method == "HEAD" else method)
         if endpoint is None:
-            await _send(send, self.service.not_allowed(method, self.allowed))
+            await send_reply(send, self.service.not_allowed(method, self.allowed))
             return
         await endpoint(scope, receive, send)
-
-
-_GONE = object()  # the client disconnected
-
-
-class _ClientGone(Exception):
-    """The client disconnected before it sent the whole body."""
-
-
-class _Failed:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
 
 
 class _Routes:
@@ -385,7 +383,7 @@ class _Routes:
     # -- health and metadata ------------------------------------------------
 
     async def live(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send(send, self.service.live())
+        await send_reply(send, self.service.live())
 
     async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._reply(send, self._ready)
@@ -406,40 +404,51 @@ class _Routes:
         return self.service.model_ready(target, await target.health(), v2)
 
     async def statistics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send(send, self.service.statistics())
+        await send_reply(send, self.service.statistics())
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         accept = next((v for k, v in scope["headers"] if k == b"accept"), b"")
         # Off the loop: a shared directory is read, devices are asked.
         reply = await anyio.to_thread.run_sync(self.service.metrics_reply, accept.decode("latin-1"))
-        await _send(send, reply)
+        await send_reply(send, reply)
 
     async def status_page(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send(send, self.service.status_page())
+        await send_reply(send, self.service.status_page())
 
     async def status_data(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send(send, self.service.status_data())
+        await send_reply(send, self.service.status_data())
+
+    async def stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        await self._answer(send, self.service.stats, params.get("name"), params.get("version"))
+
+    async def config(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        await self._answer(send, self.service.model_config, params["name"], params.get("version"))
 
     async def server_metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send(send, self.service.server_metadata())
+        await send_reply(send, self.service.server_metadata())
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send(send, self.service.models())
+        await send_reply(send, self.service.models())
 
     async def metadata(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = scope["path_params"]
+        await self._answer(send, self.service.model_metadata, params["name"], params.get("version"))
+
+    async def _answer(self, send: Send, make: Callable[..., Reply], *args: Any) -> None:
         try:
-            reply = self.service.model_metadata(params["name"], params.get("version"))
+            reply = make(*args)
         except Exception as exc:
             reply = self.service.error(exc)
-        await _send(send, reply)
+        await send_reply(send, reply)
 
     async def _reply(self, send: Send, make: Callable[..., Awaitable[Reply]], *args: Any) -> None:
         try:
             reply = await make(*args)
         except Exception as exc:
             reply = self.service.error(exc)
-        await _send(send, reply)
+        await send_reply(send, reply)
 
     # -- inference ----------------------------------------------------------
 
@@ -473,17 +482,17 @@ class _Routes:
                     work = target.serve_many(
                         call.rows, timeout=call.timeout, priority=call.priority
                     )
-                result = await _watching(receive, work)
-            if result is _GONE:
+                result = await watching(receive, work)
+            if result is GONE:
                 return
-            if isinstance(result, _Failed):
+            if isinstance(result, Failed):
                 raise result.exc
             reply = service.reply(call, result)
-        except _ClientGone:
+        except ClientGone:
             return
         except Exception as exc:
             reply = service.error(exc)
-        await _send(send, reply)
+        await send_reply(send, reply)
 
     async def _stream(self, receive: Receive, send: Send, call: Call) -> None:
         service = self.service
@@ -492,11 +501,11 @@ class _Routes:
             call.target.stream(call.payload, timeout=call.timeout, priority=call.priority),
         )
         try:
-            chunk = await _watching(receive, anext(chunks, _GONE))
-            if chunk is _GONE:
+            chunk = await watching(receive, anext(chunks, GONE))
+            if chunk is GONE:
                 return
-            if isinstance(chunk, _Failed):
-                await _send(send, service.error(chunk.exc))
+            if isinstance(chunk, Failed):
+                await send_reply(send, service.error(chunk.exc))
                 return
             await send(
                 {
@@ -515,16 +524,16 @@ class _Routes:
                     data = service.stream_event(call, chunk)
                 except Exception as exc:
                     data = service.error_event(exc)
-                    chunk = _GONE
+                    chunk = GONE
                 await send({"type": "http.response.body", "body": data, "more_body": True})
-                if chunk is _GONE:
+                if chunk is GONE:
                     break
-                chunk = await _watching(receive, anext(chunks, _GONE))
-                if isinstance(chunk, _Failed):
+                chunk = await watching(receive, anext(chunks, GONE))
+                if isinstance(chunk, Failed):
                     data = service.error_event(chunk.exc)
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     break
-                if chunk is _GONE:
+                if chunk is GONE:
                     break
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -557,7 +566,7 @@ class _Routes:
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -577,67 +586,3 @@ _READ = frozenset(
         b"x-request-id",
     }
 )
-
-
-async def _watching(receive: Receive, work: Awaitable[Any]) -> Any:
-    """``await work``, cancelled if the client disconnects meanwhile.
-
-    Returns its result, a :class:`_Failed` with what it raised, or
-    ``_GONE`` when the client left.
-    """
-    if _loop.asyncio_loop() is None:
-        return await _watching_anyio(receive, work)
-    # asyncio: one task waits for the disconnect and cancels ours; a task
-    # group would cost several times as much on this per-request path.
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    def on_message(waiting: asyncio.Future[Message]) -> None:
-        nonlocal gone
-        if not waiting.cancelled() and waiting.exception() is None:
-            if waiting.result()["type"] == "http.disconnect":
-                gone = True
-                task.cancel()
-
-    watcher = asyncio.ensure_future(receive())
-    watcher.add_done_callback(on_message)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
-            return _GONE
-        raise
-    except Exception as exc:
-        return _Failed(exc)
-    finally:
-        watcher.remove_done_callback(on_message)
-        watcher.cancel()
-
-
-async def _watching_anyio(receive: Receive, work: Awaitable[Any]) -> Any:
-    outcome: Any = _GONE
-    async with anyio.create_task_group() as tasks:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            tasks.cancel_scope.cancel()
-
-        tasks.start_soon(watch)
-        try:
-            outcome = await work
-        except Exception as exc:
-            outcome = _Failed(exc)
-        tasks.cancel_scope.cancel()
-    return outcome
-
-
-async def _send(send: Send, reply: Reply) -> None:
-    headers = [
-        (b"content-type", reply.content_type.encode("latin-1")),
-        (b"content-length", str(len(reply.body)).encode("latin-1")),
-    ]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})

@@ -29,6 +29,7 @@ from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import (
+    EXTENSIONS,
     VERSION_HEADER,
     Call,
     Reply,
@@ -83,9 +84,7 @@ def blueprint(
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
-        extensions=("binary_tensor_data", "model_repository")
-        if repository is not None
-        else ("binary_tensor_data",),
+        extensions=(*EXTENSIONS, "model_repository") if repository is not None else EXTENSIONS,
         metrics=metrics_registry(runtime, metrics),
     )
     views = _Views(service, flask)
@@ -333,6 +332,12 @@ class _Views:
 
     def status_data(self) -> Response:
         return self._response(self.service.status_data())
+
+    def stats(self, name: str | None = None, version: str | None = None) -> Response:
+        return self._answer(self.service.stats, name, version)
+
+    def config(self, name: str, version: str | None = None) -> Response:
+        return self._answer(self.service.model_config, name, version)
 
     def server_metadata(self) -> Response:
         return self._response(self.service.server_metadata())

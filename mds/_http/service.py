@@ -76,6 +76,9 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
 )
 
 
+#: The protocol extensions the routes serve (``model_repository`` too, with a repository).
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
+
 #: The most characters of an error message a reply carries.
 MAX_MESSAGE = 2000
 #: The most characters of a request id kept for logs and traces.
@@ -124,12 +127,18 @@ V2_ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/v2/health/live", "live"),
     ("GET", "/v2/health/ready", "ready"),
     ("GET", "/v2", "server_metadata"),
+    # Before /v2/models/{name}: "stats" is no model's name here (as in Triton).
+    ("GET", "/v2/models/stats", "stats"),
     ("GET", "/v2/models/{name}", "metadata"),
     ("GET", "/v2/models/{name}/versions/{version}", "metadata"),
     ("GET", "/v2/models/{name}/ready", "v2_ready"),
     ("GET", "/v2/models/{name}/versions/{version}/ready", "v2_ready"),
     ("POST", "/v2/models/{name}/infer", "v2_infer"),
     ("POST", "/v2/models/{name}/versions/{version}/infer", "v2_infer"),
+    ("GET", "/v2/models/{name}/stats", "stats"),
+    ("GET", "/v2/models/{name}/versions/{version}/stats", "stats"),
+    ("GET", "/v2/models/{name}/config", "config"),
+    ("GET", "/v2/models/{name}/versions/{version}/config", "config"),
 )
 
 
@@ -266,7 +275,7 @@ class Service:
     priority_header: str = "Mds-Priority"
     max_body_bytes: int = 64 * 1024 * 1024
     retry_after: int = 1
-    extensions: tuple[str, ...] = ("binary_tensor_data",)
+    extensions: tuple[str, ...] = EXTENSIONS
     metrics: Any = None
     _retry: tuple[tuple[str, str], ...] = field(init=False, repr=False, default=())
 
@@ -375,6 +384,14 @@ class Service:
         from . import status_page
 
         return Reply(200, status_page.data(self.runtime))
+
+    def stats(self, name: str | None = None, version: str | None = None) -> Reply:
+        """The statistics extension: every model's, or one model's (at one version)."""
+        return Reply(200, _encoder.encode(reports.statistics(self.runtime, name, version)))
+
+    def model_config(self, name: str, version: str | None = None) -> Reply:
+        """Triton's model configuration of a model or pipeline."""
+        return Reply(200, _encoder.encode(reports.model_config(self.runtime, name, version)))
 
     def server_metadata(self) -> Reply:
         meta = protocol.ServerMetadata(

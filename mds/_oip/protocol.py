@@ -29,10 +29,10 @@ __all__ = [
     "ServerMetadata",
     "TensorMetadata",
     "as_array",
+    "check_shape",
     "datatype_of",
     "decode_inputs",
     "decode_request",
-    "check_shape",
     "encode_outputs",
     "from_bytes",
 ]

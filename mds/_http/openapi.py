@@ -149,12 +149,12 @@ def operations(
 
 def _operation(route: str, path: str, wanted: list[Any]) -> dict[str, Any]:
     if route in _TEXT:
-        summary, content = _TEXT[route]
+        summary, media = _TEXT[route]
         return {
             "summary": summary,
             "tags": ["mds"],
             "operationId": f"mds_{route}",
-            "responses": {"200": {"description": "OK", "content": {content: {"schema": {}}}}},
+            "responses": {"200": {"description": "OK", "content": {media: {"schema": {}}}}},
         }
     summary, tag, request, reply = _ROUTES[route]
     operation: dict[str, Any] = {

@@ -57,6 +57,11 @@ def main(base: str) -> None:
     (output,) = json.loads(body)["outputs"]
     print(f"v2 json: {status} {output['name']} {np.round(output['data'], 4).tolist()}")
 
+    # The two most likely classes, by label (the classification extension).
+    request["outputs"] = [{"name": "probabilities", "parameters": {"classification": 2}}]
+    status, _, body = post_json(f"{base}/v2/models/mlp/infer", request)
+    print(f"v2 top classes: {status} {json.loads(body)['outputs'][0]['data']}")
+
     # A batch of rows, as Triton's clients send by default: each row goes
     # through the batcher, and the outputs come back with the batch axis.
     rows = {

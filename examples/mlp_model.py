@@ -70,8 +70,9 @@ class MLPClassifier(mds.ModelHandler[list[float], dict[str, Any]]):
             {"features": mds.TensorSpec(name="features", dtype="float32", shape=(FEATURES,))},
             {
                 "label": mds.TensorSpec(name="label", dtype="object", shape=()),
+                # labels: the protocol's classification names the classes.
                 "probabilities": mds.TensorSpec(
-                    name="probabilities", dtype="float32", shape=(len(LABELS),)
+                    name="probabilities", dtype="float32", shape=(len(LABELS),), labels=LABELS
                 ),
             },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -233,6 +234,11 @@ def test_app_examples_over_http(example: str) -> None:
         assert done.returncode == 0, done.stderr
         lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
         assert lines["ready"] == "200 True"
+        status, top = lines["v2 top classes"].split(" ", 1)
+        classes = [t.split(":") for t in json.loads(top.replace("'", '"'))]
+        assert status == "200" and len(classes) == 2
+        assert classes[0][2] == expected_labels()[8]  # "value:index:label", the best first
+        assert float(classes[0][0]) >= float(classes[1][0])
         assert lines["mds route"] == f"200 {expected_labels()[8]}"
         json_values = lines["v2 json"].split(" ", 2)
         binary_values = lines["v2 binary"].split(" ", 2)

@@ -12,6 +12,7 @@ decides what is shown and how. Each part logs to a plain public name:
 ``mds.backends``   the ONNX, TorchScript and TensorFlow handlers
 ``mds.repository`` the model repository and its watch
 ``mds.http``       the HTTP adapters
+``mds.grpc``       the gRPC service
 =================  ==========================================================
 
 Records from the request and batch paths carry fields for the host's

@@ -28,6 +28,7 @@ LOGGERS = {
     "mds.backends",
     "mds.repository",
     "mds.http",
+    "mds.grpc",
     "mds.metrics",
 }
 

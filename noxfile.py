@@ -46,6 +46,7 @@ EXTRA_PINS = {
     "arrow": [],
     "metrics": [],
     "tracing": [],
+    "grpc": [],
 }
 
 
@@ -83,7 +84,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict on the package and on the user-side typing checks."""
     # The adapters are checked against the real frameworks' types.
-    install(session, "test,fastapi,flask,metrics,tracing", "mypy>=1.11")
+    install(session, "test,fastapi,flask,metrics,tracing,grpc", "mypy>=1.11")
     session.run("mypy")
     session.run("mypy", "--strict", "tests/typing")
 

@@ -19,6 +19,8 @@ _EXTRAS = {
     "tensorflow": "tensorflow",
     "prometheus_client": "metrics",
     "opentelemetry": "tracing",
+    "grpc": "grpc",
+    "tritonclient": "grpc",
 }
 
 DISTRIBUTION = "mds-serving"

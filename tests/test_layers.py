@@ -47,11 +47,13 @@ LAYERS: list[tuple[str, set[str]]] = [
         "transports, public namespaces",
         {
             "_http",
+            "_grpc",
             "_batch",
             "_metrics",
             "batch",
             "fastapi",
             "flask",
+            "grpc",
             "prometheus",
             "testing",
             "_demo",

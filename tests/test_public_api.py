@@ -14,10 +14,19 @@ import mds
 import mds.batch
 import mds.fastapi
 import mds.flask
+import mds.grpc
 import mds.prometheus
 import mds.testing
 
-PUBLIC_MODULES = {"mds", "mds.testing", "mds.fastapi", "mds.flask", "mds.batch", "mds.prometheus"}
+PUBLIC_MODULES = {
+    "mds",
+    "mds.testing",
+    "mds.fastapi",
+    "mds.flask",
+    "mds.batch",
+    "mds.prometheus",
+    "mds.grpc",
+}
 
 # The public API, pinned: a change here is a design decision, with docs and a
 # changelog line (as httpx pins its own).
@@ -90,11 +99,12 @@ EXPECTED = {
     "mds.flask": ["add_error_handlers", "add_routes", "blueprint"],
     "mds.batch": ["JobFailed", "Progress", "Report", "run", "run_sync"],
     "mds.prometheus": ["Collector", "exposition"],
+    "mds.grpc": ["Server", "add_to_server"],
 }
 
 
 @pytest.mark.parametrize(
-    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus]
+    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc]
 )
 def test_all_is_pinned(module: object) -> None:
     assert module.__all__ == EXPECTED[module.__name__]  # type: ignore[attr-defined]
@@ -103,13 +113,13 @@ def test_all_is_pinned(module: object) -> None:
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
     # public submodules; the __future__ import
-    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "annotations"}
+    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "grpc", "annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
 
 
 @pytest.mark.parametrize(
-    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus]
+    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc]
 )
 def test_every_export_reports_a_public_module(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]
@@ -157,9 +167,10 @@ def test_the_version_is_the_changelogs_newest() -> None:
 
 def test_import_mds_loads_no_optional_dependency() -> None:
     code = (
-        "import sys, mds, mds.testing, mds.prometheus\n"
+        "import sys, mds, mds.testing, mds.prometheus, mds.grpc\n"
         "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio',\n"
-        "         'tensorflow', 'pyarrow', 'prometheus_client', 'opentelemetry'}\n"
+        "         'tensorflow', 'pyarrow', 'prometheus_client', 'opentelemetry',\n"
+        "         'grpc', 'tritonclient', 'google.protobuf'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -182,3 +184,24 @@ def test_the_servers_runtime_lives_in_trio_while_grpc_runs_in_mds_loop() -> None
     assert_array_equal(seen[0], EXPECTED[:2])
     assert seen[1] is True
     assert not runtime.running
+
+
+def test_without_grpcio_it_names_the_extra_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['grpc'] = None  # as if not installed\n"
+        "import mds, mds.grpc\n"
+        "for start in (lambda: mds.grpc.add_to_server(None, mds.Runtime()),\n"
+        "              lambda: mds.grpc.Server(mds.Runtime()).start_sync()):\n"
+        "    try:\n"
+        "        start()\n"
+        "    except mds.MissingDependency as exc:\n"
+        "        print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2
+    assert all("mds.grpc needs the optional dependency" in line for line in lines)
+    assert all('pip install "mds-serving[grpc]"' in line for line in lines)

@@ -16,7 +16,7 @@ from ._bridge import Home, LoopBound, process_portal
 from ._by_name import ByName
 from ._config import ModelConfig, VersionPolicy, check_name, version_key
 from ._devices.manager import DeviceManager
-from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady
+from ._errors import ConfigError, LifecycleError, MdsError, ModelNotFound, NotReady, quote
 from ._handler import ModelHandler, RequestT, ResponseT
 from ._hosting import Hosting
 from ._managing import Managing
@@ -132,7 +132,7 @@ class Runtime(Managing, ByName, LoopBound):
         known = ", ".join(repr(n) for n in sorted(self._versions)) or "none"
         pipelines = ", ".join(repr(n) for n in sorted(self._pipelines))
         extra = f"; pipelines: {pipelines}" if pipelines else ""
-        return ModelNotFound(f"no model named {name!r}; this runtime serves: {known}{extra}")
+        return ModelNotFound(f"no model named {quote(name)}; this runtime serves: {known}{extra}")
 
     def _all_runtimes(self) -> list[ModelRuntime[Any, Any]]:
         """The models to start with the runtime: all but those loaded on demand."""

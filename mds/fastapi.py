@@ -109,7 +109,7 @@ def router(
         prefix: a path prefix for every route, such as ``"/ml"``.
         v2: also add the Open Inference Protocol routes under ``{prefix}/v2``.
         timeout_header: the request header that sets a request's deadline,
-            in seconds (the model's own ``timeout`` still bounds it).
+            in seconds, in place of the model's own ``timeout`` (its default).
         priority_header: the request header that sets a request's priority
             level (0 is the highest).
         max_body_bytes: a larger request body gets a 400 before it is read.

@@ -32,16 +32,7 @@ from . import codec
 from .calls import abort, deadline, metadata, prepare, served
 from .stream import Stream
 
-__all__ = ["EXTENSIONS", "Servicer", "add"]
-
-#: The protocol extensions the server metadata lists (with a repository, ``model_repository`` too).
-EXTENSIONS = (
-    "classification",
-    "model_configuration",
-    "parameters",
-    "schedule_policy",
-    "statistics",
-)
+__all__ = ["Servicer", "add"]
 
 
 def _unserved(method: str, what: str, instead: str) -> Callable[..., Awaitable[None]]:
@@ -70,7 +61,7 @@ class Servicer:
     def __init__(self, runtime: Runtime, repository: ModelRepository | None = None) -> None:
         self.runtime = runtime
         self.repository = repository
-        self.extensions = sorted(EXTENSIONS + (("model_repository",) if repository else ()))
+        self.extensions = sorted(reports.extensions(repository is not None))
 
     def target(self, name: str, version: str) -> Servable:
         """The model or pipeline ``name``; at ``version``, unless empty (the protocol's "any")."""

@@ -77,7 +77,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
 
 
 #: The protocol extensions the routes serve (``model_repository`` too, with a repository).
-EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", *reports.EXTENSIONS)
 
 #: The most characters of an error message a reply carries.
 MAX_MESSAGE = 2000

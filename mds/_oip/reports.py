@@ -20,7 +20,21 @@ from .._tensors import TensorSpec
 from .call import tensor_metadata
 from .protocol import ModelMetadata, datatype_of
 
-__all__ = ["metadata", "model_config", "statistics"]
+__all__ = ["EXTENSIONS", "extensions", "metadata", "model_config", "statistics"]
+
+#: The protocol extensions mds serves over every transport.
+EXTENSIONS = (
+    "classification",
+    "model_configuration",
+    "parameters",
+    "schedule_policy",
+    "statistics",
+)
+
+
+def extensions(repository: bool) -> tuple[str, ...]:
+    """What the server metadata lists: :data:`EXTENSIONS`, and ``model_repository`` with one."""
+    return (*EXTENSIONS, "model_repository") if repository else EXTENSIONS
 
 
 def metadata(target: Servable) -> ModelMetadata:

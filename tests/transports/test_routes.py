@@ -55,7 +55,14 @@ def test_metadata(server: Any, model: str) -> None:
     assert client.get("/ml/v2").json() == {
         "name": "mds",
         "version": __import__("mds").__version__,
-        "extensions": ["binary_tensor_data", "classification", "model_configuration", "statistics"],
+        "extensions": [
+            "binary_tensor_data",
+            "classification",
+            "model_configuration",
+            "parameters",
+            "schedule_policy",
+            "statistics",
+        ],
     }
     onnx = client.get(f"/ml/v2/models/{model}").json()
     # The signature (read from the model by OnnxHandler); one request is one

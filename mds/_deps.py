@@ -20,6 +20,7 @@ _EXTRAS = {
     "prometheus_client": "metrics",
     "opentelemetry": "tracing",
     "grpc": "grpc",
+    "grpc_health": "grpc",
     "tritonclient": "grpc",
 }
 

@@ -71,7 +71,11 @@ T = TypeVar("T")
 
 
 def add_to_server(
-    server: grpc.aio.Server, runtime: Runtime, *, repository: ModelRepository | None = None
+    server: grpc.aio.Server,
+    runtime: Runtime,
+    *,
+    repository: ModelRepository | None = None,
+    health: bool = True,
 ) -> None:
     """Serve ``runtime``'s models from your own ``grpc.aio`` server.
 
@@ -86,6 +90,10 @@ def add_to_server(
             load, unload) for this repository, which must have been added to
             ``runtime``. They change what the server runs: guard them with
             an interceptor.
+        health: also serve gRPC's standard health service
+            (``grpc.health.v1.Health``, what Kubernetes' gRPC probes call):
+            ``""`` is serving when every model is ready, a model's name when
+            that model is. ``False`` if your server has its own.
 
     Raises:
         MissingDependency: grpcio or tritonclient is not installed
@@ -101,7 +109,7 @@ def add_to_server(
 
     Added in 0.5.
     """
-    _service().add(server, runtime, repository)
+    _service().add(server, runtime, repository, health)
 
 
 class Server(LoopBound):
@@ -125,6 +133,11 @@ class Server(LoopBound):
         repository: also serve the model repository RPCs for this
             repository (see :func:`add_to_server`); guard them with
             ``interceptors``.
+        health: also serve gRPC's standard health service (see
+            :func:`add_to_server`).
+        max_message_bytes: the largest request message taken (gRPC's own
+            default is 4 MiB); a larger one is refused with
+            ``RESOURCE_EXHAUSTED``. As the HTTP adapters' ``max_body_bytes``.
         options: grpc channel options for the server, such as
             ``[("grpc.max_receive_message_length", 64 * 2**20)]``.
         grace: seconds that calls in flight get to finish when the server stops.
@@ -158,8 +171,12 @@ class Server(LoopBound):
         load: Load = "background",
         credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        health: bool = True,
+        max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.runtime = runtime
+        self.health = health
+        self.max_message_bytes = max_message_bytes
         self.address = address
         self.repository = repository
         self.options = tuple(options)
@@ -214,8 +231,9 @@ class Server(LoopBound):
     async def _start(self, service: ModuleType) -> Any:
         """The grpc.aio server, serving; in the loop it will live in."""
         grpc = require("grpc", feature="mds.grpc")
-        server = grpc.aio.server(options=self.options, interceptors=self.interceptors or None)
-        service.add(server, self.runtime, self.repository)
+        options = [("grpc.max_receive_message_length", self.max_message_bytes), *self.options]
+        server = grpc.aio.server(options=options, interceptors=self.interceptors or None)
+        service.add(server, self.runtime, self.repository, self.health)
         try:
             if self.credentials is None:
                 port = server.add_insecure_port(self.address)
@@ -272,6 +290,7 @@ def _service() -> ModuleType:
     """The service's module, once its dependencies are known to be there."""
     require("grpc", feature="mds.grpc")
     require("tritonclient.grpc.service_pb2", feature="mds.grpc")
+    require("grpc_health.v1.health_pb2", feature="mds.grpc")
     from ._grpc import service
 
     return service

@@ -261,8 +261,14 @@ def _load_config(given: Mapping[str, Any], repository: ModelRepository) -> str |
     return config
 
 
-def add(server: Any, runtime: Runtime, repository: ModelRepository | None) -> None:
-    """Add the service for ``runtime`` to a grpc.aio ``server``."""
+def add(
+    server: Any, runtime: Runtime, repository: ModelRepository | None, health: bool = True
+) -> None:
+    """Add the service for ``runtime`` to a grpc.aio ``server``, and gRPC's health service."""
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         Servicer(runtime, repository), server
     )
+    if health:
+        from . import health as standard
+
+        standard.add(server, runtime)

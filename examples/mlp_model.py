@@ -94,5 +94,15 @@ class MLPRanked(MLPClassifier):
         for index in sorted(range(len(LABELS)), key=values.__getitem__, reverse=True):
             yield {"label": LABELS[index], "score": values[index]}
 
+    def signature(self) -> tuple[dict[str, mds.TensorSpec], dict[str, mds.TensorSpec]]:
+        inputs, _ = super().signature()
+        return inputs, {
+            "label": mds.TensorSpec(name="label", dtype="object", shape=()),
+            "score": mds.TensorSpec(name="score", dtype="float32", shape=()),
+        }
+
+    def to_tensors(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        return {"label": chunk["label"], "score": np.float32(chunk["score"])}  # one chunk
+
 
 CONFIG = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=32), timeout=2.0)

@@ -82,7 +82,9 @@ def test_the_demo() -> None:
 
 
 @contextmanager
-def serving(example: str, printed: list[str] | None = None) -> Iterator[str]:
+def serving(
+    example: str, printed: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """Start an example app as its own process; yield its base URL.
 
     What the process printed is added to ``printed`` once it has stopped.
@@ -92,7 +94,7 @@ def serving(example: str, printed: list[str] | None = None) -> Iterator[str]:
         # faulthandler: a process that will not stop shows where its threads are.
         [sys.executable, "-X", "faulthandler", str(EXAMPLES / example)],
         cwd=ROOT,
-        env={**os.environ, "PORT": str(port)},
+        env={**os.environ, "PORT": str(port), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -323,6 +325,37 @@ def wait_ready(status: Any, seconds: float = 60) -> None:
 def readme_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_the_grpc_example_and_its_client() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("tritonclient.grpc")
+    grpc_port = free_port()
+    with serving("grpc_app.py", env={"GRPC_PORT": str(grpc_port)}) as url:
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / "grpc_client.py"), f"127.0.0.1:{grpc_port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        found = dict(line.split(": ", 1) for line in lines if not line.startswith("error"))
+        assert found["ready"] == "True True"
+        assert found["inputs"] == "[('features', 'FP32', ['16'])]"
+        assert found["probabilities"] == "(2, 4)"
+        best = expected_labels()[8]  # the row of 0.5s
+        assert eval(found["top classes"])[0].endswith(f":{best}")
+        assert eval(found["stream"])[0] == best and len(eval(found["stream"])) == 4
+        errors = [line for line in lines if line.startswith("error")]
+        assert errors[0].startswith("error: StatusCode.NOT_FOUND no model named 'nothing'")
+        assert errors[1].startswith("error: StatusCode.INVALID_ARGUMENT")
+        assert "features" in errors[1]
+        assert int(found["served"].split()[0]) >= 4
+        # The same runtime answers over HTTP meanwhile.
+        assert httpx.get(f"{url}/health/ready", timeout=10).status_code == 200
 
 
 def test_the_readme_observability_code_runs() -> None:

@@ -300,9 +300,11 @@ def add_routes(
         metrics=metrics,
         status_page=status_page,
     )
-    # First, so that an app's catch-all route (``/{path:path}``, a mount at
-    # "/") cannot shadow them.
-    app.router.routes[0:0] = found.routes
+    # Before the app's first catch-all (a ``{...:path}`` route, a mount), so
+    # that it cannot shadow them; after the app's other routes, as before.
+    existing = app.router.routes
+    first = next((i for i, r in enumerate(existing) if _catches_all(r)), len(existing))
+    existing[first:first] = found.routes
     routes = [
         (method, path, route)
         for path, methods in found.mds_paths.items()  # type: ignore[attr-defined]
@@ -320,6 +322,13 @@ def add_routes(
 
     app.router.lifespan_context = both
     return found
+
+
+def _catches_all(route: Any) -> bool:
+    """Whether ``route`` matches paths of any depth: a mount, or a ``{...:path}`` parameter."""
+    from starlette.routing import Mount
+
+    return isinstance(route, Mount) or ":path}" in getattr(route, "path", "")
 
 
 def add_error_handlers(app: Starlette, *, retry_after: int = 1) -> None:

@@ -109,6 +109,12 @@ def add_to_server(
 
     Added in 0.5.
     """
+    grpc = require("grpc", feature="mds.grpc")
+    if not isinstance(server, grpc.aio.Server):
+        raise TypeError(
+            f"mds.grpc.add_to_server takes a grpc.aio server, not {type(server).__name__}: "
+            "its handlers are async. In sync code, run mds.grpc.Server(...).start_sync()"
+        )
     _service().add(server, runtime, repository, health)
 
 
@@ -231,7 +237,8 @@ class Server(LoopBound):
     async def _start(self, service: ModuleType) -> Any:
         """The grpc.aio server, serving; in the loop it will live in."""
         grpc = require("grpc", feature="mds.grpc")
-        options = [("grpc.max_receive_message_length", self.max_message_bytes), *self.options]
+        # gRPC takes the first value given for a key: the caller's own options win.
+        options = [*self.options, ("grpc.max_receive_message_length", self.max_message_bytes)]
         server = grpc.aio.server(options=options, interceptors=self.interceptors or None)
         service.add(server, self.runtime, self.repository, self.health)
         try:

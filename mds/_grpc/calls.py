@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import anyio
 import grpc
 
 from .. import _logs, _tracing
@@ -37,6 +38,7 @@ __all__ = [
     "metadata",
     "named",
     "prepare",
+    "prepared",
     "served",
     "traced",
 ]
@@ -136,6 +138,20 @@ def prepare(target: Servable, message: Any, headers: Mapping[str, str]) -> tuple
         if not isinstance(final, bool):
             raise InvalidInput(f"parameters[{EMPTY_FINAL!r}]: {quote(final)} is not a bool_param")
     return v2_call.prepare(target, request, tensors, headers.get("x-request-id")), final
+
+
+#: Typed contents larger than this are decoded in a worker thread: a Python
+#: value per element costs about 0.1 s per million, which would stall the loop.
+LARGE_TYPED = 1 << 20
+
+
+async def prepared(
+    target: Servable, message: Any, headers: Mapping[str, str]
+) -> tuple[V2Call, bool]:
+    """:func:`prepare`, off the event loop for a large request in typed contents."""
+    if not message.raw_input_contents and message.ByteSize() > LARGE_TYPED:
+        return await anyio.to_thread.run_sync(prepare, target, message, headers)
+    return prepare(target, message, headers)
 
 
 def deadline(call: V2Call, context: Any) -> float | None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError as ProtobufError
 from tritonclient.grpc import service_pb2
 
 from .._errors import DecodeError, InferenceError, quote
@@ -21,7 +22,7 @@ from .._oip import protocol
 from .._oip.call import V2Call
 from .._oip.protocol import InferRequest, RequestInput, RequestOutput
 
-__all__ = ["CONTENTS", "decode", "empty", "parameters", "response"]
+__all__ = ["CONTENTS", "decode", "empty", "parameters", "parse", "response"]
 
 #: Datatype -> the typed contents field that carries it. FP16 and BF16 have
 #: none: they travel as raw bytes only.
@@ -224,3 +225,16 @@ def empty(call: V2Call, final: bool | None = None) -> Any:
     if final is not None:
         message.parameters["triton_final_response"].bool_param = final
     return message
+
+
+def parse(raw: bytes) -> Any:
+    """A ``ModelInferRequest`` from its bytes.
+
+    Raises:
+        DecodeError: they are not one (gRPC's own parsing would end the call
+            with ``UNKNOWN``, or a stream with all its requests).
+    """
+    try:
+        return service_pb2.ModelInferRequest.FromString(raw)
+    except ProtobufError as exc:
+        raise DecodeError(f"the message is not a ModelInferRequest: {exc}") from None

@@ -20,7 +20,7 @@ from tritonclient.grpc import (
     service_pb2_grpc,
 )
 
-from .._errors import InvalidInput, MdsError, quote
+from .._errors import DecodeError, InvalidInput, MdsError, quote
 from .._oip import call as v2_call
 from .._oip import reports
 from .._repository.repository import ModelRepository
@@ -29,7 +29,7 @@ from .._runtime import Runtime
 from .._servable import Servable
 from .._version import __version__
 from . import codec
-from .calls import abort, deadline, metadata, prepare, served
+from .calls import abort, deadline, metadata, prepared, served
 from .stream import Stream
 
 __all__ = ["Servicer", "add"]
@@ -147,7 +147,7 @@ class Servicer:
                 "it streams its responses: call ModelStreamInfer (tritonclient: "
                 "start_stream and async_stream_infer, or the aio client's stream_infer)"
             )
-        call, _ = prepare(target, request, headers)
+        call, _ = await prepared(target, request, headers)
         timeout = deadline(call, context)
         with use_request_context(call.context):
             if call.rows is None:
@@ -158,6 +158,14 @@ class Servicer:
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:
         await Stream(self.target, request_iterator, context).run()
+
+    async def model_infer_bytes(self, raw: bytes, context: Any) -> Any:
+        """``ModelInfer`` from the message's bytes (one that does not parse: the client's error)."""
+        try:
+            request = codec.parse(raw)
+        except DecodeError as exc:
+            await abort(context, exc)
+        return await self.ModelInfer(request, context)
 
     # -- the model repository -----------------------------------------------
 
@@ -261,13 +269,45 @@ def _load_config(given: Mapping[str, Any], repository: ModelRepository) -> str |
     return config
 
 
+class _Captured:
+    """Stands in for a server to catch the handlers the generated code would register."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # grpcio before 1.63's generated code registers this way only.
+        self.handlers = dict(getattr(handlers[0], "_method_handlers", {}))
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+        self.handlers = dict(handlers)
+
+
 def add(
     server: Any, runtime: Runtime, repository: ModelRepository | None, health: bool = True
 ) -> None:
-    """Add the service for ``runtime`` to a grpc.aio ``server``, and gRPC's health service."""
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        Servicer(runtime, repository), server
+    """Add the service for ``runtime`` to a grpc.aio ``server``, and gRPC's health service.
+
+    The generated handlers, but for inference: those take the message's bytes
+    and parse them (:func:`.codec.parse`), so that one that does not parse is an
+    ``INVALID_ARGUMENT`` (on a stream: that request's error).
+    """
+    servicer = Servicer(runtime, repository)
+    captured = _Captured()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = captured.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.model_infer_bytes,
+        response_serializer=service_pb2.ModelInferResponse.SerializeToString,
     )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString,
+    )
+    name = "inference.GRPCInferenceService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register(name, handlers)
     if health:
         from . import health as standard
 

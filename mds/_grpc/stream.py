@@ -21,13 +21,13 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from tritonclient.grpc import service_pb2
 
-from .._errors import InvalidInput, MdsError
+from .._errors import DecodeError, InvalidInput, MdsError
 from .._oip import call as v2_call
 from .._oip.call import V2Call
 from .._request import use_request_context
 from .._servable import Servable
 from . import codec
-from .calls import EMPTY_FINAL, deadline, error_status, metadata, named, prepare, traced
+from .calls import EMPTY_FINAL, deadline, error_status, metadata, named, prepared, traced
 
 __all__ = ["Stream"]
 
@@ -66,7 +66,15 @@ class Stream:
     async def _read(self, send: Send) -> None:
         async with send:
             async with anyio.create_task_group() as tasks:
-                async for message in self.requests:
+                async for raw in self.requests:
+                    try:
+                        # Bytes from the server (mds parses them); messages from a test's stub.
+                        message = codec.parse(raw) if isinstance(raw, bytes) else raw
+                    except DecodeError as exc:
+                        # That request's error; the stream and its other requests go on.
+                        details = error_status(exc)[1]
+                        await send.send(service_pb2.ModelStreamInferResponse(error_message=details))
+                        continue
                     tasks.start_soon(self._one, message, send)
 
     async def _one(self, message: Any, send: Send) -> None:
@@ -76,7 +84,7 @@ class Stream:
         try:
             with named(self.headers, message.id or None):
                 target = self.target(message.model_name, message.model_version).choose()
-                call, final = prepare(target, message, self.headers)
+                call, final = await prepared(target, message, self.headers)
                 if target.streams:
                     await self._chunks(target, call, final, send)
                     return

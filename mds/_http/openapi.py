@@ -77,7 +77,12 @@ _ROUTES: dict[str, tuple[str, str, Any, Any]] = {
     "ready": ("Readiness: 200 when every model is ready", "mds", None, RuntimeHealth),
     "models": ("Every model's and pipeline's metadata", "mds", None, list[ModelMetadata]),
     "metadata": ("A model's or pipeline's metadata", "mds", None, ModelMetadata),
-    "model_ready": ("A model's health: 200 when ready", "mds", None, ModelHealth),
+    "model_ready": (
+        "A model's health (a pipeline's: its PipelineHealth): 200 when ready",
+        "mds",
+        None,
+        ModelHealth,
+    ),
     "infer": ("Serve a request: the handler's own JSON in and out", "mds", _ANY, _ANY),
     "statistics": ("Each model's counters", "mds", None, dict[str, ModelStatistics]),
     "server_metadata": ("Server metadata", _OIP, None, ServerMetadata),
@@ -114,6 +119,8 @@ _TEXT = {
     "status_page": ("The status page", "text/html"),
     "status_data": ("What the status page shows", "application/json"),
 }
+# Routes whose 503 carries their own report, not an error.
+_HEALTH = frozenset({"live", "ready", "model_ready", "v2_ready"})
 # The statuses an error may have on each kind of route.
 _INFER_ERRORS = ("400", "404", "429", "500", "503", "504")
 
@@ -130,7 +137,7 @@ def operations(
     wanted: list[Any] = []
     found: dict[str, Any] = {}
     for method, path, route in routes:
-        operation = _operation(route, path, wanted)
+        operation = _operation(route, prefix + path, wanted)
         params = re.findall(r"\{(\w+)\}", path)
         if params:
             operation["parameters"] = [
@@ -153,14 +160,14 @@ def _operation(route: str, path: str, wanted: list[Any]) -> dict[str, Any]:
         return {
             "summary": summary,
             "tags": ["mds"],
-            "operationId": f"mds_{route}",
+            "operationId": _operation_id(route, path),
             "responses": {"200": {"description": "OK", "content": {media: {"schema": {}}}}},
         }
     summary, tag, request, reply = _ROUTES[route]
     operation: dict[str, Any] = {
         "summary": summary,
         "tags": [tag],
-        "operationId": "mds_" + re.sub(r"\W+", "_", f"{route}{path}").strip("_"),
+        "operationId": _operation_id(route, path),
         "responses": {"200": {"description": "OK", "content": _json(reply, wanted)}},
     }
     if request is not None:
@@ -175,7 +182,18 @@ def _operation(route: str, path: str, wanted: list[Any]) -> dict[str, Any]:
             "description": "An error: what was wrong and where",
             "content": _json(ErrorBody, wanted),
         }
+    if route in _HEALTH:
+        # Not ready: the same report, with a 503 (and Retry-After).
+        operation["responses"]["503"] = {
+            "description": "Not ready (or not running): the same report",
+            "content": _json(reply, wanted),
+        }
     return operation
+
+
+def _operation_id(route: str, path: str) -> str:
+    """Unique in the app: the route and its whole path (with the prefix)."""
+    return "mds_" + re.sub(r"\W+", "_", f"{route}{path}").strip("_")
 
 
 def _json(kind: Any, wanted: list[Any]) -> dict[str, Any]:

@@ -135,8 +135,10 @@ def _limits(
                 f"parameters.timeout: {excerpt(repr(raw), 40)} is not a number of "
                 "microseconds (0 or more)"
             )
-        if raw > 0 and math.isfinite(raw):
-            timeout = raw / 1e6
+        try:
+            timeout = raw / 1e6 if raw > 0 and math.isfinite(raw) else None
+        except OverflowError:  # an int past any float: no deadline, as infinity
+            timeout = None
     raw = parameters.get("priority")
     if raw is not None:
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .._config import VersionPolicy
 from .._errors import ModelNotFound
 from .._pipeline.running import PipelineRuntime
 from .._runtime import Runtime
@@ -67,11 +68,7 @@ def model_config(runtime: Runtime, name: str, version: str | None = None) -> dic
     config = model.config
     batching = config.batching
     found = _config_of(target, max_batch_size=batching.max_batch_size)
-    found["version_policy"] = (
-        {"specific": {"versions": [int(model.version)]}}
-        if (model.version.isdigit())
-        else {"latest": {"num_versions": 1}}
-    )
+    found["version_policy"] = _policy(runtime.versions(name).policy)
     found["dynamic_batching"] = {
         "preferred_batch_size": list(batching.preferred_batch_sizes),
         "max_queue_delay_microseconds": round(batching.max_queue_delay * 1e6),
@@ -96,6 +93,15 @@ def model_config(runtime: Runtime, name: str, version: str | None = None) -> dic
         str(k): {"string_value": str(v)} for k, v in sorted(config.parameters.items())
     }
     return found
+
+
+def _policy(policy: VersionPolicy) -> dict[str, Any]:
+    """A version policy as Triton's config gives it (its versions are numbers)."""
+    if policy.all:
+        return {"all": {}}
+    if policy.specific is not None:
+        return {"specific": {"versions": [int(v) for v in policy.specific if str(v).isdigit()]}}
+    return {"latest": {"num_versions": policy.latest or 1}}
 
 
 def _config_of(target: Servable | PipelineRuntime, *, max_batch_size: int) -> dict[str, Any]:

@@ -87,6 +87,14 @@ class Words(mds.ModelHandler[str, str]):
             yield word
 
 
+class Said(Words):
+    """Streams its words, each with the request's id as each chunk's step saw it."""
+
+    def postprocess(self, output: str) -> Iterator[str]:
+        for word in output.split():
+            yield f"{word}@{mds.request_context().id}"
+
+
 class Held(mds.ModelHandler[Any, Any]):
     """One request at a time, each held until ``gate`` opens; one more may queue."""
 
@@ -134,6 +142,7 @@ def make_runtime(gate: threading.Event) -> mds.Runtime:
     runtime.add_model("echo", Echo)
     runtime.add_model("upper", Upper)
     runtime.add_model("words", Words)
+    runtime.add_model("said", Said)
     runtime.add_model(
         "held",
         lambda: Held(gate),

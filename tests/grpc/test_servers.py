@@ -205,3 +205,27 @@ def test_without_grpcio_it_names_the_extra_to_install() -> None:
     assert len(lines) == 2
     assert all("mds.grpc needs the optional dependency" in line for line in lines)
     assert all('pip install "mds-serving[grpc]"' in line for line in lines)
+
+
+def test_add_to_server_refuses_a_sync_server() -> None:
+    import concurrent.futures
+
+    import grpc
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
+    with pytest.raises(TypeError, match=r"takes a grpc\.aio server, not"):
+        mds.grpc.add_to_server(server, mds.Runtime())
+
+
+def test_the_callers_message_limit_wins() -> None:
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    options = [("grpc.max_receive_message_length", 1024)]
+    with mds.grpc.Server(scale_runtime(), "127.0.0.1:0", load="wait", options=options) as server:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        rows = np.zeros((100, 4), dtype=np.float32)  # 1.6 kB of tensor: over the limit
+        with pytest.raises(InferenceServerException, match="RESOURCE_EXHAUSTED"):
+            client.infer("scale", [features(rows)])
+        assert client.infer("scale", [features(rows[:2])]).as_numpy("y").shape == (2, 4)
+        client.close()

@@ -87,7 +87,7 @@ def test_model_metadata_and_config(client: Any) -> None:
     assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["4"]}]
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
     assert config["instance_group"] == [{"name": "scale_0", "kind": "KIND_CPU", "count": 1}]
-    assert config["version_policy"] == {"specific": {"versions": ["1"]}}
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}  # the default policy
 
 
 def test_statistics_count_what_was_served(client: Any, served: Served) -> None:
@@ -400,3 +400,24 @@ def test_tritonclients_http_and_grpc_live_in_one_process() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "inference.ModelInferRequest"
+
+
+def test_a_message_that_does_not_parse_is_invalid_argument(served: Served) -> None:
+    with grpc.insecure_channel(served.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as failed:
+            infer(b"\x0a\x02\xc3\x28", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a ModelInferRequest" in failed.value.details()
+
+
+def test_large_typed_contents_are_decoded(served: Served) -> None:
+    values = np.arange(400_000, dtype=np.float32)  # 1.6 MB: decoded off the loop
+    request = service_pb2.ModelInferRequest(model_name="echo")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[len(values)])
+    tensor.contents.fp32_contents.extend(values.tolist())
+    with grpc.insecure_channel(served.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        reply = stub.ModelInfer(request, timeout=30)
+    back = np.frombuffer(reply.raw_output_contents[0], dtype="<f4")
+    assert_array_equal(back, values)

@@ -163,3 +163,46 @@ async def test_the_aio_clients_stream(served: Served, anyio_backend: str) -> Non
     (scores,) = [r for r in results if r.get_response().id == "s"]
     assert scores.as_numpy("y").shape == (2, 4)
     assert len(errors) == 1 and errors[0].startswith("no model named 'nope'")
+
+
+def test_each_chunk_sees_its_own_requests_context(client: Any) -> None:
+    responses = Responses()
+    client.start_stream(callback=responses)
+    try:
+        for n in range(6):
+            client.async_stream_infer("said", [text("a b c")], request_id=f"req-{n}")
+        got = [result for result, error in responses.next(18) if error is None]
+    finally:
+        client.stop_stream()
+    assert len(got) == 18
+    for result in got:
+        chunk = word(result).decode()
+        assert chunk.endswith(f"@{result.get_response().id}"), chunk
+
+
+def test_a_message_that_does_not_parse_fails_alone(served: Served) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    good = service_pb2.ModelInferRequest(model_name="echo", id="good")
+    tensor = good.inputs.add(name="x", datatype="FP32", shape=[2])
+    del tensor  # described; its data is the raw contents below
+    good.raw_input_contents.append(np.array([1, 2], dtype=np.float32).tobytes())
+    with grpc.insecure_channel(served.url) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        bad = b"\x0a\x02\xc3\x28"  # model_name: not UTF-8
+        got = list(stream(iter([bad, good.SerializeToString(), bad]), timeout=30))
+    errors = [r.error_message for r in got if r.error_message]
+    assert (
+        errors
+        == [
+            "the message is not a ModelInferRequest: Error parsing message "
+            "with type 'inference.ModelInferRequest'"
+        ]
+        * 2
+    )
+    (answered,) = [r.infer_response for r in got if not r.error_message]
+    assert answered.id == "good"

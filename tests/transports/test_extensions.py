@@ -404,3 +404,97 @@ def _refs(tree: Any) -> Iterator[str]:
     elif isinstance(tree, list):
         for value in tree:
             yield from _refs(value)
+
+
+def test_a_timeout_past_any_float_is_no_deadline(served: tuple[Served, Scores]) -> None:
+    server, _ = served
+    body = {
+        "parameters": {"timeout": 10**400},
+        "inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
+    }
+    reply = server.client.post("/v2/models/scores/infer", json=body)
+    assert reply.status_code == 200, reply.text
+
+
+class Said(mds.ModelHandler[str, str]):
+    """Streams the words of its request, each with the request id its step saw."""
+
+    def infer(self, batch: Sequence[str]) -> list[str]:
+        return list(batch)
+
+    def postprocess(self, output: str) -> Iterator[str]:
+        for word in output.split():
+            yield f"{word}@{mds.request_context().id}"
+
+
+@pytest.mark.parametrize("kind", ["fastapi", "flask"])
+def test_each_streamed_chunk_sees_its_own_requests_context(kind: str) -> None:
+    pytest.importorskip(kind)
+    runtime = mds.Runtime()
+    runtime.add_model("said", Said)
+    app = fastapi_app(runtime) if kind == "fastapi" else flask_app(runtime)
+    with running(kind, app, runtime) as server:
+
+        def stream(n: int) -> list[str]:
+            reply = server.client.post(
+                "/models/said/infer", json="a b c d", headers={"X-Request-Id": f"r{n}"}
+            )
+            return [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(stream, range(24)))
+    for n, events in enumerate(answers):
+        assert events == [f'"{w}@r{n}"' for w in "abcd"], events
+
+
+def test_two_prefixes_make_one_valid_schema() -> None:
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    import mds.fastapi
+
+    app = FastAPI()
+
+    @app.get("/models/featured")
+    async def featured() -> dict[str, str]:
+        return {"featured": "yes"}
+
+    first, _ = make_runtime()
+    second, _ = make_runtime()
+    mds.fastapi.add_routes(app, first, prefix="/a", load="wait")
+    mds.fastapi.add_routes(app, second, prefix="/b", load="wait")
+    mds.fastapi.add_routes(app, make_runtime()[0], load="wait")
+    with TestClient(app) as client:
+        # The app's own route, added first, still answers where mds's pattern fits too.
+        assert client.get("/models/featured").json() == {"featured": "yes"}
+        assert client.get("/a/health/live").json() == {"live": True}
+        schema = client.get("/openapi.json").json()
+    ids = [op["operationId"] for item in schema["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+    assert {"/a/v2/models/{name}/infer", "/b/v2/models/{name}/infer"} <= set(schema["paths"])
+    ready = schema["paths"]["/a/health/ready"]["get"]["responses"]["503"]
+    assert ready["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/MdsRuntimeHealth"
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "reported"),
+    [
+        (mds.VersionPolicy(all=True), {"all": {}}),
+        (mds.VersionPolicy(latest=2), {"latest": {"num_versions": 2}}),
+        (mds.VersionPolicy(specific=("1", "3")), {"specific": {"versions": [1, 3]}}),
+    ],
+)
+def test_model_config_reports_the_version_policy(
+    policy: mds.VersionPolicy, reported: dict[str, Any]
+) -> None:
+    from mds._oip.reports import model_config
+
+    runtime = mds.Runtime()
+    runtime.add_model("sleeps", Sleeps, policy=policy)
+    with runtime:
+        assert model_config(runtime, "sleeps")["version_policy"] == reported

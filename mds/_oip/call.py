@@ -89,6 +89,8 @@ def prepare(
         InvalidInput: as :func:`decode`.
     """
     timeout, priority, parameters = _limits(request.parameters)
+    if priority is not None:
+        _check_level(target, priority)
     wanted = _wanted(request)
     context = RequestContext(id=request.id or request_id, parameters=parameters, outputs=wanted)
     signature = target.signature()
@@ -153,6 +155,17 @@ def _limits(
             f"parameters.binary_data_output: {excerpt(repr(binary), 40)} is not true or false"
         )
     return timeout, priority, {k: v for k, v in parameters.items() if k not in RESERVED}
+
+
+def _check_level(target: Servable, level: int) -> None:
+    """Refuse a ``priority`` parameter past the model's levels, in the client's numbering."""
+    config = getattr(target, "config", None)  # a model's; a pipeline has no levels of its own
+    levels = getattr(getattr(config, "batching", None), "priority_levels", None)
+    if isinstance(levels, int) and level >= levels:
+        raise InvalidInput(
+            f"parameters.priority: {level + 1} is not a priority of this model: it has "
+            f"{levels} (1, the highest, to {levels}; 0 for its default)"
+        )
 
 
 def _wanted(request: InferRequest) -> dict[str, Mapping[str, Any]]:

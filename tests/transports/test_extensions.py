@@ -311,7 +311,7 @@ def test_the_priority_parameter_counts_from_one(served: tuple[Served, Scores], t
     with pytest.raises(InferenceServerException) as failed:
         triton.infer("sleeps", [infer_input(x)], priority=3)
     assert failed.value.status() == "400"
-    assert "priority 2 is not a level" in str(failed.value)
+    assert "parameters.priority: 3 is not a priority of this model: it has 2" in str(failed.value)
 
 
 def test_statistics_extension_counts_what_was_served(

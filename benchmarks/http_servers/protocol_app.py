@@ -1,7 +1,7 @@
 """The benchmark MLP over the Open Inference Protocol: HTTP (FastAPI) or gRPC, one per process.
 
-    python protocol_app.py http PORT    # mds.fastapi.add_routes on uvicorn (uvloop, httptools)
-    python protocol_app.py grpc PORT    # mds.grpc.Server
+python protocol_app.py http PORT    # mds.fastapi.add_routes on uvicorn (uvloop, httptools)
+python protocol_app.py grpc PORT    # mds.grpc.Server
 """
 
 from __future__ import annotations

@@ -13,11 +13,13 @@ The clients run in this process on core 1: at 1 and 64 concurrent calls,
 measured in interleaved rounds (medians quoted) so that the machine's drift
 falls on both alike. Besides requests/s and p50/p99 it reads each server's
 CPU time (/proc) per request: the target is that a gRPC request costs no
-more server CPU than an HTTP binary one.
+more server CPU than an HTTP binary one. Last, the cost of each transport's
+lightest call (liveness), its floor: what the framework costs before mds
+does anything.
 
 Needs two cores. Run:
 
-    python benchmarks/grpc.py [--duration 10] [--rounds 5] [--quick]
+    python benchmarks/grpc_vs_http.py [--duration 10] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -108,6 +110,15 @@ def clients(kind: str, port: int) -> tuple[Any, Call]:
     return client, call
 
 
+def live_call(client: Any) -> Call:
+    """The lightest call there is (ServerLive, GET /v2/health/live): the transport's own floor."""
+
+    async def call() -> Any:
+        assert await client.is_server_live()
+
+    return call
+
+
 async def load(call: Call, concurrency: int, seconds: float) -> list[float]:
     """Latencies (ms) of the calls ``concurrency`` callers completed in ``seconds``."""
     latencies: list[float] = []
@@ -143,6 +154,7 @@ async def measure(args: argparse.Namespace) -> None:
     servers = {kind: (start(kind, port := free_port()), port) for kind in ("http", "grpc")}
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
     made: dict[str, tuple[Any, Call]] = {}
+    floors: dict[str, float] = {}
     try:
         for kind, (server, port) in servers.items():
             made[kind] = clients(kind, port)
@@ -178,6 +190,19 @@ async def measure(args: argparse.Namespace) -> None:
                     f" client core {found['client_busy']:.0%})",
                     flush=True,
                 )
+        # Where the time goes: the same servers' cost of their lightest call.
+        for kind, (server, _) in servers.items():
+            floor = live_call(made[kind][0])
+            cpu = cpu_seconds(server.pid)
+            began = time.perf_counter()
+            count = len(await load(floor, 64, seconds / 2))
+            used = cpu_seconds(server.pid) - cpu
+            floors[kind] = used / count * 1e6
+            print(
+                f"   {kind:<5} liveness, 64 clients: {count / (time.perf_counter() - began):7.0f}"
+                f" calls/s, server CPU {floors[kind]:5.0f} µs/call",
+                flush=True,
+            )
     finally:
         for client, _ in made.values():
             await client.close()
@@ -197,6 +222,10 @@ async def measure(args: argparse.Namespace) -> None:
             " (target <= 1.00x)"
         )
     print("(medians of each round's ratio, the two measured a moment apart)")
+    print(
+        f"the transports' own floor (a liveness call): gRPC {floors['grpc']:.0f} µs,"
+        f" HTTP {floors['http']:.0f} µs of server CPU per call"
+    )
 
 
 def median(found: list[dict[str, float]]) -> dict[str, float]:

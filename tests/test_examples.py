@@ -363,7 +363,7 @@ def test_the_readme_observability_code_runs() -> None:
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("prometheus_client")
     blocks = readme_blocks()
-    handler, observability = blocks[0], blocks[6]
+    handler, observability = blocks[0], blocks[7]
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + observability, namespace)
     with fastapi.TestClient(namespace["app"]) as client:
@@ -374,6 +374,24 @@ def test_the_readme_observability_code_runs() -> None:
         page = client.get("/status")
         assert page.headers["content-type"].startswith("text/html")
         assert client.get("/status/data").json()["models"][0]["name"] == "classifier"
+
+
+def test_the_readme_grpc_code_runs() -> None:
+    pytest.importorskip("torch")
+    triton = pytest.importorskip("tritonclient.grpc")
+    handler, block = readme_blocks()[0], readme_blocks()[3]
+    assert '"[::]:8001"' in block
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(handler + block.replace('"[::]:8001"', '"127.0.0.1:0"'), namespace)
+    server = namespace["grpc_server"]
+    try:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        assert client.is_server_live()
+        wait_ready(lambda: 200 if client.is_model_ready("classifier") else 503)
+        client.close()
+    finally:
+        server.stop_sync()
+    assert not namespace["runtime"].running
 
 
 def test_the_readme_starts_with_the_two_commands() -> None:
@@ -393,7 +411,8 @@ def test_the_readme_code_runs() -> None:
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("flask")
     blocks = readme_blocks()
-    handler, fastapi_block, flask_block, batching_block, _, pipeline_block, _, testing_block = (
+    # The gRPC and observability blocks have tests of their own.
+    handler, fastapi_block, flask_block, _, batching_block, _, pipeline_block, _, testing_block = (
         blocks
     )
     namespace: dict[str, Any] = {"__name__": "readme"}
@@ -526,7 +545,7 @@ def test_the_readme_backends_code_runs(tmp_path: Path, monkeypatch: pytest.Monke
             dynamic_axes={"x": {0: "batch"}},
             dynamo=False,
         )
-    block = readme_blocks()[4]
+    block = readme_blocks()[5]
     namespace: dict[str, Any] = {"__name__": "readme", "mds": mds, "make_mlp": make_mlp}
     exec(block, namespace)
     runtime = namespace["runtime"]

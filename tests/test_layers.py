@@ -49,6 +49,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_http",
             "_grpc",
             "_batch",
+            "_workers",
+            "workers",
             "_metrics",
             "batch",
             "fastapi",

@@ -1,0 +1,597 @@
+"""A queue as a transport: receive messages, serve each through the runtime, write, acknowledge.
+
+The worker adds no serving logic of its own: it decodes a message into the
+handler's request, awaits ``runtime.serve`` (messages in flight at once
+batch together in the model's batcher), writes the result to the sink and
+acknowledges the message only then. What it owns is the message's life:
+
+- it holds at most ``max_in_flight`` messages, and receives only as many as
+  there are free places (backpressure from the batcher to the broker);
+- it extends the visibility of every message it holds, queued or
+  computing, so that none is redelivered while it is still being served;
+- errors are routed by kind: a message that does not decode, or a request
+  the model rejects, goes to the dead letters at once with the reason; a
+  transient failure (overloaded, not ready, an inference error, a sink
+  that failed) is released for another delivery after a backoff; a message
+  delivered ``max_deliveries`` times goes to the dead letters. Nothing is
+  retried forever, nothing is dropped;
+- stopping stops receiving, lets the messages in flight finish (for
+  ``drain_timeout``), and releases the rest at once (visibility 0).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
+
+import anyio
+import anyio.abc
+import msgspec
+
+from .._bridge import Home, LoopBound
+from .._errors import (
+    ConfigError,
+    DecodeError,
+    LifecycleError,
+    MdsError,
+    RequestError,
+    describe,
+    excerpt,
+)
+from .._runtime import Load, Runtime
+
+__all__ = [
+    "Message",
+    "QueueWorker",
+    "Sink",
+    "Source",
+    "WorkerState",
+    "WorkerStatistics",
+]
+
+logger = logging.getLogger("mds.workers")
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """One message a source received.
+
+    Attributes:
+        id: the broker's id for the message: the same on every delivery, so
+            results keyed by it are idempotent.
+        body: the message's body, as received.
+        deliveries: how many times it has been delivered, this one included.
+        attributes: the broker's attributes of the message, as text.
+        handle: what the source needs to acknowledge, release or extend it
+            (an SQS receipt handle, a Redis stream entry id).
+
+    Added in 0.5.
+    """
+
+    id: str
+    body: bytes
+    deliveries: int = 1
+    attributes: Mapping[str, str] = msgspec.field(default_factory=dict)
+    handle: Any = None
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A broker the worker receives messages from (:class:`mds.workers.SqsSource`, ...).
+
+    Every method may block for network I/O: the worker calls them off the
+    event loop only if they are async, so a source's methods are ``async``.
+
+    Added in 0.5.
+    """
+
+    #: The queue's name, for statistics and logs.
+    name: str
+
+    async def receive(self, limit: int, wait: float, visibility: float) -> Sequence[Message]:
+        """Up to ``limit`` messages, waiting up to ``wait`` seconds for the first.
+
+        Each stays invisible to other consumers for ``visibility`` seconds.
+        """
+        ...
+
+    async def acknowledge(self, message: Message) -> None:
+        """The message is done: remove it from the queue."""
+        ...
+
+    async def release(self, message: Message, delay: float) -> None:
+        """Deliver the message again, ``delay`` seconds from now (0: at once)."""
+        ...
+
+    async def extend(self, messages: Sequence[Message], seconds: float) -> None:
+        """Keep the messages invisible to other consumers ``seconds`` from now."""
+        ...
+
+    async def dead_letter(self, message: Message, reason: str) -> None:
+        """Move the message to the dead letters with ``reason``, and out of the queue."""
+        ...
+
+    async def lag(self) -> int | None:
+        """Messages waiting in the queue, if the broker says; ``None`` if not."""
+        ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where each result goes (:class:`mds.workers.SqsSink`, ``S3Sink``, ``CallbackSink``).
+
+    ``write`` must be idempotent by ``message.id``: a message delivered
+    twice (its first worker died after writing, before acknowledging)
+    writes the same result under the same key.
+
+    Added in 0.5.
+    """
+
+    async def write(self, message: Message, result: bytes) -> None:
+        """Write the encoded result of ``message``."""
+        ...
+
+
+class WorkerState(enum.Enum):
+    """What a worker is doing.
+
+    Added in 0.5.
+    """
+
+    CREATED = "created"
+    RECEIVING = "receiving"
+    FULL = "full"  # holding max_in_flight messages: not receiving until one ends
+    BACKING_OFF = "backing_off"  # the source failed: waiting before receiving again
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's counters since it started.
+
+    Attributes:
+        queue: the source's name.
+        target: the model or pipeline it serves.
+        state: what it is doing now.
+        received: messages received (redeliveries included).
+        completed: messages served, written and acknowledged.
+        released: messages released for another delivery (a transient
+            failure, or the worker stopping).
+        dead_lettered: messages moved to the dead letters.
+        in_flight: messages held now (queued or computing).
+        source_errors: receives, acknowledgements and extensions that failed.
+        lag: messages waiting in the queue, when last asked (``None``: unknown).
+        seconds: how long it has been running.
+
+    Added in 0.5.
+    """
+
+    queue: str
+    target: str
+    state: WorkerState
+    received: int = 0
+    completed: int = 0
+    released: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    source_errors: int = 0
+    lag: int | None = None
+    seconds: float = 0.0
+
+
+def _json_request(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"the message body is not JSON: {exc}") from None
+
+
+def _enc_hook(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return value.tolist()
+    raise NotImplementedError(f"cannot encode {type(value).__name__} as JSON")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def _json_result(message: Message, result: Any) -> bytes:
+    return _encoder.encode({"id": message.id, "result": result})
+
+
+class QueueWorker(LoopBound):
+    """Serve a queue's messages with a model or pipeline of a runtime.
+
+    ``async with worker:`` starts the runtime if it is not running (and stops
+    it after, draining), then receives until it is stopped; leaving (or
+    :meth:`stop`) drains. :meth:`run` serves until cancelled. Sync code uses
+    ``start_sync``/``stop_sync``, which run it in mds's background loop.
+
+    Args:
+        runtime: the runtime whose model or pipeline serves the messages.
+        target: the model's or pipeline's name.
+        source: the queue (:class:`SqsSource`, :class:`RedisStreamSource`).
+        sink: where results go (:class:`SqsSink`, :class:`S3Sink`,
+            :class:`RedisStreamSink`, :class:`CallbackSink`).
+        decode: a message's request from its body; JSON by default. Raise
+            :class:`mds.DecodeError` (or any error) for a body that makes
+            none: the message goes to the dead letters.
+        encode: the bytes written for a result; by default JSON
+            ``{"id": message id, "result": result}``.
+        max_in_flight: the most messages held at once (received and not
+            yet acknowledged or released). Make it at least the model's
+            ``max_batch_size`` so that full batches can form.
+        visibility: seconds a received message stays invisible to other
+            consumers; the worker extends it every ``heartbeat`` seconds
+            while it holds the message.
+        heartbeat: seconds between extensions; less than ``visibility``.
+        max_deliveries: a message delivered this many times that fails
+            again goes to the dead letters.
+        backoff: ``(first, most)`` seconds before a released message is
+            delivered again, doubling with each delivery.
+        wait: seconds one receive waits for messages (long polling); a
+            stop waits for the receive in progress, so at most this long.
+        drain_timeout: seconds the messages in flight get to finish when
+            the worker stops; the rest are released at once.
+        timeout: each message's deadline in seconds (the model's by default).
+        load: how the runtime starts, if the worker starts it.
+
+    Added in 0.5.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        target: str,
+        source: Source,
+        sink: Sink,
+        *,
+        decode: Callable[[bytes], Any] = _json_request,
+        encode: Callable[[Message, Any], bytes] = _json_result,
+        max_in_flight: int = 64,
+        visibility: float = 30.0,
+        heartbeat: float = 10.0,
+        max_deliveries: int = 5,
+        backoff: tuple[float, float] = (1.0, 60.0),
+        wait: float = 10.0,
+        drain_timeout: float = 30.0,
+        timeout: float | None = None,
+        load: Load = "wait",
+    ) -> None:
+        if max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be 1 or more, not {max_in_flight}")
+        if not 0 < heartbeat < visibility:
+            raise ConfigError(
+                f"heartbeat ({heartbeat} s) must be above 0 and below visibility "
+                f"({visibility} s), or messages become visible while they are served"
+            )
+        if max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be 1 or more, not {max_deliveries}")
+        self.runtime = runtime
+        self.target = target
+        self.source = source
+        self.sink = sink
+        self.decode = decode
+        self.encode = encode
+        self.max_in_flight = max_in_flight
+        self.visibility = visibility
+        self.heartbeat = heartbeat
+        self.max_deliveries = max_deliveries
+        self.backoff = backoff
+        self.wait = wait
+        self.drain_timeout = drain_timeout
+        self.timeout = timeout
+        self.load: Load = load
+        self._home = Home(lambda: LifecycleError(f"{self!r} is not running"))
+        self._state = WorkerState.CREATED
+        self._held: dict[str, Message] = {}  # by id: queued or computing
+        self._counts = dict.fromkeys(
+            ("received", "completed", "released", "dead_lettered", "source_errors"), 0
+        )
+        self._lag: int | None = None
+        self._began = 0.0
+        self._slots: anyio.Semaphore | None = None
+        self._stopping: anyio.Event | None = None
+        self._done: anyio.Event | None = None  # the receive loop has drained
+        # Set when the last message held ends (the drain waits for it).
+        self._emptied: anyio.Event | _Flag = _Flag()
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._started: Runtime | None = None
+
+    def __repr__(self) -> str:
+        return f"<mds.workers.QueueWorker {self.source.name} -> {self.target} {self.state.value}>"
+
+    @property
+    def state(self) -> WorkerState:
+        """What the worker is doing now."""
+        return self._state
+
+    def statistics(self) -> WorkerStatistics:
+        """The worker's counters now."""
+        running = self._began and self._state is not WorkerState.STOPPED
+        return WorkerStatistics(
+            queue=self.source.name,
+            target=self.target,
+            state=self._state,
+            in_flight=len(self._held),
+            lag=self._lag,
+            seconds=time.monotonic() - self._began if running else 0.0,
+            **self._counts,
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._tasks is not None:
+            raise LifecycleError(f"{self!r} is already running")
+        await self._home.open()
+        runtime = self.runtime
+        started = runtime.run(load=self.load) if not runtime.running else None
+        if started is not None:
+            try:
+                await started.__aenter__()
+            except BaseException:
+                await self._home.close()
+                raise
+        self._started = runtime if started is not None else None
+        self._slots = anyio.Semaphore(self.max_in_flight)
+        self._stopping = anyio.Event()
+        self._done = anyio.Event()
+        self._began = time.monotonic()
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        self._tasks = tasks
+        tasks.start_soon(self._receive)
+        tasks.start_soon(self._extend)
+        tasks.start_soon(self._measure_lag)
+        self._state = WorkerState.RECEIVING
+        logger.info("worker for %s started on queue %s", self.target, self.source.name)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tasks, self._tasks = self._tasks, None
+        if tasks is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                self._state = WorkerState.DRAINING
+                assert self._stopping is not None and self._done is not None
+                self._stopping.set()
+                await self._done.wait()  # the receive loop drained (see _receive)
+            tasks.cancel_scope.cancel()
+            await tasks.__aexit__(None, None, None)
+        finally:
+            self._state = WorkerState.STOPPED
+            started, self._started = self._started, None
+            try:
+                if started is not None:
+                    # Not in a scope of ours: the runtime exits its own scopes.
+                    await started.__aexit__(exc_type, exc, tb)
+            finally:
+                await self._home.close()
+            logger.info("worker for %s stopped: %s", self.target, self._counts)
+
+    async def run(self) -> None:
+        """Serve until cancelled or :meth:`stop` is called; then drain and stop."""
+        async with self:
+            assert self._stopping is not None
+            await self._stopping.wait()
+
+    def stop(self) -> None:
+        """Ask a running worker to stop receiving and drain (what SIGTERM should call).
+
+        Safe from any thread; :meth:`run` returns once it has drained.
+        """
+        stopping = self._stopping
+        if stopping is None:
+            return
+        if self._home.thread is not None and self._home.portal is not None:
+            try:
+                self._home.portal.call(stopping.set)
+                return
+            except RuntimeError:  # called from the worker's own loop thread
+                pass
+        stopping.set()
+
+    def start_sync(self) -> None:
+        """Start in mds's background event loop; see :meth:`mds.Runtime.start_sync`."""
+        super().start_sync()
+
+    def stop_sync(self) -> None:
+        """Stop what :meth:`start_sync` started: drain, then stop the runtime it started."""
+        super().stop_sync()
+
+    # -- receiving ----------------------------------------------------------
+
+    async def _receive(self) -> None:
+        """Receive while there are free places; serve each message in a task of its own.
+
+        Stopping ends it: the receive in progress returns (within ``wait``),
+        what it brought is released at once, the messages in flight get
+        ``drain_timeout`` to finish, and the rest are released.
+        """
+        assert self._slots is not None and self._stopping is not None
+        assert self._done is not None
+        slots, stopping = self._slots, self._stopping
+        failures = 0
+        try:
+            async with anyio.create_task_group() as serving:
+                while not stopping.is_set():
+                    free = await self._free_places(slots)
+                    self._state = WorkerState.RECEIVING
+                    try:
+                        received = list(await self.source.receive(free, self.wait, self.visibility))
+                        failures = 0
+                    except Exception as exc:
+                        received = []
+                        failures += 1
+                        await self._back_off(exc, failures)
+                    for _ in range(free - len(received)):
+                        slots.release()
+                    for message in received:
+                        self._counts["received"] += 1
+                        if stopping.is_set():  # brought in while stopping: straight back
+                            slots.release()
+                            await self._release(message, 0.0, "the worker is stopping")
+                        elif message.id in self._held:  # redelivered while still held
+                            self._held[message.id] = message  # its newest handle
+                            slots.release()
+                        else:
+                            self._held[message.id] = message
+                            serving.start_soon(self._serve, message)
+                    if slots.value == 0:
+                        self._state = WorkerState.FULL
+                self._state = WorkerState.DRAINING
+                with anyio.move_on_after(self.drain_timeout):
+                    while self._held:
+                        emptied = self._emptied = anyio.Event()
+                        await emptied.wait()
+                serving.cancel_scope.cancel()  # the rest release themselves (_serve)
+        finally:
+            self._done.set()
+
+    async def _free_places(self, slots: anyio.Semaphore) -> int:
+        """Wait for one free place at least; take every free one (up to ``max_in_flight``)."""
+        if slots.value == 0:
+            self._state = WorkerState.FULL
+        await slots.acquire()
+        free = 1
+        while slots.value > 0:
+            slots.acquire_nowait()
+            free += 1
+        return free
+
+    async def _back_off(self, exc: Exception, failures: int) -> None:
+        """The source failed: wait (doubling, up to ``backoff[1]``) before receiving again."""
+        assert self._stopping is not None
+        self._counts["source_errors"] += 1
+        delay = backoff_delay(self.backoff, failures)
+        logger.warning(
+            "receiving from %s failed (%s); trying again in %.1f s",
+            self.source.name,
+            describe(exc),
+            delay,
+        )
+        self._state = WorkerState.BACKING_OFF
+        with anyio.move_on_after(delay):
+            await self._stopping.wait()
+
+    async def _serve(self, message: Message) -> None:
+        """One message: decode, serve, write, acknowledge; or route its error."""
+        assert self._slots is not None
+        try:
+            try:
+                request = self.decode(message.body)
+            except Exception as exc:
+                reason = exc.message if isinstance(exc, MdsError) else describe(exc)
+                await self._dead_letter(message, f"the message does not decode: {reason}")
+                return
+            try:
+                result = await self.runtime.serve(self.target, request, timeout=self.timeout)
+            except RequestError as exc:  # the message's fault: no delivery will fix it
+                await self._dead_letter(message, f"{type(exc).__name__}: {exc.message}")
+                return
+            except MdsError as exc:  # transient: overloaded, not ready, inference, deadline
+                await self._retry(message, f"{type(exc).__name__}: {exc.message}")
+                return
+            try:
+                await self.sink.write(message, self.encode(message, result))
+            except Exception as exc:
+                await self._retry(message, f"writing the result failed: {describe(exc)}")
+                return
+            try:
+                await self.source.acknowledge(self._current(message))
+            except Exception as exc:
+                # Written but not acknowledged: it is delivered again, and the
+                # sink writes the same result under the same id.
+                self._counts["source_errors"] += 1
+                logger.warning("acknowledging %s failed: %s", message.id, describe(exc))
+            self._counts["completed"] += 1
+        except anyio.get_cancelled_exc_class():
+            # The worker stopped before it was done: deliver it again at once.
+            await self._release(message, 0.0, "the worker stopped before it was done")
+            raise
+        finally:
+            if self._held.pop(message.id, None) is not None:
+                self._slots.release()
+            if not self._held:
+                self._emptied.set()
+
+    def _current(self, message: Message) -> Message:
+        """The message as last delivered (a redelivery brings a new handle)."""
+        return self._held.get(message.id, message)
+
+    async def _retry(self, message: Message, reason: str) -> None:
+        if message.deliveries >= self.max_deliveries:
+            await self._dead_letter(
+                message, f"{reason} (delivered {message.deliveries} times, the most allowed)"
+            )
+            return
+        await self._release(message, backoff_delay(self.backoff, message.deliveries), reason)
+
+    async def _release(self, message: Message, delay: float, reason: str) -> None:
+        logger.info("releasing %s for another delivery in %.1f s: %s", message.id, delay, reason)
+        self._counts["released"] += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.source.release(self._current(message), delay)
+        except Exception as exc:
+            # It becomes visible again when its visibility runs out.
+            self._counts["source_errors"] += 1
+            logger.warning("releasing %s failed: %s", message.id, describe(exc))
+
+    async def _dead_letter(self, message: Message, reason: str) -> None:
+        reason = excerpt(reason, 1000)
+        logger.warning("dead-lettering %s: %s", message.id, reason)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.source.dead_letter(self._current(message), reason)
+            self._counts["dead_lettered"] += 1
+        except Exception as exc:
+            self._counts["source_errors"] += 1
+            logger.warning("dead-lettering %s failed: %s", message.id, describe(exc))
+
+    # -- keeping messages invisible -----------------------------------------
+
+    async def _extend(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat)
+            held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                await self.source.extend(held, self.visibility)
+            except Exception as exc:
+                self._counts["source_errors"] += 1
+                logger.warning(
+                    "extending the visibility of %d messages failed: %s", len(held), describe(exc)
+                )
+
+    async def _measure_lag(self) -> None:
+        while True:
+            try:
+                self._lag = await self.source.lag()
+            except Exception:
+                self._lag = None
+            await anyio.sleep(max(self.heartbeat, 5.0))
+
+
+class _Flag:
+    """Stands in for an event before the worker's loop makes one."""
+
+    def set(self) -> None:
+        pass
+
+
+def backoff_delay(backoff: tuple[float, float], deliveries: int) -> float:
+    """Seconds before delivery ``deliveries + 1``: doubling from ``backoff[0]`` up to ``[1]``."""
+    first, most = backoff
+    return float(min(most, first * 2 ** min(max(0, deliveries - 1), 30)))

@@ -53,9 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run that was stopped or killed.",
         )
     )
+    from ._workers import command as worker_command
+
+    worker_command.add_arguments(
+        commands.add_parser(
+            "worker",
+            help="serve a queue's messages through a model or pipeline (SQS, Redis Streams)",
+            description="Serve the messages of the queue the WORKER file names through a "
+            "handler or a pipeline, writing each result to its sink; SIGTERM drains.",
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "batch":
         return run_command(args)
+    if args.command == "worker":
+        return worker_command.run_command(args)
     if args.command == "repository":
         return _check_repository(args.path)
     if args.command == "pipeline":

@@ -20,7 +20,7 @@ from .._runtime import Runtime
 from .job import Job, JobFailed
 from .sources import FORMATS
 
-__all__ = ["add_arguments", "run_command"]
+__all__ = ["add_arguments", "build_runtime", "run_command"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def run_command(args: argparse.Namespace) -> int:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # handler modules beside the caller, as python -m finds
     try:
-        runtime, name = _runtime(args)
+        runtime, name = build_runtime(args)
     except MdsError as exc:
         print(f"mds batch: {exc}", file=sys.stderr)
         return 1
@@ -82,7 +82,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
 
 
-def _runtime(args: argparse.Namespace) -> tuple[Runtime, str]:
+def build_runtime(args: argparse.Namespace) -> tuple[Runtime, str]:
+    """The runtime serving ``args.target`` (a handler with ``--config``, or a pipeline file)."""
     runtime = Runtime()
     target = args.target
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():

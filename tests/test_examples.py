@@ -358,6 +358,23 @@ def test_the_grpc_example_and_its_client() -> None:
         assert httpx.get(f"{url}/health/ready", timeout=10).status_code == 200
 
 
+@pytest.mark.timeout(180)
+def test_the_queue_agent_example() -> None:
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "queue_agent.py")],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert lines["verdicts"] == "60, right: 60"
+    assert lines["dead letters"] == "1 (the message does not decode)"
+
+
 def test_the_readme_observability_code_runs() -> None:
     pytest.importorskip("torch")
     fastapi = pytest.importorskip("fastapi.testclient")

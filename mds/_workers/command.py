@@ -88,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the model's config as a YAML file (ModelConfig fields)")
     parser.add_argument("--name", help="the model's name (default: the handler's)")
     parser.add_argument("--model-version", default="1", help="the model's version (default 1)")
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /health/live, /health/ready and /statistics on this port (for probes)",
+    )
 
 
 def read_config(path: str) -> WorkerConfig:
@@ -196,11 +201,20 @@ def run_command(args: argparse.Namespace) -> int:
     except MdsError as exc:
         print(f"mds worker: {exc}", file=sys.stderr)
         return 1
+    health = None
+    if args.health_port is not None:
+        from .health import HealthServer
+
+        health = HealthServer(worker, port=args.health_port)
+        health.start()
     try:
         return anyio.run(_main, worker)
     except KeyboardInterrupt:  # a second signal: stopped at once
         print("mds worker: stopped at once; messages held come back after their visibility")
         return 130
+    finally:
+        if health is not None:
+            health.stop()
 
 
 async def _main(worker: QueueWorker) -> int:

@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from .conftest import Aws
+from .conftest import Aws, free_port
 from .test_sqs import counts, eventually, received_all, send
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,7 @@ def test_the_command_serves_and_drains_on_sigterm(aws: Aws, tmp_path: Path) -> N
     (tmp_path / "worker.yaml").write_text(WORKER_FILE)
     (tmp_path / "model.yaml").write_text("batching:\n  max_batch_size: 8\n")
     ids = send(aws, queue, [json.dumps({"x": [i, 0, 0, 0]}) for i in range(20)] + ["{"])
+    health_port = free_port()
     env = {
         **os.environ,
         "QUEUE": queue,
@@ -53,6 +55,7 @@ def test_the_command_serves_and_drains_on_sigterm(aws: Aws, tmp_path: Path) -> N
         [
             *(sys.executable, "-m", "mds", "worker", "tests.workers.models:Scorer"),
             *("worker.yaml", "--config", "model.yaml", "--name", "scorer"),
+            *("--health-port", str(health_port)),
         ],
         cwd=tmp_path,
         env=env,
@@ -62,6 +65,13 @@ def test_the_command_serves_and_drains_on_sigterm(aws: Aws, tmp_path: Path) -> N
     )
     try:
         eventually(lambda: counts(aws, results)[0] == 20, "twenty results", seconds=60)
+        base = f"http://127.0.0.1:{health_port}"
+        ready = httpx.get(f"{base}/health/ready", timeout=10)
+        assert ready.status_code == 200 and ready.json()["state"] in ("receiving", "full")
+        assert httpx.get(f"{base}/health/live", timeout=10).json()["live"] is True
+        statistics = httpx.get(f"{base}/statistics", timeout=10).json()
+        assert statistics["worker"]["completed"] >= 20
+        assert statistics["models"]["scorer"]["completed"] >= 20
         # Some more while it runs, then SIGTERM: it drains and exits 0.
         send(aws, queue, [json.dumps({"x": [1, 1, 1, 1], "sleep": 0.5}) for _ in range(4)])
         time.sleep(0.5)

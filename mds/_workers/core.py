@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -43,6 +43,7 @@ from .._errors import (
     excerpt,
 )
 from .._runtime import Load, Runtime
+from .batched import Batched
 
 __all__ = [
     "Message",
@@ -118,6 +119,9 @@ class Source(Protocol):
         """Messages waiting in the queue, if the broker says; ``None`` if not."""
         ...
 
+    # A source may also offer ``async def acknowledge_many(messages) -> list of
+    # (exception or None)``: the worker then acknowledges in batches of ten.
+
 
 @runtime_checkable
 class Sink(Protocol):
@@ -133,6 +137,9 @@ class Sink(Protocol):
     async def write(self, message: Message, result: bytes) -> None:
         """Write the encoded result of ``message``."""
         ...
+
+    # A sink may also offer ``async def write_many([(message, result), ...]) ->
+    # list of (exception or None)``: the worker then writes in batches of ten.
 
 
 class WorkerState(enum.Enum):
@@ -286,6 +293,9 @@ class QueueWorker(LoopBound):
         self.timeout = timeout
         self.load: Load = load
         self._home = Home(lambda: LifecycleError(f"{self!r} is not running"))
+        # Writes and acknowledgements go in batches where the sink and source take them.
+        self._write = _batched(sink, "write_many", lambda item: sink.write(*item))
+        self._acknowledge = _batched(source, "acknowledge_many", source.acknowledge)
         self._state = WorkerState.CREATED
         self._held: dict[str, Message] = {}  # by id: queued or computing
         self._counts = dict.fromkeys(
@@ -503,12 +513,12 @@ class QueueWorker(LoopBound):
                 await self._retry(message, f"{type(exc).__name__}: {exc.message}")
                 return
             try:
-                await self.sink.write(message, self.encode(message, result))
+                await self._write((message, self.encode(message, result)))
             except Exception as exc:
                 await self._retry(message, f"writing the result failed: {describe(exc)}")
                 return
             try:
-                await self.source.acknowledge(self._current(message))
+                await self._acknowledge(self._current(message))
             except Exception as exc:
                 # Written but not acknowledged: it is delivered again, and the
                 # sink writes the same result under the same id.
@@ -582,6 +592,12 @@ class QueueWorker(LoopBound):
             except Exception:
                 self._lag = None
             await anyio.sleep(max(self.heartbeat, 5.0))
+
+
+def _batched(owner: Any, many: str, one: Callable[[Any], Awaitable[None]]) -> Any:
+    """``owner.<many>`` behind a :class:`Batched` if it has one, else ``one`` call by call."""
+    send = getattr(owner, many, None)
+    return Batched(send) if send is not None else one
 
 
 class _Flag:

@@ -31,6 +31,36 @@ ID_ATTRIBUTE = "mds-message-id"
 ERROR_ATTRIBUTE = "mds-error"
 
 
+#: A batch of results stays under SQS's 256 KiB a request, with room for attributes.
+_BATCH_BYTES = 200 * 1024
+
+
+def _failures(reply: Any, count: int) -> list[BaseException | None]:
+    """One failure (or ``None``) per entry of a batch request's reply, by the entries' ids."""
+    found: list[BaseException | None] = [None] * count
+    for failed in reply.get("Failed", []):
+        found[int(failed["Id"])] = RuntimeError(
+            f"{failed.get('Code', 'error')}: {failed.get('Message', '')}"
+        )
+    return found
+
+
+def _chunks(
+    results: Sequence[tuple[Message, bytes]], most: int
+) -> list[Sequence[tuple[Message, bytes]]]:
+    """Consecutive runs of at most ten results of at most ``most`` bytes together."""
+    chunks: list[Sequence[tuple[Message, bytes]]] = []
+    start, size = 0, 0
+    for index, (_, result) in enumerate(results):
+        if index > start and (index - start == _MOST or size + len(result) > most):
+            chunks.append(results[start:index])
+            start, size = index, 0
+        size += len(result)
+    if start < len(results):
+        chunks.append(results[start:])
+    return chunks
+
+
 def _client(service: str, client: Any) -> Any:
     if client is not None:
         return client
@@ -98,6 +128,12 @@ class SqsSource:
 
     async def acknowledge(self, message: Message) -> None:
         await self._call("delete_message", QueueUrl=self.queue_url, ReceiptHandle=message.handle)
+
+    async def acknowledge_many(self, messages: Sequence[Message]) -> list[BaseException | None]:
+        """Delete up to ten messages in one request; a failure per message that failed."""
+        entries = [{"Id": str(i), "ReceiptHandle": m.handle} for i, m in enumerate(messages)]
+        reply = await self._call("delete_message_batch", QueueUrl=self.queue_url, Entries=entries)
+        return _failures(reply, len(messages))
 
     async def release(self, message: Message, delay: float) -> None:
         await self._call(
@@ -177,7 +213,7 @@ class SqsSink:
         self.client = _client("sqs", client)
         self.group = group
 
-    async def write(self, message: Message, result: bytes) -> None:
+    def _arguments(self, message: Message, result: bytes) -> dict[str, Any]:
         arguments: dict[str, Any] = {
             "QueueUrl": self.queue_url,
             "MessageBody": result.decode("utf-8", "replace"),
@@ -186,7 +222,29 @@ class SqsSink:
         if self.queue_url.endswith(".fifo"):
             arguments["MessageDeduplicationId"] = message.id[:128]
             arguments["MessageGroupId"] = self.group
+        return arguments
+
+    async def write(self, message: Message, result: bytes) -> None:
+        arguments = self._arguments(message, result)
         await anyio.to_thread.run_sync(lambda: self.client.send_message(**arguments))
+
+    async def write_many(
+        self, results: Sequence[tuple[Message, bytes]]
+    ) -> list[BaseException | None]:
+        """Up to ten results in one request (fewer when they would pass SQS's 256 KiB)."""
+        failures: list[BaseException | None] = []
+        for chunk in _chunks(results, _BATCH_BYTES):
+            entries: list[dict[str, Any]] = []
+            for i, (message, result) in enumerate(chunk):
+                entry = {"Id": str(i), **self._arguments(message, result)}
+                del entry["QueueUrl"]
+                entries.append(entry)
+            reply = await anyio.to_thread.run_sync(self._send_batch, entries)
+            failures += _failures(reply, len(chunk))
+        return failures
+
+    def _send_batch(self, entries: list[dict[str, Any]]) -> Any:
+        return self.client.send_message_batch(QueueUrl=self.queue_url, Entries=entries)
 
 
 class S3Sink:

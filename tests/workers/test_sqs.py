@@ -356,3 +356,52 @@ def test_bad_settings_are_refused() -> None:
             visibility=5,
             heartbeat=5,  # type: ignore[arg-type]
         )
+
+
+async def test_the_worker_runs_in_the_hosts_loop(aws: Aws, anyio_backend: str) -> None:
+    import anyio
+
+    def prepare() -> tuple[list[str], str, mds.workers.QueueWorker]:
+        # boto3 blocks (even making a client reads files): not on the loop.
+        queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
+        ids = send(aws, queue, [json.dumps({"x": [i, 1, 0, 0]}) for i in range(20)])
+        return ids, bucket, worker_for(aws, Scorer(), queue, dead, bucket, wait=0.2)
+
+    ids, bucket, worker = await anyio.to_thread.run_sync(prepare)
+    async with worker:  # asyncio or trio: boto3 runs in worker threads
+        with anyio.fail_after(60):
+            while worker.statistics().completed < 20:  # noqa: ASYNC110 - polling a counter
+                await anyio.sleep(0.02)
+        assert worker.state in (mds.workers.WorkerState.RECEIVING, mds.workers.WorkerState.FULL)
+    assert worker.state is mds.workers.WorkerState.STOPPED
+    written = await anyio.to_thread.run_sync(results, aws, bucket)
+    assert written == {ids[i]: float(i + 1) for i in range(20)}
+
+
+async def test_batched_calls_each_get_their_own_outcome(anyio_backend: str) -> None:
+    import anyio
+
+    from mds._workers.batched import Batched
+
+    sent: list[list[int]] = []
+
+    async def send(items: Any) -> list[BaseException | None]:
+        sent.append(list(items))
+        return [ValueError(f"odd {i}") if i % 2 else None for i in items]
+
+    batched: Batched[int] = Batched(send, size=4, delay=0.01)
+    outcomes: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        try:
+            await batched(i)
+            outcomes[i] = "ok"
+        except ValueError as exc:
+            outcomes[i] = str(exc)
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(10):
+            tasks.start_soon(one, i)
+    assert outcomes == {i: f"odd {i}" if i % 2 else "ok" for i in range(10)}
+    assert sorted(i for batch in sent for i in batch) == list(range(10))
+    assert max(len(batch) for batch in sent) == 4 and len(sent) >= 3

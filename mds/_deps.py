@@ -22,6 +22,7 @@ _EXTRAS = {
     "grpc": "grpc",
     "grpc_health": "grpc",
     "tritonclient": "grpc",
+    "redis": "redis",
 }
 
 DISTRIBUTION = "mds-serving"

@@ -17,6 +17,7 @@ import mds.flask
 import mds.grpc
 import mds.prometheus
 import mds.testing
+import mds.workers
 
 PUBLIC_MODULES = {
     "mds",
@@ -26,6 +27,7 @@ PUBLIC_MODULES = {
     "mds.batch",
     "mds.prometheus",
     "mds.grpc",
+    "mds.workers",
 }
 
 # The public API, pinned: a change here is a design decision, with docs and a
@@ -100,11 +102,27 @@ EXPECTED = {
     "mds.batch": ["JobFailed", "Progress", "Report", "run", "run_sync"],
     "mds.prometheus": ["Collector", "exposition"],
     "mds.grpc": ["Server", "add_to_server"],
+    "mds.workers": [
+        "CallbackSink",
+        "Message",
+        "QueueWorker",
+        "RedisStreamSink",
+        "RedisStreamSource",
+        "S3Sink",
+        "Sink",
+        "Source",
+        "SqsSink",
+        "SqsSource",
+        "WorkerState",
+        "WorkerStatistics",
+        "read_object",
+    ],
 }
 
 
 @pytest.mark.parametrize(
-    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc]
+    "module",
+    [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc, mds.workers],
 )
 def test_all_is_pinned(module: object) -> None:
     assert module.__all__ == EXPECTED[module.__name__]  # type: ignore[attr-defined]
@@ -113,7 +131,8 @@ def test_all_is_pinned(module: object) -> None:
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
     # public submodules; the __future__ import
-    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "grpc", "annotations"}
+    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "grpc", "workers"}
+    exported -= {"annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
 
@@ -167,10 +186,10 @@ def test_the_version_is_the_changelogs_newest() -> None:
 
 def test_import_mds_loads_no_optional_dependency() -> None:
     code = (
-        "import sys, mds, mds.testing, mds.prometheus, mds.grpc\n"
+        "import sys, mds, mds.testing, mds.prometheus, mds.grpc, mds.workers\n"
         "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio',\n"
         "         'tensorflow', 'pyarrow', 'prometheus_client', 'opentelemetry',\n"
-        "         'grpc', 'tritonclient', 'google.protobuf'}\n"
+        "         'grpc', 'tritonclient', 'google.protobuf', 'redis', 'boto3', 'botocore'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run(

@@ -252,6 +252,12 @@ class RedisStreamSource:
     async def acknowledge(self, message: Message) -> None:
         await _off_loop(self.client.xack, self.stream, self.group, message.handle)
 
+    async def acknowledge_many(self, messages: Sequence[Message]) -> list[BaseException | None]:
+        """Acknowledge in one ``XACK`` (the worker gathers them): all or none fail."""
+        handles = [message.handle for message in messages]
+        await _off_loop(self.client.xack, self.stream, self.group, *handles)
+        return [None] * len(messages)
+
     async def release(self, message: Message, delay: float) -> None:
         # JUSTID: a release is no delivery (the XAUTOCLAIM that takes the
         # entry over counts one), so that max_deliveries counts attempts.
@@ -360,3 +366,19 @@ class RedisStreamSink:
         await _off_loop(
             lambda: self._script(keys=[self.results, self.stream], args=[message.id, result])
         )
+
+    async def write_many(
+        self, items: Sequence[tuple[Message, bytes]]
+    ) -> list[BaseException | None]:
+        """Write in one round trip (the worker gathers them); each fails on its own."""
+
+        def send() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for message, result in items:
+                self._script(
+                    keys=[self.results, self.stream], args=[message.id, result], client=pipe
+                )
+            return list(pipe.execute(raise_on_error=False))
+
+        replies = await _off_loop(send)
+        return [reply if isinstance(reply, Exception) else None for reply in replies]

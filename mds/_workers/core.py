@@ -172,6 +172,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
         source_errors: receives, acknowledgements and extensions that failed.
         lag: messages waiting in the queue, when last asked (``None``: unknown).
         seconds: how long it has been running.
+        throughput: messages completed per second over that time.
 
     Added in 0.5.
     """
@@ -187,6 +188,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     source_errors: int = 0
     lag: int | None = None
     seconds: float = 0.0
+    throughput: float = 0.0
 
 
 def _json_request(body: bytes) -> Any:
@@ -322,13 +324,15 @@ class QueueWorker(LoopBound):
     def statistics(self) -> WorkerStatistics:
         """The worker's counters now."""
         running = self._began and self._state is not WorkerState.STOPPED
+        seconds = time.monotonic() - self._began if running else 0.0
         return WorkerStatistics(
             queue=self.source.name,
             target=self.target,
             state=self._state,
             in_flight=len(self._held),
             lag=self._lag,
-            seconds=time.monotonic() - self._began if running else 0.0,
+            seconds=seconds,
+            throughput=self._counts["completed"] / seconds if seconds > 0 else 0.0,
             **self._counts,
         )
 

@@ -71,6 +71,7 @@ def test_the_command_serves_and_drains_on_sigterm(aws: Aws, tmp_path: Path) -> N
         assert httpx.get(f"{base}/health/live", timeout=10).json()["live"] is True
         statistics = httpx.get(f"{base}/statistics", timeout=10).json()
         assert statistics["worker"]["completed"] >= 20
+        assert statistics["worker"]["throughput"] > 0
         assert statistics["models"]["scorer"]["completed"] >= 20
         # Some more while it runs, then SIGTERM: it drains and exits 0.
         send(aws, queue, [json.dumps({"x": [1, 1, 1, 1], "sleep": 0.5}) for _ in range(4)])

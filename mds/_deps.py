@@ -21,6 +21,7 @@ _EXTRAS = {
     "opentelemetry": "tracing",
     "grpc": "grpc",
     "grpc_health": "grpc",
+    "boto3": "sqs",
     "tritonclient": "grpc",
     "redis": "redis",
 }

@@ -54,4 +54,6 @@ __all__ = [
 ]
 
 # Reprs and tracebacks show the public path, not the private module.
-RedisStreamSink.__module__ = RedisStreamSource.__module__ = __name__
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -138,7 +138,8 @@ def test_all_lists_exactly_the_exports() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc]
+    "module",
+    [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc, mds.workers],
 )
 def test_every_export_reports_a_public_module(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]

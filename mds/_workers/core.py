@@ -19,7 +19,8 @@ acknowledges the message only then. What it owns is the message's life:
   ``drain_timeout``), and releases the rest at once (visibility 0).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: msgspec reads these annotations at
+# run time, and mds/workers.py gives the classes the public module.
 
 import enum
 import logging
@@ -300,6 +301,8 @@ class QueueWorker(LoopBound):
         self._acknowledge = _batched(source, "acknowledge_many", source.acknowledge)
         self._state = WorkerState.CREATED
         self._held: dict[str, Message] = {}  # by id: queued or computing
+        # Held, but being acknowledged, released or dead-lettered: not extended.
+        self._ending: set[str] = set()
         self._counts = dict.fromkeys(
             ("received", "completed", "released", "dead_lettered", "source_errors"), 0
         )
@@ -440,6 +443,8 @@ class QueueWorker(LoopBound):
             async with anyio.create_task_group() as serving:
                 while not stopping.is_set():
                     free = await self._free_places(slots)
+                    if not free:
+                        break
                     self._state = WorkerState.RECEIVING
                     try:
                         received = list(await self.source.receive(free, self.wait, self.visibility))
@@ -473,10 +478,24 @@ class QueueWorker(LoopBound):
             self._done.set()
 
     async def _free_places(self, slots: anyio.Semaphore) -> int:
-        """Wait for one free place at least; take every free one (up to ``max_in_flight``)."""
+        """Wait for one free place at least; take every free one. 0: the worker is stopping."""
+        assert self._stopping is not None
+        stopping = self._stopping
         if slots.value == 0:
             self._state = WorkerState.FULL
-        await slots.acquire()
+        acquired = False
+        async with anyio.create_task_group() as waiting:
+
+            async def until_stopped() -> None:
+                await stopping.wait()
+                waiting.cancel_scope.cancel()  # a full worker stops too
+
+            waiting.start_soon(until_stopped)
+            await slots.acquire()
+            acquired = True
+            waiting.cancel_scope.cancel()
+        if not acquired:
+            return 0
         free = 1
         while slots.value > 0:
             slots.acquire_nowait()
@@ -521,6 +540,7 @@ class QueueWorker(LoopBound):
             except Exception as exc:
                 await self._retry(message, f"writing the result failed: {describe(exc)}")
                 return
+            self._ending.add(message.id)
             try:
                 await self._acknowledge(self._current(message))
             except Exception as exc:
@@ -534,6 +554,7 @@ class QueueWorker(LoopBound):
             await self._release(message, 0.0, "the worker stopped before it was done")
             raise
         finally:
+            self._ending.discard(message.id)
             if self._held.pop(message.id, None) is not None:
                 self._slots.release()
             if not self._held:
@@ -552,6 +573,8 @@ class QueueWorker(LoopBound):
         await self._release(message, backoff_delay(self.backoff, message.deliveries), reason)
 
     async def _release(self, message: Message, delay: float, reason: str) -> None:
+        if message.id in self._held:
+            self._ending.add(message.id)  # the heartbeat must not hide it again
         logger.info("releasing %s for another delivery in %.1f s: %s", message.id, delay, reason)
         self._counts["released"] += 1
         try:
@@ -563,6 +586,7 @@ class QueueWorker(LoopBound):
             logger.warning("releasing %s failed: %s", message.id, describe(exc))
 
     async def _dead_letter(self, message: Message, reason: str) -> None:
+        self._ending.add(message.id)
         reason = excerpt(reason, 1000)
         logger.warning("dead-lettering %s: %s", message.id, reason)
         try:
@@ -578,7 +602,7 @@ class QueueWorker(LoopBound):
     async def _extend(self) -> None:
         while True:
             await anyio.sleep(self.heartbeat)
-            held = list(self._held.values())
+            held = [m for i, m in self._held.items() if i not in self._ending]
             if not held:
                 continue
             try:

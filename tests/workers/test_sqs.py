@@ -405,3 +405,16 @@ async def test_batched_calls_each_get_their_own_outcome(anyio_backend: str) -> N
     assert outcomes == {i: f"odd {i}" if i % 2 else "ok" for i in range(10)}
     assert sorted(i for batch in sent for i in batch) == list(range(10))
     assert max(len(batch) for batch in sent) == 4 and len(sent) >= 3
+
+
+def test_a_full_worker_stops_too(aws: Aws) -> None:
+    queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
+    send(aws, queue, [json.dumps({"x": [i, 0, 0, 0], "sleep": 3.0}) for i in range(6)])
+    worker = worker_for(
+        aws, Scorer(), queue, dead, bucket, max_in_flight=2, drain_timeout=0.2, wait=0.2
+    )
+    worker.start_sync()
+    eventually(lambda: worker.state is mds.workers.WorkerState.FULL, "full")
+    worker.stop_sync()  # holding its most: the stop still drains, and releases
+    assert worker.statistics().released == 2
+    assert counts(aws, queue)[1] == 0

@@ -13,6 +13,7 @@ decides what is shown and how. Each part logs to a plain public name:
 ``mds.repository`` the model repository and its watch
 ``mds.http``       the HTTP adapters
 ``mds.grpc``       the gRPC service
+``mds.workers``    queue workers: dead letters, releases, a failing broker
 =================  ==========================================================
 
 Records from the request and batch paths carry fields for the host's

@@ -29,6 +29,7 @@ LOGGERS = {
     "mds.repository",
     "mds.http",
     "mds.grpc",
+    "mds.workers",
     "mds.metrics",
 }
 
@@ -234,7 +235,8 @@ def test_each_module_names_its_logger_with_a_public_name() -> None:
 
 
 def test_nothing_prints_but_the_command_line() -> None:
-    command_line = {"__main__.py", "_batch/command.py", "_demo.py"}  # mds, mds batch, mds demo
+    # mds, mds batch, mds worker, mds demo
+    command_line = {"__main__.py", "_batch/command.py", "_workers/command.py", "_demo.py"}
     printing = []
     for path in PACKAGE.rglob("*.py"):
         if str(path.relative_to(PACKAGE)) in command_line:

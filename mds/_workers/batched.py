@@ -46,9 +46,11 @@ class Batched(Generic[T]):
         if len(self._pending) >= self.size:
             await self._flush()
         elif len(self._pending) == 1:  # the first: wait for company, then send
-            await anyio.sleep(self.delay)
-            if not done.is_set():
-                await self._flush()
+            try:
+                await anyio.sleep(self.delay)
+            finally:  # cancelled or not: those who joined are sent
+                if not done.is_set():
+                    await self._flush()
         await done.wait()
         if outcome and outcome[0] is not None:
             raise outcome[0]
@@ -57,11 +59,15 @@ class Batched(Generic[T]):
         batch, self._pending = self._pending[: self.size], self._pending[self.size :]
         if not batch:
             return
+        failures: list[BaseException | None] = []
         try:
             with anyio.CancelScope(shield=True):  # the items' callers all wait on it
                 failures = list(await self.send([item for item, _, _ in batch]))
         except Exception as exc:
             failures = [exc] * len(batch)
-        for (_, done, outcome), failure in zip(batch, failures, strict=True):
-            outcome.append(failure)
-            done.set()
+        finally:
+            if len(failures) != len(batch):  # a send that answered for too few or too many
+                failures = [RuntimeError("the batch's outcome was lost")] * len(batch)
+            for (_, done, outcome), failure in zip(batch, failures, strict=True):
+                outcome.append(failure)
+                done.set()

@@ -303,6 +303,11 @@ class QueueWorker(LoopBound):
         self._held: dict[str, Message] = {}  # by id: queued or computing
         # Held, but being acknowledged, released or dead-lettered: not extended.
         self._ending: set[str] = set()
+        # Deliveries of a message whose previous delivery is still ending, by id.
+        self._returning: dict[str, Message] = {}
+        self._serving: anyio.abc.TaskGroup | None = None
+        self._round: anyio.Event | None = None  # a heartbeat's extension in flight
+        self._stop_asked = False
         self._counts = dict.fromkeys(
             ("received", "completed", "released", "dead_lettered", "source_errors"), 0
         )
@@ -355,12 +360,16 @@ class QueueWorker(LoopBound):
                 raise
         self._started = runtime if started is not None else None
         self._slots = anyio.Semaphore(self.max_in_flight)
+        self._write = _batched(self.sink, "write_many", lambda item: self.sink.write(*item))
+        self._acknowledge = _batched(self.source, "acknowledge_many", self.source.acknowledge)
         self._stopping = anyio.Event()
         self._done = anyio.Event()
         self._began = time.monotonic()
         tasks = anyio.create_task_group()
         await tasks.__aenter__()
         self._tasks = tasks
+        if self._stop_asked:  # stopped while the models loaded
+            self._stopping.set()
         tasks.start_soon(self._receive)
         tasks.start_soon(self._extend)
         tasks.start_soon(self._measure_lag)
@@ -407,6 +416,7 @@ class QueueWorker(LoopBound):
 
         Safe from any thread; :meth:`run` returns once it has drained.
         """
+        self._stop_asked = True  # seen once started, if it is still starting
         stopping = self._stopping
         if stopping is None:
             return
@@ -441,6 +451,7 @@ class QueueWorker(LoopBound):
         failures = 0
         try:
             async with anyio.create_task_group() as serving:
+                self._serving = serving
                 while not stopping.is_set():
                     free = await self._free_places(slots)
                     if not free:
@@ -457,12 +468,16 @@ class QueueWorker(LoopBound):
                         slots.release()
                     for message in received:
                         self._counts["received"] += 1
-                        if stopping.is_set():  # brought in while stopping: straight back
-                            slots.release()
-                            await self._release(message, 0.0, "the worker is stopping")
-                        elif message.id in self._held:  # redelivered while still held
+                        if message.id in self._held and message.id in self._ending:
+                            # Delivered again while its last delivery ends (released
+                            # at once, say): served once that one is done; keeps its place.
+                            self._returning[message.id] = message
+                        elif message.id in self._held:  # redelivered while still served
                             self._held[message.id] = message  # its newest handle
                             slots.release()
+                        elif stopping.is_set():  # brought in while stopping: straight back
+                            slots.release()
+                            await self._release(message, 0.0, "the worker is stopping")
                         else:
                             self._held[message.id] = message
                             serving.start_soon(self._serve, message)
@@ -536,11 +551,17 @@ class QueueWorker(LoopBound):
                 await self._retry(message, f"{type(exc).__name__}: {exc.message}")
                 return
             try:
-                await self._write((message, self.encode(message, result)))
+                encoded = self.encode(message, result)
+            except Exception as exc:  # no delivery would encode it
+                await self._dead_letter(message, f"the result does not encode: {describe(exc)}")
+                return
+            try:
+                await self._write((message, encoded))
             except Exception as exc:
                 await self._retry(message, f"writing the result failed: {describe(exc)}")
                 return
             self._ending.add(message.id)
+            await self._after_heartbeat()
             try:
                 await self._acknowledge(self._current(message))
             except Exception as exc:
@@ -557,14 +578,30 @@ class QueueWorker(LoopBound):
             self._ending.discard(message.id)
             if self._held.pop(message.id, None) is not None:
                 self._slots.release()
+            again = self._returning.pop(message.id, None)
+            if again is not None:  # its next delivery, which kept a place of its own
+                self._held[message.id] = again
+                self._start(again)
             if not self._held:
                 self._emptied.set()
+
+    def _start(self, message: Message) -> None:
+        """Serve a delivery that waited for its previous one to end; or release it."""
+        assert self._serving is not None and self._stopping is not None
+        if self._stopping.is_set():
+            self._held.pop(message.id, None)
+            assert self._slots is not None
+            self._slots.release()
+            self._serving.start_soon(self._release, message, 0.0, "the worker is stopping")
+        else:
+            self._serving.start_soon(self._serve, message)
 
     def _current(self, message: Message) -> Message:
         """The message as last delivered (a redelivery brings a new handle)."""
         return self._held.get(message.id, message)
 
     async def _retry(self, message: Message, reason: str) -> None:
+        message = self._current(message)  # its latest delivery's count
         if message.deliveries >= self.max_deliveries:
             await self._dead_letter(
                 message, f"{reason} (delivered {message.deliveries} times, the most allowed)"
@@ -579,6 +616,7 @@ class QueueWorker(LoopBound):
         self._counts["released"] += 1
         try:
             with anyio.CancelScope(shield=True):
+                await self._after_heartbeat()
                 await self.source.release(self._current(message), delay)
         except Exception as exc:
             # It becomes visible again when its visibility runs out.
@@ -591,6 +629,7 @@ class QueueWorker(LoopBound):
         logger.warning("dead-lettering %s: %s", message.id, reason)
         try:
             with anyio.CancelScope(shield=True):
+                await self._after_heartbeat()
                 await self.source.dead_letter(self._current(message), reason)
             self._counts["dead_lettered"] += 1
         except Exception as exc:
@@ -599,12 +638,19 @@ class QueueWorker(LoopBound):
 
     # -- keeping messages invisible -----------------------------------------
 
+    async def _after_heartbeat(self) -> None:
+        """Wait for an extension in flight: landing after a release, it would hide it again."""
+        round_ = self._round
+        if round_ is not None:
+            await round_.wait()
+
     async def _extend(self) -> None:
         while True:
             await anyio.sleep(self.heartbeat)
             held = [m for i, m in self._held.items() if i not in self._ending]
             if not held:
                 continue
+            round_ = self._round = anyio.Event()
             try:
                 await self.source.extend(held, self.visibility)
             except Exception as exc:
@@ -612,6 +658,9 @@ class QueueWorker(LoopBound):
                 logger.warning(
                     "extending the visibility of %d messages failed: %s", len(held), describe(exc)
                 )
+            finally:
+                self._round = None
+                round_.set()
 
     async def _measure_lag(self) -> None:
         while True:

@@ -22,7 +22,8 @@ from .core import QueueWorker, WorkerState
 __all__ = ["HealthServer"]
 
 _READY = (WorkerState.RECEIVING, WorkerState.FULL)
-_LIVE = (WorkerState.RECEIVING, WorkerState.FULL, WorkerState.BACKING_OFF, WorkerState.DRAINING)
+# Live while the process is up (loading models too): readiness says whether it serves.
+_LIVE = tuple(state for state in WorkerState if state is not WorkerState.STOPPED)
 
 
 class HealthServer:

@@ -281,10 +281,15 @@ class CallbackSink:
         self.function = write
 
     async def write(self, message: Message, result: bytes) -> None:
-        if inspect.iscoroutinefunction(self.function):
-            await self.function(message, result)
-        else:
-            await anyio.to_thread.run_sync(self.function, message, result)
+        if inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
+            getattr(self.function, "__call__", None)  # noqa: B004 - an async callable object
+        ):
+            await self.function(message, result)  # type: ignore[misc]
+            return
+        # Boxed: trio refuses a thread's function that returns a coroutine.
+        (made,) = await anyio.to_thread.run_sync(lambda: (self.function(message, result),))
+        if inspect.isawaitable(made):  # a plain function that hands back a coroutine
+            await made
 
 
 def read_object(url: str, *, client: Any = None) -> bytes:

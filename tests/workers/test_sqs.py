@@ -418,3 +418,60 @@ def test_a_full_worker_stops_too(aws: Aws) -> None:
     worker.stop_sync()  # holding its most: the stop still drains, and releases
     assert worker.statistics().released == 2
     assert counts(aws, queue)[1] == 0
+
+
+async def test_a_cancelled_first_caller_still_sends_its_batch(anyio_backend: str) -> None:
+    import anyio
+
+    from mds._workers.batched import Batched
+
+    sent: list[int] = []
+
+    async def send(items: Any) -> list[BaseException | None]:
+        sent.extend(items)
+        return [None for _ in items]
+
+    batched: Batched[int] = Batched(send, size=10, delay=0.2)
+    async with anyio.create_task_group() as tasks:
+        with anyio.CancelScope() as first:
+            tasks.start_soon(batched, 2)  # joins the first's batch
+            await anyio.lowlevel.checkpoint()
+            first.cancel()
+            await batched(1)  # the first: cancelled while it waits for company
+    assert sorted(sent) == [1, 2]
+    await batched(3)  # and the next batch has a first caller again
+    assert sorted(sent) == [1, 2, 3]
+
+
+async def test_every_kind_of_callback_writes(anyio_backend: str) -> None:
+    got: list[str] = []
+    message = mds.workers.Message(id="m", body=b"")
+
+    class Recorder:
+        async def __call__(self, message: mds.workers.Message, result: bytes) -> None:
+            got.append("callable object")
+
+    async def coroutine(text: str) -> None:
+        got.append(text)
+
+    def plain(message: mds.workers.Message, result: bytes) -> None:
+        got.append("plain")
+
+    for write in (Recorder(), lambda m, r: coroutine("returns a coroutine"), plain):
+        await mds.workers.CallbackSink(write).write(message, b"result")
+    assert got == ["callable object", "returns a coroutine", "plain"]
+
+
+def test_a_result_that_does_not_encode_is_dead_lettered(aws: Aws) -> None:
+    queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
+    send(aws, queue, [json.dumps({"x": [1, 1, 1, 1]})])
+
+    def encode(message: mds.workers.Message, result: Any) -> bytes:
+        raise TypeError("cannot encode this result")
+
+    worker = worker_for(aws, Scorer(), queue, dead, bucket, wait=0.2, encode=encode)
+    with worker:
+        eventually(lambda: worker.statistics().dead_lettered == 1, "dead-lettered")
+    (letter,) = received_all(aws, dead)
+    reason = letter["MessageAttributes"]["mds-error"]["StringValue"]
+    assert reason == "the result does not encode: TypeError: cannot encode this result"

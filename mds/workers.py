@@ -23,12 +23,12 @@ Added in 0.5.
 
 from __future__ import annotations
 
-from ._workers.core import Message as Message
+from ._workers.broker import Message as Message
+from ._workers.broker import Sink as Sink
+from ._workers.broker import Source as Source
+from ._workers.broker import WorkerState as WorkerState
+from ._workers.broker import WorkerStatistics as WorkerStatistics
 from ._workers.core import QueueWorker as QueueWorker
-from ._workers.core import Sink as Sink
-from ._workers.core import Source as Source
-from ._workers.core import WorkerState as WorkerState
-from ._workers.core import WorkerStatistics as WorkerStatistics
 from ._workers.redis import RedisStreamSink as RedisStreamSink
 from ._workers.redis import RedisStreamSource as RedisStreamSource
 from ._workers.sqs import CallbackSink as CallbackSink

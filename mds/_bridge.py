@@ -30,7 +30,7 @@ from anyio.from_thread import BlockingPortal
 from . import _exit
 from ._errors import LifecycleError, MdsError
 
-__all__ = ["Home", "LoopBound", "process_portal"]
+__all__ = ["Home", "LoopBound", "forward", "process_portal"]
 
 logger = logging.getLogger("mds.runtime")
 
@@ -82,16 +82,7 @@ class Home:
         """
         if self.thread == _get_ident() or self.portal is None:
             return fn(*args)
-        return self._forward(self.portal, fn, *args)
-
-    @staticmethod
-    async def _forward(portal: BlockingPortal, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        future = portal.start_task_soon(fn, *args)
-        try:
-            return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            future.cancel()
-            raise
+        return forward(self.portal, fn, *args)
 
     async def iterate(
         self, fn: Callable[..., Coroutine[Any, Any, AsyncIterator[T]]], *args: Any
@@ -152,6 +143,16 @@ class Home:
             close = getattr(items, "aclose", None)
             if close is not None and self.portal is not None:
                 self.call_sync(close)
+
+
+async def forward(portal: BlockingPortal, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``await fn(*args)`` in the portal's loop, from another loop; cancelled there if cancelled."""
+    future = portal.start_task_soon(fn, *args)
+    try:
+        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        future.cancel()
+        raise
 
 
 _END: Any = object()

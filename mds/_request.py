@@ -10,8 +10,7 @@ batch and does not.
 # No `from __future__ import annotations`: msgspec reads these annotations.
 
 import contextvars
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -59,12 +58,12 @@ def request_context() -> RequestContext:
     return _current.get()
 
 
-@contextmanager
-def use_request_context(context: RequestContext) -> Iterator[RequestContext]:
+class use_request_context:
     """Serve the calls made inside the block with ``context``.
 
     What the transports do for each request; for your own routes, or tests
-    of a handler that reads :func:`request_context`.
+    of a handler that reads :func:`request_context`. (A class, not a
+    generator: it runs on every protocol request.)
 
     Example:
         >>> with mds.use_request_context(mds.RequestContext(parameters={"top_k": 3})):
@@ -72,8 +71,15 @@ def use_request_context(context: RequestContext) -> Iterator[RequestContext]:
 
     Added in 0.5.
     """
-    token = _current.set(context)
-    try:
-        yield context
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_token", "context")
+
+    def __init__(self, context: RequestContext) -> None:
+        self.context = context
+
+    def __enter__(self) -> RequestContext:
+        self._token = _current.set(self.context)
+        return self.context
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)

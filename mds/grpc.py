@@ -48,7 +48,7 @@ Added in 0.5.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -56,7 +56,7 @@ import anyio
 from anyio.from_thread import BlockingPortal
 
 from . import _loop
-from ._bridge import LoopBound, process_portal
+from ._bridge import LoopBound, forward, process_portal
 from ._deps import require
 from ._errors import LifecycleError
 from ._repository.repository import ModelRepository
@@ -225,7 +225,7 @@ class Server(LoopBound):
                 self._server = await self._start(service)
             else:  # grpc.aio runs on asyncio only
                 portal = process_portal()
-                self._server = await _in_loop(portal, self._start, service)
+                self._server = await forward(portal, self._start, service)
         except BaseException as exc:
             if started is not None:
                 await started.__aexit__(type(exc), exc, exc.__traceback__)
@@ -271,7 +271,7 @@ class Server(LoopBound):
                 if portal is None:
                     await server.stop(grace)
                 else:
-                    await _in_loop(portal, server.stop, grace)
+                    await forward(portal, server.stop, grace)
         finally:
             if started is not None:
                 await started.__aexit__(exc_type, exc, tb)
@@ -301,13 +301,3 @@ def _service() -> ModuleType:
     from ._grpc import service
 
     return service
-
-
-async def _in_loop(portal: BlockingPortal, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``await fn(*args)`` in the portal's loop, from another loop; cancelled there if cancelled."""
-    future = portal.start_task_soon(fn, *args)
-    try:
-        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
-    except anyio.get_cancelled_exc_class():
-        future.cancel()
-        raise

@@ -162,9 +162,6 @@ class QueueWorker(LoopBound):
         self.timeout = timeout
         self.load: Load = load
         self._home = Home(lambda: LifecycleError(f"{self!r} is not running"))
-        # Writes and acknowledgements go in batches where the sink and source take them.
-        self._write = _batched(sink, "write_many", lambda item: sink.write(*item))
-        self._acknowledge = _batched(source, "acknowledge_many", source.acknowledge)
         self._state = WorkerState.CREATED
         self._held: dict[str, Message] = {}  # by id: queued or computing
         # Held, but being acknowledged, released or dead-lettered: not extended.
@@ -183,7 +180,7 @@ class QueueWorker(LoopBound):
         self._stopping: anyio.Event | None = None
         self._done: anyio.Event | None = None  # the receive loop has drained
         # Set when the last message held ends (the drain waits for it).
-        self._emptied: anyio.Event | _Flag = _Flag()
+        self._emptied: anyio.Event | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._started: Runtime | None = None
 
@@ -226,6 +223,7 @@ class QueueWorker(LoopBound):
                 raise
         self._started = runtime if started is not None else None
         self._slots = anyio.Semaphore(self.max_in_flight)
+        # Writes and acknowledgements, in batches where the sink and source take them.
         self._write = _batched(self.sink, "write_many", lambda item: self.sink.write(*item))
         self._acknowledge = _batched(self.source, "acknowledge_many", self.source.acknowledge)
         self._stopping = anyio.Event()
@@ -448,7 +446,7 @@ class QueueWorker(LoopBound):
             if again is not None:  # its next delivery, which kept a place of its own
                 self._held[message.id] = again
                 self._start(again)
-            if not self._held:
+            if not self._held and self._emptied is not None:
                 self._emptied.set()
 
     def _start(self, message: Message) -> None:
@@ -541,13 +539,6 @@ def _batched(owner: Any, many: str, one: Callable[[Any], Awaitable[None]]) -> An
     """``owner.<many>`` behind a :class:`Batched` if it has one, else ``one`` call by call."""
     send = getattr(owner, many, None)
     return Batched(send) if send is not None else one
-
-
-class _Flag:
-    """Stands in for an event before the worker's loop makes one."""
-
-    def set(self) -> None:
-        pass
 
 
 def backoff_delay(backoff: tuple[float, float], deliveries: int) -> float:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import anyio
 import anyio.abc
@@ -26,7 +26,14 @@ from ._pipeline.nodes import ModelNode
 from ._pipeline.running import PipelineRuntime
 from ._residency import Residency, ResidencyStatistics
 from ._servable import Servable
-from ._status import ModelHealth, ModelStatistics, PipelineStatistics, RuntimeHealth
+from ._status import (
+    ModelHealth,
+    ModelStatistics,
+    PipelineStatistics,
+    RuntimeHealth,
+    WorkerHealth,
+    WorkerStatistics,
+)
 from ._versions import ModelVersions
 
 __all__ = ["Load", "Runtime"]
@@ -35,6 +42,14 @@ __all__ = ["Load", "Runtime"]
 Load = Literal["wait", "background"]
 
 logger = logging.getLogger("mds.runtime")
+
+
+class Reporting(Protocol):
+    """What runs on a runtime and reports beside its models: a queue worker."""
+
+    def health(self) -> WorkerHealth: ...
+
+    def statistics(self) -> WorkerStatistics: ...
 
 
 class Runtime(Managing, ByName, LoopBound):
@@ -95,6 +110,8 @@ class Runtime(Managing, ByName, LoopBound):
         )
         # What runs beside the models while the runtime runs (a repository's watch).
         self._companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        # The queue workers serving from it, by name: in its health and statistics.
+        self._workers: dict[str, Reporting] = {}
         self._home = Home(self._not_running)
 
     def __repr__(self) -> str:
@@ -485,6 +502,7 @@ class Runtime(Managing, ByName, LoopBound):
             ready=live and all(h.ready for h in models.values()),
             models=models,
             pipelines=pipelines,
+            workers={name: w.health() for name, w in sorted(self._workers.copy().items())},
         )
 
     def health_sync(self) -> RuntimeHealth:
@@ -513,6 +531,25 @@ class Runtime(Managing, ByName, LoopBound):
         Added in 0.5.
         """
         return {name: p.statistics() for name, p in sorted(self._pipelines.items())}
+
+    def worker_statistics(self) -> dict[str, WorkerStatistics]:
+        """The counters of each queue worker running on the runtime, by the worker's name.
+
+        Added in 0.5.
+        """
+        return {name: w.statistics() for name, w in sorted(self._workers.copy().items())}
+
+    def _attach(self, name: str, worker: Reporting) -> None:
+        """Report ``worker`` in health and statistics until :meth:`_detach`."""
+        if self._workers.get(name, worker) is not worker:
+            raise ConfigError(
+                f"a worker named {name!r} already runs on this runtime; give each one a name"
+            )
+        self._workers[name] = worker
+
+    def _detach(self, name: str, worker: Reporting) -> None:
+        if self._workers.get(name) is worker:
+            del self._workers[name]
 
 
 def _newest(version: str, versions: ModelVersions) -> bool:

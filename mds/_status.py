@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: msgspec reads these annotations at
 # run time, and mds/__init__.py gives the classes the public module "mds".
 
+import enum
 from typing import Generic
 
 import msgspec
@@ -25,6 +26,9 @@ __all__ = [
     "RuntimeHealth",
     "Traced",
     "VersionStatus",
+    "WorkerHealth",
+    "WorkerState",
+    "WorkerStatistics",
 ]
 
 T = TypeVar("T")
@@ -101,6 +105,44 @@ class PipelineHealth(msgspec.Struct, frozen=True, kw_only=True):
     nodes: dict[str, bool] = {}
 
 
+class WorkerState(enum.Enum):
+    """What a queue worker is doing.
+
+    Added in 0.5.
+    """
+
+    CREATED = "created"
+    WAITING = "waiting"  # for its model or pipeline to be ready (loading): not receiving
+    RECEIVING = "receiving"
+    FULL = "full"  # holding max_in_flight messages: not receiving until one ends
+    BACKING_OFF = "backing_off"  # the source failed: waiting before receiving again
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class WorkerHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """A queue worker's readiness.
+
+    Attributes:
+        name: the worker's name.
+        queue: the name of the queue it receives from.
+        target: the model or pipeline it serves.
+        state: what it is doing now.
+        ready: whether it takes messages: ``receiving`` or ``full``.
+        reason: why not, when it is not ready (the broker's last error
+            while it backs off).
+
+    Added in 0.5.
+    """
+
+    name: str
+    queue: str
+    target: str
+    state: WorkerState
+    ready: bool
+    reason: str | None = None
+
+
 class RuntimeHealth(msgspec.Struct, frozen=True, kw_only=True):
     """A runtime's liveness and readiness, overall, per model and per pipeline.
 
@@ -110,14 +152,57 @@ class RuntimeHealth(msgspec.Struct, frozen=True, kw_only=True):
         models: each model's health, by name (a pipeline's model nodes are
             models named ``pipeline.node``).
         pipelines: each pipeline's health, by name.
+        workers: each queue worker running on the runtime, by its name
+            (:class:`mds.workers.QueueWorker`). Reported beside the models,
+            not part of ``ready``: a broker that fails for a while must not
+            take the HTTP routes out of service. ``mds worker``'s probes
+            count it.
 
-    Added in 0.1; ``pipelines`` in 0.2.
+    Added in 0.1; ``pipelines`` in 0.2; ``workers`` in 0.5.
     """
 
     live: bool
     ready: bool
     models: dict[str, ModelHealth]
     pipelines: dict[str, PipelineHealth] = {}
+    workers: dict[str, WorkerHealth] = {}
+
+
+class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A queue worker's counters since it was made.
+
+    Attributes:
+        queue: the source's name.
+        target: the model or pipeline it serves.
+        state: what it is doing now.
+        received: messages received (redeliveries included).
+        completed: messages served, written and acknowledged.
+        released: messages released for another delivery (a transient
+            failure, or the worker stopping).
+        dead_lettered: messages moved to the dead letters.
+        in_flight: messages held now (queued or computing).
+        source_errors: receives, acknowledgements and extensions that failed.
+        lag: messages waiting in the queue, when last asked (``None``: unknown).
+        seconds: how long it has been running.
+        throughput: messages completed per second over that time.
+        name: the worker's name (its queue's, unless it was given one).
+
+    Added in 0.5.
+    """
+
+    queue: str
+    target: str
+    state: WorkerState
+    received: int = 0
+    completed: int = 0
+    released: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    source_errors: int = 0
+    lag: int | None = None
+    seconds: float = 0.0
+    throughput: float = 0.0
+    name: str = ""
 
 
 class Histogram(msgspec.Struct, frozen=True, kw_only=True):
@@ -477,3 +562,9 @@ class Traced(msgspec.Struct, Generic[T, TraceT], frozen=True, kw_only=True):
 
     value: T
     trace: TraceT
+
+
+# Public in mds.workers, which reports them; RuntimeHealth holds them without it.
+for _worker_class in (WorkerHealth, WorkerState, WorkerStatistics):
+    _worker_class.__module__ = "mds.workers"
+del _worker_class

@@ -26,6 +26,7 @@ from __future__ import annotations
 from ._workers.broker import Message as Message
 from ._workers.broker import Sink as Sink
 from ._workers.broker import Source as Source
+from ._workers.broker import WorkerHealth as WorkerHealth
 from ._workers.broker import WorkerState as WorkerState
 from ._workers.broker import WorkerStatistics as WorkerStatistics
 from ._workers.core import QueueWorker as QueueWorker
@@ -48,6 +49,7 @@ __all__ = [
     "Source",
     "SqsSink",
     "SqsSource",
+    "WorkerHealth",
     "WorkerState",
     "WorkerStatistics",
     "read_object",

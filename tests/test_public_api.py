@@ -113,6 +113,7 @@ EXPECTED = {
         "Source",
         "SqsSink",
         "SqsSource",
+        "WorkerHealth",
         "WorkerState",
         "WorkerStatistics",
         "read_object",

@@ -19,7 +19,7 @@ from .._errors import MdsError
 from .._handler import ModelState
 from .._runtime import Runtime
 from .._statistics import retired_statistics, summed
-from .._status import Histogram, ModelStatistics, PipelineStatistics
+from .._status import Histogram, ModelStatistics, PipelineStatistics, WorkerState
 
 __all__ = ["Family", "Sample", "families"]
 
@@ -121,6 +121,7 @@ def families(runtime: Runtime, devices: DeviceManager | None = None) -> list[Fam
     for pipeline in runtime.pipelines.values():
         _pipeline(family, pipeline.statistics())
     _residency(family, runtime)
+    _workers(family, runtime)
     if used:
         _devices(family, used, devices if devices is not None else DeviceManager.default())
     return list(found.values())
@@ -254,6 +255,53 @@ def _residency(family: _Make, runtime: Runtime) -> None:
     family("resident_models", "gauge", "On-demand models loaded now.", ()).add(
         (), len(residency.resident)
     )
+
+
+_WORKER = ("worker", "queue", "target")
+
+
+def _workers(family: _Make, runtime: Runtime) -> None:
+    """The queue workers running on the runtime."""
+    received = family(
+        "worker_received_messages", "counter",
+        "Messages a queue worker received (redeliveries included).", _WORKER,
+    )  # fmt: skip
+    ended = family(
+        "worker_messages", "counter",
+        "Messages by how the worker ended their delivery: completed (served, written, "
+        "acknowledged), released (for another delivery), dead_lettered.",
+        (*_WORKER, "outcome"),
+    )  # fmt: skip
+    errors = family(
+        "worker_source_errors", "counter",
+        "Calls to the broker that failed (receive, acknowledge, extend, release).", _WORKER,
+    )  # fmt: skip
+    held = family(
+        "worker_messages_in_flight", "gauge", "Messages a worker holds now (queued or computing).",
+        _WORKER,
+    )  # fmt: skip
+    lag = family(
+        "worker_queue_lag_messages", "gauge",
+        "Messages waiting in the queue, as the broker last said (every worker on a queue "
+        "sees the same: the most of them, not their sum).", _WORKER, combine="max",
+    )  # fmt: skip
+    state = family(
+        "worker_state", "gauge",
+        "1 for the worker's state now, 0 for the others (summed over processes: how many are "
+        "in each state).", (*_WORKER, "state"),
+    )  # fmt: skip
+    for name, stats in runtime.worker_statistics().items():
+        labels = (name, stats.queue, stats.target)
+        received.add(labels, stats.received)
+        ended.add((*labels, "completed"), stats.completed)
+        ended.add((*labels, "released"), stats.released)
+        ended.add((*labels, "dead_lettered"), stats.dead_lettered)
+        errors.add(labels, stats.source_errors)
+        held.add(labels, stats.in_flight)
+        if stats.lag is not None:
+            lag.add(labels, stats.lag)
+        for each in WorkerState:
+            state.add((*labels, each.value), 1.0 if each is stats.state else 0.0)
 
 
 def _devices(family: _Make, names: Iterable[str], manager: DeviceManager) -> None:

@@ -1,4 +1,4 @@
-"""What a worker exchanges with its broker: messages, sources, sinks; and its state.
+"""What a worker exchanges with its broker: messages, sources and sinks.
 
 A source (SQS, Redis Streams, your own) and a sink are protocols: a worker
 needs nothing else of them.
@@ -7,13 +7,32 @@ needs nothing else of them.
 # No `from __future__ import annotations`: msgspec reads these annotations at
 # run time, and mds/workers.py gives the classes the public module.
 
-import enum
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import anyio
 import msgspec
 
-__all__ = ["Message", "Sink", "Source", "WorkerState", "WorkerStatistics"]
+from .._errors import DecodeError
+from .._loop import asyncio_loop
+from .._status import WorkerHealth, WorkerState, WorkerStatistics
+from .batched import Batched
+
+T = TypeVar("T")
+
+__all__ = [
+    "Lane",
+    "Message",
+    "Sink",
+    "Source",
+    "WorkerHealth",
+    "WorkerState",
+    "WorkerStatistics",
+    "backoff_delay",
+    "batched",
+    "json_request",
+    "json_result",
+]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,7 +98,9 @@ class Source(Protocol):
         ...
 
     # A source may also offer ``async def acknowledge_many(messages) -> list of
-    # (exception or None)``: the worker then acknowledges in batches of ten.
+    # (exception or None)``: the worker then acknowledges in batches of ten;
+    # and ``async def check()``, which the worker awaits when it starts: a
+    # ConfigError there (no such queue, nowhere to dead-letter) stops it.
 
 
 @runtime_checkable
@@ -98,53 +119,64 @@ class Sink(Protocol):
         ...
 
     # A sink may also offer ``async def write_many([(message, result), ...]) ->
-    # list of (exception or None)``: the worker then writes in batches of ten.
+    # list of (exception or None)``: the worker then writes in batches of ten;
+    # and ``async def check()``, as a source may.
 
 
-class WorkerState(enum.Enum):
-    """What a worker is doing.
+class Lane:
+    """A limit of its own on the threads a source's or sink's blocking calls take.
 
-    Added in 0.5.
+    ``anyio.to_thread`` without a limiter shares one (40 threads) with
+    everything else in the process: a sink whose writes hang, or a slow
+    callback, would hold them all, and the heartbeat that keeps messages
+    invisible would wait behind it. Each source and sink takes its calls
+    through a lane of its own instead.
     """
 
-    CREATED = "created"
-    RECEIVING = "receiving"
-    FULL = "full"  # holding max_in_flight messages: not receiving until one ends
-    BACKING_OFF = "backing_off"  # the source failed: waiting before receiving again
-    DRAINING = "draining"
-    STOPPED = "stopped"
+    def __init__(self, most: int) -> None:
+        self.most = most
+        # By async library: a limiter belongs to one (a worker runs on asyncio or trio).
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a thread; a cancelled caller waits for it (it cannot be stopped)."""
+        library = "asyncio" if asyncio_loop() is not None else "trio"
+        limiter = self._limiters.get(library)
+        if limiter is None:
+            limiter = self._limiters[library] = anyio.CapacityLimiter(self.most)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=False)
 
 
-class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """A worker's counters since it started.
+# -- what the worker does by default ------------------------------------------
 
-    Attributes:
-        queue: the source's name.
-        target: the model or pipeline it serves.
-        state: what it is doing now.
-        received: messages received (redeliveries included).
-        completed: messages served, written and acknowledged.
-        released: messages released for another delivery (a transient
-            failure, or the worker stopping).
-        dead_lettered: messages moved to the dead letters.
-        in_flight: messages held now (queued or computing).
-        source_errors: receives, acknowledgements and extensions that failed.
-        lag: messages waiting in the queue, when last asked (``None``: unknown).
-        seconds: how long it has been running.
-        throughput: messages completed per second over that time.
 
-    Added in 0.5.
-    """
+def json_request(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"the message body is not JSON: {exc}") from None
 
-    queue: str
-    target: str
-    state: WorkerState
-    received: int = 0
-    completed: int = 0
-    released: int = 0
-    dead_lettered: int = 0
-    in_flight: int = 0
-    source_errors: int = 0
-    lag: int | None = None
-    seconds: float = 0.0
-    throughput: float = 0.0
+
+def _enc_hook(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return value.tolist()
+    raise NotImplementedError(f"cannot encode {type(value).__name__} as JSON")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def json_result(message: Message, result: Any) -> bytes:
+    return _encoder.encode({"id": message.id, "result": result})
+
+
+def batched(owner: Any, many: str, one: Callable[[Any], Awaitable[None]]) -> Any:
+    """``owner.<many>`` behind a :class:`Batched` if it has one, else ``one`` call by call."""
+    send = getattr(owner, many, None)
+    return Batched(send) if send is not None else one
+
+
+def backoff_delay(backoff: tuple[float, float], deliveries: int) -> float:
+    """Seconds before delivery ``deliveries + 1``: doubling from ``backoff[0]`` up to ``[1]``."""
+    first, most = backoff
+    return float(min(most, first * 2 ** min(max(0, deliveries - 1), 30)))

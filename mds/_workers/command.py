@@ -2,7 +2,7 @@
 
 The model comes as for ``mds batch`` (a handler with ``--config``, or a
 pipeline file); the queue, the sink and the worker's settings from a YAML
-file whose ``${NAME}`` references are read from the environment::
+file whose values may name environment variables, ``${NAME}``::
 
     source:
       sqs: https://sqs.eu-west-1.amazonaws.com/123456789012/claims
@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from .._errors import ConfigError, MdsError
+from .._errors import ConfigError, MdsError, describe
 from .core import QueueWorker, Sink, Source
 
 __all__ = ["add_arguments", "run_command"]
@@ -95,17 +95,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_config(path: str) -> WorkerConfig:
-    """The worker file, with ``${NAME}`` read from the environment.
+_VARIABLE = re.compile(r"\$\{(\w+)\}")
 
-    Raises:
-        ConfigError: it cannot be read, a variable is not set, or a field is
-            wrong (the message names it).
+
+def _substituted(value: Any, path: str) -> Any:
+    """``value`` with ``${NAME}`` in its strings read from the environment.
+
+    After the YAML is parsed, not before: a variable is a value (newlines
+    and all), never more YAML, and a comment that names one needs none.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the worker file: {exc}") from None
+    if isinstance(value, dict):
+        return {key: _substituted(item, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substituted(item, path) for item in value]
+    if not isinstance(value, str):
+        return value
 
     def variable(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -113,13 +117,30 @@ def read_config(path: str) -> WorkerConfig:
             raise ConfigError(f"{path}: ${{{name}}} is not set in the environment")
         return os.environ[name]
 
-    text = re.sub(r"\$\{(\w+)\}", variable, text)
+    return _VARIABLE.sub(variable, value)
+
+
+def read_config(path: str) -> WorkerConfig:
+    """The worker file, with ``${NAME}`` in its values read from the environment.
+
+    Raises:
+        ConfigError: it cannot be read, a variable is not set, or a field is
+            wrong (the message names it).
+    """
     try:
-        config = msgspec.yaml.decode(text.encode(), type=WorkerConfig)
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the worker file: {exc}") from None
+    try:
+        raw = msgspec.yaml.decode(text)
+    except msgspec.DecodeError as exc:
+        hint = ' (a ${NAME} inside {...} or [...] needs quotes: "${NAME}")' if b"${" in text else ""
+        raise ConfigError(f"{path}: not valid YAML{hint}: {exc}") from None
+    try:
+        # Not strict: a number from a variable (``max_in_flight: ${MOST}``) is text.
+        config = msgspec.convert(_substituted(raw, path), WorkerConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if (config.source.sqs is None) == (config.source.redis is None):
         raise ConfigError(f"{path}: the source is either sqs or redis, one of them")
     if sum(x is not None for x in (config.sink.sqs, config.sink.s3, config.sink.redis)) != 1:
@@ -183,7 +204,13 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         config = read_config(args.worker)
         runtime, name = build_runtime(args)
-        source, sink = make_source_and_sink(config)
+        try:
+            source, sink = make_source_and_sink(config)
+        except MdsError:
+            raise
+        except Exception as exc:  # botocore's NoRegionError, a Redis URL that is not one
+            message = f"{args.worker}: cannot set up the source or sink: {describe(exc)}"
+            raise ConfigError(message) from None
         worker = QueueWorker(
             runtime,
             name,
@@ -218,13 +245,16 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 async def _main(worker: QueueWorker) -> int:
+    failed: list[Exception] = []
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_on_signals, worker)
             await worker.run()
             tasks.cancel_scope.cancel()
-    except MdsError as exc:
-        print(f"mds worker: {exc}", file=sys.stderr)
+    except* MdsError as group:  # it could not start: a target or queue that is not there
+        failed += group.exceptions
+    if failed:
+        print(f"mds worker: {failed[0]}", file=sys.stderr)
         return 1
     stats = worker.statistics()
     print(

@@ -14,7 +14,9 @@ acknowledges the message only then. What it owns is the message's life:
   transient failure (overloaded, not ready, an inference error, a sink
   that failed) is released for another delivery after a backoff; a message
   delivered ``max_deliveries`` times goes to the dead letters. Nothing is
-  retried forever, nothing is dropped;
+  retried forever, nothing is dropped; and what would send every message
+  to the dead letters (a target the runtime does not have, a queue with no
+  dead letters) stops the worker when it starts instead;
 - stopping stops receiving, lets the messages in flight finish (for
   ``drain_timeout``), and releases the rest at once (visibility 0).
 """
@@ -24,58 +26,53 @@ acknowledges the message only then. What it owns is the message's life:
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 import anyio.abc
-import msgspec
 
 from .._bridge import Home, LoopBound
 from .._errors import (
     ConfigError,
-    DecodeError,
     LifecycleError,
     MdsError,
+    ModelNotFound,
     RequestError,
     describe,
     excerpt,
 )
 from .._runtime import Load, Runtime
-from .batched import Batched
-from .broker import Message, Sink, Source, WorkerState, WorkerStatistics
+from .broker import (
+    Message,
+    Sink,
+    Source,
+    WorkerHealth,
+    WorkerState,
+    WorkerStatistics,
+    backoff_delay,
+    batched,
+    json_request,
+    json_result,
+)
 
 __all__ = [
     "Message",
     "QueueWorker",
     "Sink",
     "Source",
+    "WorkerHealth",
     "WorkerState",
     "WorkerStatistics",
 ]
 
+#: The states in which a worker takes messages.
+_READY = (WorkerState.RECEIVING, WorkerState.FULL)
+#: Seconds between looks at whether a target that is not ready is now.
+_READY_POLL = 0.1
+
 logger = logging.getLogger("mds.workers")
-
-
-def _json_request(body: bytes) -> Any:
-    try:
-        return msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"the message body is not JSON: {exc}") from None
-
-
-def _enc_hook(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return value.tolist()
-    raise NotImplementedError(f"cannot encode {type(value).__name__} as JSON")
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
-
-
-def _json_result(message: Message, result: Any) -> bytes:
-    return _encoder.encode({"id": message.id, "result": result})
 
 
 class QueueWorker(LoopBound):
@@ -85,6 +82,14 @@ class QueueWorker(LoopBound):
     it after, draining), then receives until it is stopped; leaving (or
     :meth:`stop`) drains. :meth:`run` serves until cancelled. Sync code uses
     ``start_sync``/``stop_sync``, which run it in mds's background loop.
+    While it runs, the runtime's health and statistics report it
+    (``runtime.health().workers``, ``runtime.worker_statistics()``), and so
+    do the adapters' ``/health/ready`` and ``mds.prometheus``.
+
+    When it starts it checks what would otherwise fail every message: that
+    the runtime serves ``target``, and what the source and sink can check
+    (an SQS source that its queue exists and has dead letters to send to);
+    each is a :class:`mds.ConfigError` that says what is wrong.
 
     Args:
         runtime: the runtime whose model or pipeline serves the messages.
@@ -114,6 +119,11 @@ class QueueWorker(LoopBound):
             the worker stops; the rest are released at once.
         timeout: each message's deadline in seconds (the model's by default).
         load: how the runtime starts, if the worker starts it.
+        name: the worker's name in the runtime's health and statistics; the
+            queue's name by default. Two workers on one runtime need two names.
+
+    Raises:
+        ConfigError: a setting is out of range (the message names it).
 
     Added in 0.5.
     """
@@ -125,8 +135,8 @@ class QueueWorker(LoopBound):
         source: Source,
         sink: Sink,
         *,
-        decode: Callable[[bytes], Any] = _json_request,
-        encode: Callable[[Message, Any], bytes] = _json_result,
+        decode: Callable[[bytes], Any] = json_request,
+        encode: Callable[[Message, Any], bytes] = json_result,
         max_in_flight: int = 64,
         visibility: float = 30.0,
         heartbeat: float = 10.0,
@@ -136,6 +146,7 @@ class QueueWorker(LoopBound):
         drain_timeout: float = 30.0,
         timeout: float | None = None,
         load: Load = "wait",
+        name: str | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ConfigError(f"max_in_flight must be 1 or more, not {max_in_flight}")
@@ -146,6 +157,15 @@ class QueueWorker(LoopBound):
             )
         if max_deliveries < 1:
             raise ConfigError(f"max_deliveries must be 1 or more, not {max_deliveries}")
+        if len(backoff) != 2 or not 0 <= backoff[0] <= backoff[1]:
+            raise ConfigError(
+                f"backoff must be (first, most) seconds with 0 <= first <= most, not {backoff!r}"
+            )
+        if wait < 0 or drain_timeout < 0:
+            raise ConfigError(
+                f"wait ({wait} s) and drain_timeout ({drain_timeout} s) must not be negative"
+            )
+        self.name = name if name is not None else source.name
         self.runtime = runtime
         self.target = target
         self.source = source
@@ -175,6 +195,7 @@ class QueueWorker(LoopBound):
             ("received", "completed", "released", "dead_lettered", "source_errors"), 0
         )
         self._lag: int | None = None
+        self._problem: str | None = None  # the broker's last error, while backing off
         self._began = 0.0
         self._slots: anyio.Semaphore | None = None
         self._stopping: anyio.Event | None = None
@@ -185,12 +206,30 @@ class QueueWorker(LoopBound):
         self._started: Runtime | None = None
 
     def __repr__(self) -> str:
-        return f"<mds.workers.QueueWorker {self.source.name} -> {self.target} {self.state.value}>"
+        where = f"{self.source.name} -> {self.target}"
+        return f"<mds.workers.QueueWorker {self.name}: {where} {self.state.value}>"
 
     @property
     def state(self) -> WorkerState:
         """What the worker is doing now."""
         return self._state
+
+    def health(self) -> WorkerHealth:
+        """Whether the worker takes messages now, and why not."""
+        state = self._state
+        ready = state in _READY
+        reason = None
+        if not ready:
+            problem = self._problem
+            reason = f"the worker is {state.value}" + (f": {problem}" if problem else "")
+        return WorkerHealth(
+            name=self.name,
+            queue=self.source.name,
+            target=self.target,
+            state=state,
+            ready=ready,
+            reason=reason,
+        )
 
     def statistics(self) -> WorkerStatistics:
         """The worker's counters now."""
@@ -204,6 +243,7 @@ class QueueWorker(LoopBound):
             lag=self._lag,
             seconds=seconds,
             throughput=self._counts["completed"] / seconds if seconds > 0 else 0.0,
+            name=self.name,
             **self._counts,
         )
 
@@ -222,10 +262,21 @@ class QueueWorker(LoopBound):
                 await self._home.close()
                 raise
         self._started = runtime if started is not None else None
+        try:
+            await self._check()
+            runtime._attach(self.name, self)
+        except BaseException as exc:
+            self._started = None
+            try:
+                if started is not None:
+                    await started.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                await self._home.close()
+            raise
         self._slots = anyio.Semaphore(self.max_in_flight)
         # Writes and acknowledgements, in batches where the sink and source take them.
-        self._write = _batched(self.sink, "write_many", lambda item: self.sink.write(*item))
-        self._acknowledge = _batched(self.source, "acknowledge_many", self.source.acknowledge)
+        self._write = batched(self.sink, "write_many", lambda item: self.sink.write(*item))
+        self._acknowledge = batched(self.source, "acknowledge_many", self.source.acknowledge)
         self._stopping = anyio.Event()
         self._done = anyio.Event()
         self._began = time.monotonic()
@@ -260,6 +311,7 @@ class QueueWorker(LoopBound):
             await tasks.__aexit__(None, None, None)
         finally:
             self._state = WorkerState.STOPPED
+            self.runtime._detach(self.name, self)
             started, self._started = self._started, None
             try:
                 if started is not None:
@@ -268,6 +320,23 @@ class QueueWorker(LoopBound):
             finally:
                 await self._home.close()
             logger.info("worker for %s stopped: %s", self.target, self._counts)
+
+    async def _check(self) -> None:
+        """Refuse to start where every message would fail: no such target, a broker set wrong."""
+        try:
+            self.runtime.servable(self.target)
+        except ModelNotFound as exc:
+            raise ConfigError(f"the worker cannot serve {self.target!r}: {exc.message}") from None
+        for part in (self.source, self.sink):
+            check = getattr(part, "check", None)
+            if check is None:
+                continue
+            try:
+                await check()
+            except ConfigError:
+                raise
+            except Exception as exc:  # unreachable now, say: receiving backs off and retries
+                logger.warning("could not check %r before starting: %s", part, describe(exc))
 
     async def run(self) -> None:
         """Serve until cancelled or :meth:`stop` is called; then drain and stop."""
@@ -317,6 +386,8 @@ class QueueWorker(LoopBound):
             async with anyio.create_task_group() as serving:
                 self._serving = serving
                 while not stopping.is_set():
+                    if not await self._target_ready():
+                        break
                     free = await self._free_places(slots)
                     if not free:
                         break
@@ -324,6 +395,7 @@ class QueueWorker(LoopBound):
                     try:
                         received = list(await self.source.receive(free, self.wait, self.visibility))
                         failures = 0
+                        self._problem = None
                     except Exception as exc:
                         received = []
                         failures += 1
@@ -356,6 +428,32 @@ class QueueWorker(LoopBound):
         finally:
             self._done.set()
 
+    async def _target_ready(self) -> bool:
+        """Wait until the target takes requests (it loads, say); ``False``: stopping first.
+
+        Received meanwhile, messages would only be released, and dead-lettered
+        once delivered ``max_deliveries`` times, however long the model loads.
+        """
+        assert self._stopping is not None
+        waited = False
+        while not self._stopping.is_set():
+            try:
+                servable = self.runtime.servable(self.target)
+                if servable.ready:
+                    if waited:
+                        self._problem = None
+                    return True
+                problem = f"{self.target!r} is not ready ({servable.state.value})"
+            except ModelNotFound as exc:  # unloaded, for now
+                problem = exc.message
+            if not waited:
+                logger.info("worker %s waits for %s", self.name, problem)
+            waited, self._problem = True, problem
+            self._state = WorkerState.WAITING
+            with anyio.move_on_after(_READY_POLL):
+                await self._stopping.wait()
+        return False
+
     async def _free_places(self, slots: anyio.Semaphore) -> int:
         """Wait for one free place at least; take every free one. 0: the worker is stopping."""
         assert self._stopping is not None
@@ -385,6 +483,7 @@ class QueueWorker(LoopBound):
         """The source failed: wait (doubling, up to ``backoff[1]``) before receiving again."""
         assert self._stopping is not None
         self._counts["source_errors"] += 1
+        self._problem = f"receiving from {self.source.name} failed: {describe(exc)}"
         delay = backoff_delay(self.backoff, failures)
         logger.warning(
             "receiving from %s failed (%s); trying again in %.1f s",
@@ -408,6 +507,9 @@ class QueueWorker(LoopBound):
                 return
             try:
                 result = await self.runtime.serve(self.target, request, timeout=self.timeout)
+            except ModelNotFound as exc:  # the worker's target, not the message: unloaded for now
+                await self._retry(message, f"{type(exc).__name__}: {exc.message}")
+                return
             except RequestError as exc:  # the message's fault: no delivery will fix it
                 await self._dead_letter(message, f"{type(exc).__name__}: {exc.message}")
                 return
@@ -497,8 +599,12 @@ class QueueWorker(LoopBound):
                 await self.source.dead_letter(self._current(message), reason)
             self._counts["dead_lettered"] += 1
         except Exception as exc:
+            # Not hidden for a whole visibility: it comes back after a backoff
+            # and is dead-lettered then (or served, if it was a transient failure).
             self._counts["source_errors"] += 1
             logger.warning("dead-lettering %s failed: %s", message.id, describe(exc))
+            delay = backoff_delay(self.backoff, self._current(message).deliveries)
+            await self._release(message, delay, "dead-lettering it failed")
 
     # -- keeping messages invisible -----------------------------------------
 
@@ -533,15 +639,3 @@ class QueueWorker(LoopBound):
             except Exception:
                 self._lag = None
             await anyio.sleep(max(self.heartbeat, 5.0))
-
-
-def _batched(owner: Any, many: str, one: Callable[[Any], Awaitable[None]]) -> Any:
-    """``owner.<many>`` behind a :class:`Batched` if it has one, else ``one`` call by call."""
-    send = getattr(owner, many, None)
-    return Batched(send) if send is not None else one
-
-
-def backoff_delay(backoff: tuple[float, float], deliveries: int) -> float:
-    """Seconds before delivery ``deliveries + 1``: doubling from ``backoff[0]`` up to ``[1]``."""
-    first, most = backoff
-    return float(min(most, first * 2 ** min(max(0, deliveries - 1), 30)))

@@ -21,7 +21,6 @@ from .core import QueueWorker, WorkerState
 
 __all__ = ["HealthServer"]
 
-_READY = (WorkerState.RECEIVING, WorkerState.FULL)
 # Live while the process is up (loading models too): readiness says whether it serves.
 _LIVE = tuple(state for state in WorkerState if state is not WorkerState.STOPPED)
 
@@ -66,8 +65,14 @@ class HealthServer:
             return (200 if live else 503), msgspec.json.encode({"live": live, "state": state})
         if path == "/health/ready":
             models_ready = worker.runtime.running and worker.runtime.health_sync().ready
-            ready = models_ready and state in _READY
-            body = {"ready": ready, "state": state, "models_ready": models_ready}
+            own = worker.health()
+            ready = models_ready and own.ready
+            body = {
+                "ready": ready,
+                "state": state,
+                "models_ready": models_ready,
+                "reason": own.reason if not own.ready else None,
+            }
             return (200 if ready else 503), msgspec.json.encode(body)
         if path == "/statistics":
             statistics = worker.runtime.statistics() if worker.runtime.running else {}

@@ -12,7 +12,8 @@ and releasing it with a delay is setting its idle time to
 ``visibility - delay``.
 
 redis-py's client blocks, so every call runs in a worker thread (the event
-loop, asyncio or trio, never waits on the network). Pass your own
+loop, asyncio or trio, never waits on the network), each source's and sink's
+in threads of its own. Pass your own
 ``redis.Redis`` client (for a host, a password, TLS), or let these make a
 default one (``localhost:6379``).
 """
@@ -24,25 +25,24 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-import anyio
 import msgspec
 
 from .._deps import require
 from .._errors import ConfigError
-from .core import Message
+from .broker import Lane, Message
 
 __all__ = ["RedisStreamSink", "RedisStreamSource"]
-
-T = TypeVar("T")
 
 #: The most ``XAUTOCLAIM`` calls one receive makes while it looks for
 #: entries to take over (each one scans up to ten times its count).
 _SCANS = 8
 #: The idle time after which entries are taken over, until a receive says.
 _DEFAULT_VISIBILITY = 30.0
+#: Threads for one source's or sink's calls at once.
+_THREADS = 8
 
 # Dead-letter the entry only if XACK found it pending, so that a message is
 # dead-lettered once even if two consumers fail it, and never half (the
@@ -79,10 +79,6 @@ def _text(value: Any) -> str:
 
 def _milliseconds(seconds: float) -> int:
     return max(0, round(seconds * 1000))
-
-
-async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
-    return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
 
 
 class RedisStreamSource:
@@ -150,6 +146,7 @@ class RedisStreamSource:
         self._due: list[float] = []
         self._due_lock = threading.Lock()
         self._dead_letter_script = self.client.register_script(_DEAD_LETTER)
+        self._lane = Lane(_THREADS)
 
     def __repr__(self) -> str:
         return f"<mds.workers.RedisStreamSource {self.stream} {self.group}/{self.consumer}>"
@@ -179,11 +176,33 @@ class RedisStreamSource:
             f"(XGROUP CREATE {self.stream} {self.group} 0 MKSTREAM) or pass create=True"
         )
 
+    async def check(self) -> None:
+        """That the consumer group exists, or is created (``create=True``).
+
+        Raises:
+            ConfigError: there is no such group and ``create`` is false.
+        """
+        await self._lane.run(self._check)
+
+    def _check(self) -> None:
+        try:
+            if self.create:
+                self._ensure_group()
+                return
+            for group in self.client.xinfo_groups(self.stream):
+                if _text(group.get("name")) == self.group:
+                    return
+            raise self._explain(RuntimeError("NOGROUP"))
+        except Exception as exc:
+            if "no such key" in str(exc).lower():  # XINFO on a stream that is not there
+                raise self._explain(RuntimeError("NOGROUP")) from None
+            raise
+
     # -- receiving ----------------------------------------------------------
 
     async def receive(self, limit: int, wait: float, visibility: float) -> Sequence[Message]:
         self._visibility = visibility
-        return await _off_loop(self._receive, max(1, limit), wait)
+        return await self._lane.run(self._receive, max(1, limit), wait)
 
     def _receive(self, limit: int, wait: float) -> list[Message]:
         try:
@@ -250,19 +269,19 @@ class RedisStreamSource:
     # -- ending a delivery --------------------------------------------------
 
     async def acknowledge(self, message: Message) -> None:
-        await _off_loop(self.client.xack, self.stream, self.group, message.handle)
+        await self._lane.run(self.client.xack, self.stream, self.group, message.handle)
 
     async def acknowledge_many(self, messages: Sequence[Message]) -> list[BaseException | None]:
         """Acknowledge in one ``XACK`` (the worker gathers them): all or none fail."""
         handles = [message.handle for message in messages]
-        await _off_loop(self.client.xack, self.stream, self.group, *handles)
+        await self._lane.run(self.client.xack, self.stream, self.group, *handles)
         return [None] * len(messages)
 
     async def release(self, message: Message, delay: float) -> None:
         # JUSTID: a release is no delivery (the XAUTOCLAIM that takes the
         # entry over counts one), so that max_deliveries counts attempts.
         idle = _milliseconds(max(0.0, self._visibility - delay))
-        await _off_loop(self._claim, [message.handle], idle)
+        await self._lane.run(self._claim, [message.handle], idle)
         with self._due_lock:
             heapq.heappush(self._due, time.monotonic() + delay)
 
@@ -271,7 +290,7 @@ class RedisStreamSource:
         # ``visibility`` seconds (what ``seconds`` is) after this.
         handles = list(dict.fromkeys(message.handle for message in messages))
         if handles:
-            await _off_loop(self._claim, handles, None)
+            await self._lane.run(self._claim, handles, None)
 
     def _claim(self, handles: list[Any], idle: int | None) -> None:
         self.client.xclaim(
@@ -279,7 +298,7 @@ class RedisStreamSource:
         )
 
     async def dead_letter(self, message: Message, reason: str) -> None:
-        await _off_loop(
+        await self._lane.run(
             lambda: self._dead_letter_script(
                 keys=[self.stream, self.dead_letters],
                 args=[self.group, message.handle, message.body, reason],
@@ -288,7 +307,7 @@ class RedisStreamSource:
 
     async def lag(self) -> int | None:
         """Entries of the stream the group has not read yet (Redis 7 on); ``None`` if unknown."""
-        return await _off_loop(self._lag)
+        return await self._lane.run(self._lag)
 
     def _lag(self) -> int | None:
         self._ensure_group()
@@ -358,12 +377,13 @@ class RedisStreamSink:
         self.results = results if results is not None else f"{stream}:results"
         self.client = _client(client)
         self._script = self.client.register_script(_WRITE)
+        self._lane = Lane(_THREADS)
 
     def __repr__(self) -> str:
         return f"<mds.workers.RedisStreamSink {self.stream}>"
 
     async def write(self, message: Message, result: bytes) -> None:
-        await _off_loop(
+        await self._lane.run(
             lambda: self._script(keys=[self.results, self.stream], args=[message.id, result])
         )
 
@@ -380,5 +400,5 @@ class RedisStreamSink:
                 )
             return list(pipe.execute(raise_on_error=False))
 
-        replies = await _off_loop(send)
+        replies = await self._lane.run(send)
         return [reply if isinstance(reply, Exception) else None for reply in replies]

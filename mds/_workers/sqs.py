@@ -1,23 +1,24 @@
 """Amazon SQS as a worker's source and sink, S3 as a sink and for reading objects; through boto3.
 
 boto3 blocks, so every call runs in a worker thread (the event loop, asyncio
-or trio, never waits on the network). Pass your own boto3 clients (for an
-endpoint, credentials, a region), or let these make default ones.
+or trio, never waits on the network), each source's and sink's in threads of
+its own (see :class:`Lane`). Pass your own boto3 clients (for an endpoint,
+credentials, a region), or let these make default ones.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-import anyio
-
 from .._deps import require
-from .._errors import ConfigError
-from .core import Message
+from .._errors import ConfigError, InvalidInput, Unavailable, describe
+from .broker import Lane, Message
 
 __all__ = ["CallbackSink", "S3Sink", "SqsSink", "SqsSource", "read_object"]
 
@@ -33,6 +34,50 @@ ERROR_ATTRIBUTE = "mds-error"
 
 #: A batch of results stays under SQS's 256 KiB a request, with room for attributes.
 _BATCH_BYTES = 200 * 1024
+#: Threads for one source's or sink's calls at once.
+_THREADS = 8
+#: Messages whose deliveries a source counts itself (when SQS does not say).
+_COUNTED = 65536
+
+#: AWS error codes that no retry fixes: the queue or bucket named is not
+#: there, or the credentials may not use it.
+_WRONG = {
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "InvalidAddress",
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "NoSuchBucket",
+    "404",
+}
+#: botocore's errors of a client set up wrong.
+_WRONG_SETUP = {"NoRegionError", "NoCredentialsError", "PartialCredentialsError"}
+
+
+def _code(exc: BaseException) -> str | None:
+    """An AWS error's code (``NoSuchKey``, ...); ``None`` for an error of another kind."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = response.get("Error", {}).get("Code")
+    return str(code) if code is not None else None
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
+
+
+def _as_config_error(exc: Exception, what: str) -> Exception:
+    """``exc`` as a :class:`ConfigError` about ``what`` if no retry would fix it; else itself."""
+    if _code(exc) in _WRONG or type(exc).__name__ in _WRONG_SETUP:
+        return ConfigError(f"{what}: {describe(exc)}")
+    return exc
 
 
 def _failures(reply: Any, count: int) -> list[BaseException | None]:
@@ -69,7 +114,13 @@ def _client(service: str, client: Any) -> Any:
 
 
 def _seconds(value: float, most: int) -> int:
+    """Whole seconds, as SQS takes them: ``value`` rounded."""
     return max(0, min(most, round(value)))
+
+
+def _at_least(value: float, most: int) -> int:
+    """Whole seconds, at least ``value``: a backoff of 0.3 s is 1 s, not none."""
+    return max(0, min(most, math.ceil(value)))
 
 
 class SqsSource:
@@ -90,14 +141,52 @@ class SqsSource:
         self.name = queue_url.rstrip("/").rsplit("/", 1)[-1]
         self.client = _client("sqs", client)
         self._dead_letters = dead_letters
+        self._lane = Lane(_THREADS)
+        # Deliveries counted here, by message id, for an endpoint that does
+        # not report ApproximateReceiveCount: else nothing would reach max_deliveries.
+        self._deliveries: OrderedDict[str, int] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<mds.workers.SqsSource {self.queue_url}>"
 
     async def _call(self, method: str, **arguments: Any) -> Any:
-        return await anyio.to_thread.run_sync(
-            lambda: getattr(self.client, method)(**arguments), abandon_on_cancel=False
-        )
+        return await self._lane.run(lambda: getattr(self.client, method)(**arguments))
+
+    async def check(self) -> None:
+        """That the queue exists and failed messages have somewhere to go.
+
+        Raises:
+            ConfigError: no such queue (or no access to it); no ``dead_letters``
+                queue and no redrive policy; a ``dead_letters`` queue that
+                does not exist.
+        """
+        try:
+            await self._call(
+                "get_queue_attributes", QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
+            )
+        except Exception as exc:
+            raise _as_config_error(exc, f"the queue {self.queue_url}") from None
+        if self._dead_letters is not None:
+            try:
+                await self._call(
+                    "get_queue_attributes",
+                    QueueUrl=self._dead_letters,
+                    AttributeNames=["QueueArn"],
+                )
+            except Exception as exc:
+                where = f"the dead letters queue {self._dead_letters}"
+                raise _as_config_error(exc, where) from None
+        await self._dead_letter_url()
+
+    def _count(self, message_id: str, reported: Any) -> int:
+        """The delivery count: SQS's, or this source's own when SQS gives none."""
+        if reported is not None:
+            return int(reported)
+        counted = self._deliveries.pop(message_id, 0) + 1
+        self._deliveries[message_id] = counted
+        if len(self._deliveries) > _COUNTED:
+            self._deliveries.popitem(last=False)
+        return counted
 
     async def receive(self, limit: int, wait: float, visibility: float) -> Sequence[Message]:
         reply = await self._call(
@@ -119,7 +208,9 @@ class SqsSource:
                 Message(
                     id=raw["MessageId"],
                     body=raw["Body"].encode(),
-                    deliveries=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                    deliveries=self._count(
+                        raw["MessageId"], raw.get("Attributes", {}).get("ApproximateReceiveCount")
+                    ),
                     attributes=attributes,
                     handle=raw["ReceiptHandle"],
                 )
@@ -140,18 +231,34 @@ class SqsSource:
             "change_message_visibility",
             QueueUrl=self.queue_url,
             ReceiptHandle=message.handle,
-            VisibilityTimeout=_seconds(delay, _LONGEST_VISIBILITY),
+            VisibilityTimeout=_at_least(delay, _LONGEST_VISIBILITY),
         )
 
     async def extend(self, messages: Sequence[Message], seconds: float) -> None:
-        timeout = _seconds(seconds, _LONGEST_VISIBILITY)
+        """Every message's visibility, ten a request; then an error naming those that failed."""
+        timeout = _at_least(seconds, _LONGEST_VISIBILITY)
+        failed: list[str] = []
         for start in range(0, len(messages), _MOST):
+            chunk = messages[start : start + _MOST]
             entries = [
                 {"Id": str(i), "ReceiptHandle": m.handle, "VisibilityTimeout": timeout}
-                for i, m in enumerate(messages[start : start + _MOST])
+                for i, m in enumerate(chunk)
             ]
-            await self._call(
-                "change_message_visibility_batch", QueueUrl=self.queue_url, Entries=entries
+            try:
+                reply = await self._call(
+                    "change_message_visibility_batch", QueueUrl=self.queue_url, Entries=entries
+                )
+            except Exception as exc:
+                failed += [f"{m.id} ({describe(exc)})" for m in chunk]
+                continue
+            for message, error in zip(chunk, _failures(reply, len(chunk)), strict=True):
+                if error is not None:
+                    failed.append(f"{message.id} ({error})")
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(messages)} messages were not extended: "
+                + "; ".join(failed[:5])
+                + ("; ..." if len(failed) > 5 else "")
             )
 
     async def dead_letter(self, message: Message, reason: str) -> None:
@@ -176,7 +283,8 @@ class SqsSource:
             if policy is None:
                 raise ConfigError(
                     f"queue {self.name} has no redrive policy and SqsSource was given no "
-                    "dead_letters queue: failed messages have nowhere to go"
+                    "dead_letters queue: failed messages would have nowhere to go; give "
+                    "SqsSource(dead_letters=...) or the queue a redrive policy"
                 )
             arn = json.loads(policy)["deadLetterTargetArn"]
             name, account = arn.rsplit(":", 1)[-1], arn.split(":")[4]
@@ -212,6 +320,25 @@ class SqsSink:
         self.queue_url = queue_url
         self.client = _client("sqs", client)
         self.group = group
+        self._lane = Lane(_THREADS)
+
+    def __repr__(self) -> str:
+        return f"<mds.workers.SqsSink {self.queue_url}>"
+
+    async def check(self) -> None:
+        """That the queue exists.
+
+        Raises:
+            ConfigError: no such queue, or no access to it.
+        """
+        try:
+            await self._lane.run(
+                lambda: self.client.get_queue_attributes(
+                    QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
+                )
+            )
+        except Exception as exc:
+            raise _as_config_error(exc, f"the results queue {self.queue_url}") from None
 
     def _arguments(self, message: Message, result: bytes) -> dict[str, Any]:
         arguments: dict[str, Any] = {
@@ -226,12 +353,15 @@ class SqsSink:
 
     async def write(self, message: Message, result: bytes) -> None:
         arguments = self._arguments(message, result)
-        await anyio.to_thread.run_sync(lambda: self.client.send_message(**arguments))
+        await self._lane.run(lambda: self.client.send_message(**arguments))
 
     async def write_many(
         self, results: Sequence[tuple[Message, bytes]]
     ) -> list[BaseException | None]:
-        """Up to ten results in one request (fewer when they would pass SQS's 256 KiB)."""
+        """Up to ten results a request (fewer when they would pass SQS's 256 KiB).
+
+        A request that fails fails its own results, not the others'.
+        """
         failures: list[BaseException | None] = []
         for chunk in _chunks(results, _BATCH_BYTES):
             entries: list[dict[str, Any]] = []
@@ -239,7 +369,11 @@ class SqsSink:
                 entry = {"Id": str(i), **self._arguments(message, result)}
                 del entry["QueueUrl"]
                 entries.append(entry)
-            reply = await anyio.to_thread.run_sync(self._send_batch, entries)
+            try:
+                reply = await self._lane.run(self._send_batch, entries)
+            except Exception as exc:
+                failures += [exc] * len(chunk)
+                continue
             failures += _failures(reply, len(chunk))
         return failures
 
@@ -260,10 +394,25 @@ class S3Sink:
         self.prefix = prefix
         self.suffix = suffix
         self.client = _client("s3", client)
+        self._lane = Lane(_THREADS)
+
+    def __repr__(self) -> str:
+        return f"<mds.workers.S3Sink s3://{self.bucket}/{self.prefix}>"
+
+    async def check(self) -> None:
+        """That the bucket exists.
+
+        Raises:
+            ConfigError: no such bucket, or no access to it.
+        """
+        try:
+            await self._lane.run(lambda: self.client.head_bucket(Bucket=self.bucket))
+        except Exception as exc:
+            raise _as_config_error(exc, f"the bucket {self.bucket}") from None
 
     async def write(self, message: Message, result: bytes) -> None:
         key = f"{self.prefix}{message.id}{self.suffix}"
-        await anyio.to_thread.run_sync(
+        await self._lane.run(
             lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=result)
         )
 
@@ -279,6 +428,7 @@ class CallbackSink:
 
     def __init__(self, write: Callable[[Message, bytes], Awaitable[None] | None]) -> None:
         self.function = write
+        self._lane = Lane(16)
 
     async def write(self, message: Message, result: bytes) -> None:
         if inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
@@ -287,7 +437,7 @@ class CallbackSink:
             await self.function(message, result)  # type: ignore[misc]
             return
         # Boxed: trio refuses a thread's function that returns a coroutine.
-        (made,) = await anyio.to_thread.run_sync(lambda: (self.function(message, result),))
+        (made,) = await self._lane.run(lambda: (self.function(message, result),))
         if inspect.isawaitable(made):  # a plain function that hands back a coroutine
             await made
 
@@ -299,15 +449,24 @@ def read_object(url: str, *, client: Any = None) -> bytes:
     worker thread), not an ``async def`` one.
 
     Raises:
-        InvalidInput: the URL is not an ``s3://`` URL.
+        InvalidInput: the URL is not an ``s3://`` URL, or there is no such
+            bucket or object (the request's fault: a queue worker sends the
+            message to the dead letters).
+        Unavailable: anything else (throttling, a timeout, S3 unreachable,
+            access denied): a queue worker delivers the message again later.
 
     Added in 0.5.
     """
-    from .._errors import InvalidInput
-
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
         raise InvalidInput(f"{url!r} is not an s3://bucket/key URL")
-    reply = _client("s3", client).get_object(Bucket=parsed.netloc, Key=parsed.path[1:])
-    body: bytes = reply["Body"].read()
+    try:
+        reply = _client("s3", client).get_object(Bucket=parsed.netloc, Key=parsed.path[1:])
+        body: bytes = reply["Body"].read()
+    except Exception as exc:
+        code = _code(exc) or ""
+        transient = any(word in code for word in ("Timeout", "Throttl", "SlowDown"))
+        if _status(exc) in (400, 404) and not transient:
+            raise InvalidInput(f"cannot read {url}: {describe(exc)}") from None
+        raise Unavailable(f"reading {url} failed: {describe(exc)}") from exc
     return body

@@ -116,3 +116,52 @@ def test_a_bad_worker_file_says_what_is_wrong(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 1 and "max_in_flihgt" in done.stderr
+
+
+def mds_worker(tmp_path: Path, text: str, **env: str | None) -> subprocess.CompletedProcess[str]:
+    """``mds worker`` on the worker file ``text``, with ``env`` set (``None``: unset)."""
+    (tmp_path / "worker.yaml").write_text(text)
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "mds", "worker", "tests.workers.models:Scorer", "worker.yaml"],
+        cwd=tmp_path,
+        env={name: value for name, value in environment.items() if value is not None},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_variables_are_values_never_yaml(aws: Aws, tmp_path: Path) -> None:
+    text = (
+        "# a comment may name ${NOT_SET_ANYWHERE}\n"
+        "source:\n  sqs: ${QUEUE}\n  dead_letters: d\nsink:\n  sqs: r\n"
+        f"endpoint_url: {aws.url}\nregion: us-east-1\nmax_in_flight: ${{MOST}}\n"
+    )
+    # MOST, a number given as text, is read as one, and checked.
+    done = mds_worker(tmp_path, text, QUEUE="q", MOST="0")
+    assert done.returncode == 1
+    assert "mds worker: max_in_flight must be 1 or more, not 0" in done.stderr
+    # A variable is one value: its newline adds no setting (max_in_flight: 0).
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    done = mds_worker(tmp_path, text, QUEUE="q-gone\nmax_in_flight: 0", MOST="3", **keys)
+    assert done.returncode == 1
+    assert "mds worker: the queue q-gone\nmax_in_flight: 0: " in done.stderr
+    done = mds_worker(tmp_path, "source: {sqs: ${QUEUE}}\nsink: {sqs: r}\n", QUEUE="q")
+    assert done.returncode == 1
+    assert 'a ${NAME} inside {...} or [...] needs quotes: "${NAME}"' in done.stderr
+
+
+def test_a_client_that_cannot_be_made_is_said_plainly(tmp_path: Path) -> None:
+    no_region = {"AWS_DEFAULT_REGION": None, "AWS_REGION": None, "AWS_CONFIG_FILE": "/nonexistent"}
+    done = mds_worker(
+        tmp_path, "source:\n  sqs: q\n  dead_letters: d\nsink:\n  sqs: r\n", **no_region
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "worker.yaml: cannot set up the source or sink: NoRegionError" in done.stderr
+    done = mds_worker(
+        tmp_path,
+        "source:\n  redis: {stream: s, url: 'nope://x'}\nsink:\n  sqs: r\nregion: eu-west-1\n",
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "worker.yaml: cannot set up the source or sink: ValueError" in done.stderr

@@ -574,6 +574,20 @@ async def test_a_missing_group_is_named_when_the_source_may_not_create_it(
     assert f"stream {stream!r} has no consumer group 'g'" in str(info.value)
 
 
+async def test_a_worker_on_a_missing_group_is_refused_at_start(client: Any, stream: str) -> None:
+    runtime = runtime_with(Summer())
+    worker = mds.workers.QueueWorker(
+        runtime,
+        "summer",
+        mds.workers.RedisStreamSource(stream, group="g", client=client, create=False),
+        mds.workers.RedisStreamSink(f"{stream}:out", client=client),
+    )
+    with pytest.raises(mds.ConfigError, match=f"XGROUP CREATE {stream} g 0 MKSTREAM"):
+        async with worker:
+            pass
+    assert not runtime.running
+
+
 def test_without_redis_py_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(mds.MissingDependency, match=r'pip install "mds-serving\[redis\]"'):

@@ -26,10 +26,17 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
 
-def eventually(check: Callable[[], bool], what: str, seconds: float = 120) -> None:
+def eventually(
+    check: Callable[[], bool],
+    what: str,
+    seconds: float = 120,
+    detail: Callable[[], object] | None = None,
+) -> None:
     deadline = time.monotonic() + seconds
     while not check():
-        assert time.monotonic() < deadline, f"never {what}"
+        assert time.monotonic() < deadline, f"never {what}" + (
+            f": {detail()}" if detail is not None else ""
+        )
         time.sleep(0.05)
 
 
@@ -126,7 +133,8 @@ def test_thousands_of_messages_with_poison(aws: Aws) -> None:
         eventually(
             lambda: worker.statistics().completed + worker.statistics().dead_lettered == 2000,
             "every message done",
-            seconds=280,
+            seconds=240,
+            detail=lambda: (worker.statistics(), counts(aws, queue)),
         )
     finally:
         worker.stop_sync()

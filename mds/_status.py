@@ -183,8 +183,9 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
         in_flight: messages held now (queued or computing).
         source_errors: receives, acknowledgements and extensions that failed.
         lag: messages waiting in the queue, when last asked (``None``: unknown).
-        seconds: how long it has been running.
-        throughput: messages completed per second over that time.
+        seconds: how long it has been running (this run).
+        throughput: messages completed per second over the last minute (since
+            it started, if that is sooner).
         name: the worker's name (its queue's, unless it was given one).
 
     Added in 0.5.

@@ -7,14 +7,17 @@ needs nothing else of them.
 # No `from __future__ import annotations`: msgspec reads these annotations at
 # run time, and mds/workers.py gives the classes the public module.
 
+import threading
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from .._errors import DecodeError
-from .._loop import asyncio_loop
 from .._status import WorkerHealth, WorkerState, WorkerStatistics
 from .batched import Batched
 
@@ -23,6 +26,7 @@ T = TypeVar("T")
 __all__ = [
     "Lane",
     "Message",
+    "Rate",
     "Sink",
     "Source",
     "WorkerHealth",
@@ -130,21 +134,57 @@ class Lane:
     everything else in the process: a sink whose writes hang, or a slow
     callback, would hold them all, and the heartbeat that keeps messages
     invisible would wait behind it. Each source and sink takes its calls
-    through a lane of its own instead.
+    through a lane of its own instead: ``most`` at once per event loop (a
+    limiter wakes its waiters on their own loop only, so loops share none).
     """
 
     def __init__(self, most: int) -> None:
         self.most = most
-        # By async library: a limiter belongs to one (a worker runs on asyncio or trio).
-        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._limiters: weakref.WeakKeyDictionary[Any, anyio.CapacityLimiter] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a thread; a cancelled caller waits for it (it cannot be stopped)."""
-        library = "asyncio" if asyncio_loop() is not None else "trio"
-        limiter = self._limiters.get(library)
-        if limiter is None:
-            limiter = self._limiters[library] = anyio.CapacityLimiter(self.most)
+        loop = anyio.lowlevel.current_token().native_token  # the asyncio loop, trio's token
+        with self._lock:
+            limiter = self._limiters.get(loop)
+            if limiter is None:
+                limiter = self._limiters[loop] = anyio.CapacityLimiter(self.most)
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=False)
+
+
+class Rate:
+    """Events per second over the last ``window`` seconds, counted in one-second buckets.
+
+    Counted on the worker's loop, read from any thread (a scrape): a read
+    may miss an event being counted, never more.
+    """
+
+    def __init__(self, window: int = 60) -> None:
+        self.window = window
+        self._counts = [0] * window
+        self._seconds = [-1] * window  # the second each bucket counts
+        self._since = time.monotonic()
+
+    def add(self) -> None:
+        second = int(time.monotonic())
+        bucket = second % self.window
+        if self._seconds[bucket] != second:
+            self._seconds[bucket], self._counts[bucket] = second, 0
+        self._counts[bucket] += 1
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        second = int(now)
+        recent = sum(
+            count
+            for count, when in zip(self._counts, self._seconds, strict=True)
+            if 0 <= second - when < self.window
+        )
+        span = min(float(self.window), now - self._since)
+        return recent / span if span > 0 else 0.0
 
 
 # -- what the worker does by default ------------------------------------------

@@ -46,6 +46,7 @@ from .._errors import (
 from .._runtime import Load, Runtime
 from .broker import (
     Message,
+    Rate,
     Sink,
     Source,
     WorkerHealth,
@@ -56,6 +57,7 @@ from .broker import (
     json_request,
     json_result,
 )
+from .checks import check
 
 __all__ = [
     "Message",
@@ -69,6 +71,8 @@ __all__ = [
 
 #: The states in which a worker takes messages.
 _READY = (WorkerState.RECEIVING, WorkerState.FULL)
+#: The states whose reason is a problem the worker waits out.
+_TROUBLED = (WorkerState.WAITING, WorkerState.BACKING_OFF)
 #: Seconds between looks at whether a target that is not ready is now.
 _READY_POLL = 0.1
 
@@ -197,6 +201,7 @@ class QueueWorker(LoopBound):
         self._lag: int | None = None
         self._problem: str | None = None  # the broker's last error, while backing off
         self._began = 0.0
+        self._rate = Rate()  # completions per second, lately
         self._slots: anyio.Semaphore | None = None
         self._stopping: anyio.Event | None = None
         self._done: anyio.Event | None = None  # the receive loop has drained
@@ -220,7 +225,8 @@ class QueueWorker(LoopBound):
         ready = state in _READY
         reason = None
         if not ready:
-            problem = self._problem
+            # The broker's error, or what the target lacks: while it still holds.
+            problem = self._problem if state in _TROUBLED else None
             reason = f"the worker is {state.value}" + (f": {problem}" if problem else "")
         return WorkerHealth(
             name=self.name,
@@ -242,7 +248,7 @@ class QueueWorker(LoopBound):
             in_flight=len(self._held),
             lag=self._lag,
             seconds=seconds,
-            throughput=self._counts["completed"] / seconds if seconds > 0 else 0.0,
+            throughput=self._rate.per_second() if running else 0.0,
             name=self.name,
             **self._counts,
         )
@@ -263,10 +269,11 @@ class QueueWorker(LoopBound):
                 raise
         self._started = runtime if started is not None else None
         try:
-            await self._check()
+            await check(self.runtime, self.target, (self.source, self.sink))
             runtime._attach(self.name, self)
         except BaseException as exc:
             self._started = None
+            self._stop_asked = False  # a stop asked of this start: the next one is new
             try:
                 if started is not None:
                     await started.__aexit__(type(exc), exc, exc.__traceback__)
@@ -280,6 +287,9 @@ class QueueWorker(LoopBound):
         self._stopping = anyio.Event()
         self._done = anyio.Event()
         self._began = time.monotonic()
+        self._rate = Rate()
+        self._problem = None
+        self._state = WorkerState.RECEIVING
         tasks = anyio.create_task_group()
         await tasks.__aenter__()
         self._tasks = tasks
@@ -288,7 +298,6 @@ class QueueWorker(LoopBound):
         tasks.start_soon(self._receive)
         tasks.start_soon(self._extend)
         tasks.start_soon(self._measure_lag)
-        self._state = WorkerState.RECEIVING
         logger.info("worker for %s started on queue %s", self.target, self.source.name)
         return self
 
@@ -311,6 +320,7 @@ class QueueWorker(LoopBound):
             await tasks.__aexit__(None, None, None)
         finally:
             self._state = WorkerState.STOPPED
+            self._stop_asked = False  # the next run is a new one
             self.runtime._detach(self.name, self)
             started, self._started = self._started, None
             try:
@@ -320,23 +330,6 @@ class QueueWorker(LoopBound):
             finally:
                 await self._home.close()
             logger.info("worker for %s stopped: %s", self.target, self._counts)
-
-    async def _check(self) -> None:
-        """Refuse to start where every message would fail: no such target, a broker set wrong."""
-        try:
-            self.runtime.servable(self.target)
-        except ModelNotFound as exc:
-            raise ConfigError(f"the worker cannot serve {self.target!r}: {exc.message}") from None
-        for part in (self.source, self.sink):
-            check = getattr(part, "check", None)
-            if check is None:
-                continue
-            try:
-                await check()
-            except ConfigError:
-                raise
-            except Exception as exc:  # unreachable now, say: receiving backs off and retries
-                logger.warning("could not check %r before starting: %s", part, describe(exc))
 
     async def run(self) -> None:
         """Serve until cancelled or :meth:`stop` is called; then drain and stop."""
@@ -391,7 +384,7 @@ class QueueWorker(LoopBound):
                     free = await self._free_places(slots)
                     if not free:
                         break
-                    self._state = WorkerState.RECEIVING
+                    self._become(WorkerState.RECEIVING)
                     try:
                         received = list(await self.source.receive(free, self.wait, self.visibility))
                         failures = 0
@@ -418,7 +411,7 @@ class QueueWorker(LoopBound):
                             self._held[message.id] = message
                             serving.start_soon(self._serve, message)
                     if slots.value == 0:
-                        self._state = WorkerState.FULL
+                        self._become(WorkerState.FULL)
                 self._state = WorkerState.DRAINING
                 with anyio.move_on_after(self.drain_timeout):
                     while self._held:
@@ -427,6 +420,12 @@ class QueueWorker(LoopBound):
                 serving.cancel_scope.cancel()  # the rest release themselves (_serve)
         finally:
             self._done.set()
+
+    def _become(self, state: WorkerState) -> None:
+        """Say what the worker does now; once it stops, draining says it all."""
+        stopping = self._stopping
+        if stopping is None or not stopping.is_set():
+            self._state = state
 
     async def _target_ready(self) -> bool:
         """Wait until the target takes requests (it loads, say); ``False``: stopping first.
@@ -449,7 +448,7 @@ class QueueWorker(LoopBound):
             if not waited:
                 logger.info("worker %s waits for %s", self.name, problem)
             waited, self._problem = True, problem
-            self._state = WorkerState.WAITING
+            self._become(WorkerState.WAITING)
             with anyio.move_on_after(_READY_POLL):
                 await self._stopping.wait()
         return False
@@ -459,7 +458,7 @@ class QueueWorker(LoopBound):
         assert self._stopping is not None
         stopping = self._stopping
         if slots.value == 0:
-            self._state = WorkerState.FULL
+            self._become(WorkerState.FULL)
         acquired = False
         async with anyio.create_task_group() as waiting:
 
@@ -491,7 +490,7 @@ class QueueWorker(LoopBound):
             describe(exc),
             delay,
         )
-        self._state = WorkerState.BACKING_OFF
+        self._become(WorkerState.BACKING_OFF)
         with anyio.move_on_after(delay):
             await self._stopping.wait()
 
@@ -536,6 +535,7 @@ class QueueWorker(LoopBound):
                 self._counts["source_errors"] += 1
                 logger.warning("acknowledging %s failed: %s", message.id, describe(exc))
             self._counts["completed"] += 1
+            self._rate.add()
         except anyio.get_cancelled_exc_class():
             # The worker stopped before it was done: deliver it again at once.
             await self._release(message, 0.0, "the worker stopped before it was done")
@@ -602,8 +602,13 @@ class QueueWorker(LoopBound):
             # Not hidden for a whole visibility: it comes back after a backoff
             # and is dead-lettered then (or served, if it was a transient failure).
             self._counts["source_errors"] += 1
-            logger.warning("dead-lettering %s failed: %s", message.id, describe(exc))
             delay = backoff_delay(self.backoff, self._current(message).deliveries)
+            logger.error(
+                "dead-lettering %s failed (%s); it comes back in %.1f s: see to the dead letters",
+                message.id,
+                describe(exc),
+                delay,
+            )
             await self._release(message, delay, "dead-lettering it failed")
 
     # -- keeping messages invisible -----------------------------------------

@@ -50,8 +50,14 @@ _WRONG = {
     "InvalidClientTokenId",
     "UnrecognizedClientException",
     "NoSuchBucket",
-    "404",
+    "404",  # HeadBucket's codes: its replies have no body
+    "403",
 }
+#: S3's codes for an object that is not there: the request's fault, no retry fixes it.
+#: Any other error (an expired token is a 400 too) may pass.
+_NO_OBJECT = {"NoSuchKey", "NoSuchBucket", "InvalidBucketName", "KeyTooLongError", "404"}
+#: The most an SQS message may be, body and attributes together.
+_LARGEST_MESSAGE = 256 * 1024
 #: botocore's errors of a client set up wrong.
 _WRONG_SETUP = {"NoRegionError", "NoCredentialsError", "PartialCredentialsError"}
 
@@ -63,14 +69,6 @@ def _code(exc: BaseException) -> str | None:
         return None
     code = response.get("Error", {}).get("Code")
     return str(code) if code is not None else None
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return int(status) if status is not None else None
 
 
 def _as_config_error(exc: Exception, what: str) -> Exception:
@@ -176,7 +174,12 @@ class SqsSource:
             except Exception as exc:
                 where = f"the dead letters queue {self._dead_letters}"
                 raise _as_config_error(exc, where) from None
-        await self._dead_letter_url()
+        try:
+            await self._dead_letter_url()
+        except ConfigError:
+            raise
+        except Exception as exc:  # the redrive policy's queue is gone, say
+            raise _as_config_error(exc, f"the dead letters of {self.queue_url}") from None
 
     def _count(self, message_id: str, reported: Any) -> int:
         """The delivery count: SQS's, or this source's own when SQS gives none."""
@@ -263,13 +266,17 @@ class SqsSource:
 
     async def dead_letter(self, message: Message, reason: str) -> None:
         target = await self._dead_letter_url()
+        body = message.body.decode("utf-8", "replace")
+        # The body came within SQS's limit; the attributes must not take it past.
+        room = _LARGEST_MESSAGE - len(body.encode()) - len(message.id) - 64
+        reason = (reason or "-")[: max(1, room // 4)]  # characters of up to 4 bytes
         await self._call(
             "send_message",
             QueueUrl=target,
-            MessageBody=message.body.decode("utf-8", "replace"),
+            MessageBody=body,
             MessageAttributes={
                 ID_ATTRIBUTE: {"DataType": "String", "StringValue": message.id},
-                ERROR_ATTRIBUTE: {"DataType": "String", "StringValue": reason or "-"},
+                ERROR_ATTRIBUTE: {"DataType": "String", "StringValue": reason},
             },
         )
         await self.acknowledge(message)
@@ -453,7 +460,8 @@ def read_object(url: str, *, client: Any = None) -> bytes:
             bucket or object (the request's fault: a queue worker sends the
             message to the dead letters).
         Unavailable: anything else (throttling, a timeout, S3 unreachable,
-            access denied): a queue worker delivers the message again later.
+            access denied, credentials expired): a queue worker delivers the
+            message again later.
 
     Added in 0.5.
     """
@@ -464,9 +472,7 @@ def read_object(url: str, *, client: Any = None) -> bytes:
         reply = _client("s3", client).get_object(Bucket=parsed.netloc, Key=parsed.path[1:])
         body: bytes = reply["Body"].read()
     except Exception as exc:
-        code = _code(exc) or ""
-        transient = any(word in code for word in ("Timeout", "Throttl", "SlowDown"))
-        if _status(exc) in (400, 404) and not transient:
+        if _code(exc) in _NO_OBJECT:
             raise InvalidInput(f"cannot read {url}: {describe(exc)}") from None
         raise Unavailable(f"reading {url} failed: {describe(exc)}") from exc
     return body

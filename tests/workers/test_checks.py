@@ -214,3 +214,83 @@ def test_backoff_out_of_order_is_refused() -> None:
     for backoff in [(5.0, 1.0), (-1.0, 1.0)]:
         with pytest.raises(mds.ConfigError, match="backoff must be"):
             mds.workers.QueueWorker(runtime, "m", object(), object(), backoff=backoff)  # type: ignore[arg-type]
+
+
+def test_an_expired_token_is_no_fault_of_the_message(aws: Aws) -> None:
+    from botocore.exceptions import ClientError
+
+    bucket = aws.bucket()
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=bucket, Key="a.jpg", Body=b"x")
+
+    def expired(**_: Any) -> None:
+        error = {"Code": "ExpiredToken", "Message": "The provided token has expired."}
+        raise ClientError(
+            {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "GetObject"
+        )
+
+    s3.meta.events.register("before-call.s3.GetObject", expired)
+    # A 400, but no bad URL: delivered again (Unavailable), not dead-lettered (InvalidInput).
+    with pytest.raises(mds.Unavailable, match="ExpiredToken"):
+        mds.workers.read_object(f"s3://{bucket}/a.jpg", client=s3)
+
+
+def test_a_dead_letter_that_fails_comes_back_and_is_dead_lettered_then(aws: Aws) -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
+    (poison,) = send(aws, queue, ["not json"])
+    client = aws.client("sqs")
+    sends = [0]
+
+    def first_send_fails(params: dict[str, Any], **_: Any) -> None:
+        if params.get("QueueUrl") == dead:
+            sends[0] += 1
+            if sends[0] == 1:
+                raise EndpointConnectionError(endpoint_url="http://dropped")
+
+    client.meta.events.register("before-parameter-build.sqs.SendMessage", first_send_fails)
+    worker = mds.workers.QueueWorker(
+        runtime_with(Scorer()),
+        "scorer",
+        mds.workers.SqsSource(queue, dead_letters=dead, client=client),
+        mds.workers.S3Sink(bucket, client=aws.client("s3")),
+        backoff=(0.0, 0.0),
+        wait=0.2,
+    )
+    with worker:
+        eventually(lambda: worker.statistics().dead_lettered == 1, "dead-lettered at last")
+    stats = worker.statistics()
+    assert (stats.received, stats.released, stats.source_errors) == (2, 1, 1)
+    (letter,) = received_all(aws, dead)  # once
+    assert letter["MessageAttributes"]["mds-message-id"]["StringValue"] == poison
+    assert counts(aws, queue) == (0, 0)
+
+
+def test_one_sink_serves_workers_on_two_event_loops() -> None:
+    import threading
+    import time
+
+    import anyio
+
+    def slow(message: mds.workers.Message, result: bytes) -> None:
+        time.sleep(0.01)
+
+    sink = mds.workers.CallbackSink(slow)  # plain: its calls take threads of its lane
+    finished: list[int] = []
+
+    async def many(loop: int) -> None:
+        async with anyio.create_task_group() as tasks:
+            for i in range(60):  # more at once than the lane's threads, on each loop
+                tasks.start_soon(sink.write, mds.workers.Message(id=f"{loop}-{i}", body=b""), b"")
+        finished.append(loop)
+
+    threads = [
+        threading.Thread(target=anyio.run, args=(many, n), kwargs={"backend": backend})
+        for n, backend in enumerate(["asyncio", "asyncio", "trio"])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(finished) == [0, 1, 2]  # none waits on a limiter another loop would wake

@@ -162,3 +162,32 @@ def test_two_workers_on_one_runtime_need_two_names(aws: Aws) -> None:
                 assert names == sorted(["scoring", second.rsplit("/", 1)[-1]])
         assert runtime.running  # a worker leaves a runtime it did not start running
         assert runtime.health_sync().workers == {}
+
+
+def test_a_worker_stopped_while_it_waits_stops_and_can_run_again(aws: Aws) -> None:
+    queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
+    loaded = threading.Event()
+    runtime = mds.Runtime()
+    runtime.add_model("scorer", lambda: Slow(loaded))
+    worker = mds.workers.QueueWorker(
+        runtime,
+        "scorer",
+        mds.workers.SqsSource(queue, dead_letters=dead, client=aws.client("sqs")),
+        mds.workers.S3Sink(bucket, client=aws.client("s3")),
+        load="background",
+        wait=0.2,
+    )
+    worker.start_sync()
+    eventually(lambda: worker.state is mds.workers.WorkerState.WAITING, "waiting")
+    loaded.set()  # the runtime's stop waits for the load in progress
+    worker.stop_sync()
+    assert worker.state is mds.workers.WorkerState.STOPPED and not runtime.running
+    assert worker.health().reason == "the worker is stopped"  # not the old wait's reason
+    ids = send(aws, queue, [json.dumps({"x": [i, 0, 0, 0]}) for i in range(3)])
+    worker.start_sync()  # a worker that was stopped runs again
+    try:
+        eventually(lambda: worker.statistics().completed == 3, "served on the second run")
+        assert worker.state is not mds.workers.WorkerState.STOPPED
+    finally:
+        worker.stop_sync()
+    assert results(aws, bucket) == {ids[i]: float(i) for i in range(3)}

@@ -24,6 +24,7 @@ _EXTRAS = {
     "boto3": "sqs",
     "tritonclient": "grpc",
     "redis": "redis",
+    "ray": "ray",
 }
 
 DISTRIBUTION = "mds-serving"

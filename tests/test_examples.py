@@ -649,3 +649,27 @@ def test_the_example_repository_checks_clean() -> None:
     out = run("-m", "mds", "repository", "check", "examples/model_repository")
     assert "churn: loads version 1, 2 (policy: latest 2)" in out
     assert "1 model, no problems" in out
+
+
+@pytest.mark.timeout(240)
+def test_the_ray_serve_example() -> None:
+    pytest.importorskip("ray.serve", reason="the Ray examples need ray (the test extra has it)")
+    out = run("examples/ray_serve.py", timeout=220)
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    answer = float(lines["handle"])
+    assert 0 < answer < 1
+    assert float(lines["JSON route"]) == answer
+    assert lines["protocol"] == f"[{lines['handle']}]"
+    assert lines["a bad request"].startswith("400 model 'risk' (version 1): expected 8 features")
+    assert lines["200 concurrent calls"] == "1 distinct answer"
+    assert lines["replicas ready"] == "True"
+
+
+@pytest.mark.timeout(240)
+def test_the_ray_data_example() -> None:
+    pytest.importorskip("ray.data", reason="the Ray examples need ray (the test extra has it)")
+    out = run("examples/ray_data.py", timeout=220)
+    assert "rows: 5000" in out
+    assert "failed: ['c7', 'c1234', 'c4321']" in out
+    assert "why: model 'risk' (version 1): a claim needs 8 features" in out
+    assert "in order: True" in out

@@ -51,6 +51,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_batch",
             "_workers",
             "workers",
+            "_ray",
+            "ray",
             "_metrics",
             "batch",
             "fastapi",

@@ -16,6 +16,7 @@ import mds.fastapi
 import mds.flask
 import mds.grpc
 import mds.prometheus
+import mds.ray
 import mds.testing
 import mds.workers
 
@@ -28,6 +29,7 @@ PUBLIC_MODULES = {
     "mds.prometheus",
     "mds.grpc",
     "mds.workers",
+    "mds.ray",
 }
 
 # The public API, pinned: a change here is a design decision, with docs and a
@@ -102,6 +104,7 @@ EXPECTED = {
     "mds.batch": ["JobFailed", "Progress", "Report", "run", "run_sync"],
     "mds.prometheus": ["Collector", "exposition"],
     "mds.grpc": ["Server", "add_to_server"],
+    "mds.ray": ["Replica", "ServeBatches", "application", "map_dataset"],
     "mds.workers": [
         "CallbackSink",
         "Message",
@@ -123,7 +126,17 @@ EXPECTED = {
 
 @pytest.mark.parametrize(
     "module",
-    [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc, mds.workers],
+    [
+        mds,
+        mds.testing,
+        mds.fastapi,
+        mds.flask,
+        mds.batch,
+        mds.prometheus,
+        mds.grpc,
+        mds.workers,
+        mds.ray,
+    ],
 )
 def test_all_is_pinned(module: object) -> None:
     assert module.__all__ == EXPECTED[module.__name__]  # type: ignore[attr-defined]
@@ -132,7 +145,7 @@ def test_all_is_pinned(module: object) -> None:
 def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
     # public submodules; the __future__ import
-    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "grpc", "workers"}
+    exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "grpc", "workers", "ray"}
     exported -= {"annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
@@ -140,7 +153,17 @@ def test_all_lists_exactly_the_exports() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [mds, mds.testing, mds.fastapi, mds.flask, mds.batch, mds.prometheus, mds.grpc, mds.workers],
+    [
+        mds,
+        mds.testing,
+        mds.fastapi,
+        mds.flask,
+        mds.batch,
+        mds.prometheus,
+        mds.grpc,
+        mds.workers,
+        mds.ray,
+    ],
 )
 def test_every_export_reports_a_public_module(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]
@@ -188,10 +211,11 @@ def test_the_version_is_the_changelogs_newest() -> None:
 
 def test_import_mds_loads_no_optional_dependency() -> None:
     code = (
-        "import sys, mds, mds.testing, mds.prometheus, mds.grpc, mds.workers\n"
+        "import sys, mds, mds.testing, mds.prometheus, mds.grpc, mds.workers, mds.ray\n"
         "heavy = {'torch', 'onnxruntime', 'fastapi', 'flask', 'starlette', 'trio',\n"
         "         'tensorflow', 'pyarrow', 'prometheus_client', 'opentelemetry',\n"
-        "         'grpc', 'tritonclient', 'google.protobuf', 'redis', 'boto3', 'botocore'}\n"
+        "         'grpc', 'tritonclient', 'google.protobuf', 'redis', 'boto3', 'botocore',\n"
+        "         'ray'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run(

@@ -26,8 +26,9 @@ from ._ray.data import ServeBatches as ServeBatches
 from ._ray.data import map_dataset as map_dataset
 from ._ray.serve import Replica as Replica
 from ._ray.serve import application as application
+from ._ray.serve import call as call
 
-__all__ = ["Replica", "ServeBatches", "application", "map_dataset"]
+__all__ = ["Replica", "ServeBatches", "application", "call", "map_dataset"]
 
 # Reprs and tracebacks show the public path, not the private module.
 for _name in __all__:

@@ -104,7 +104,7 @@ EXPECTED = {
     "mds.batch": ["JobFailed", "Progress", "Report", "run", "run_sync"],
     "mds.prometheus": ["Collector", "exposition"],
     "mds.grpc": ["Server", "add_to_server"],
-    "mds.ray": ["Replica", "ServeBatches", "application", "map_dataset"],
+    "mds.ray": ["Replica", "ServeBatches", "application", "call", "map_dataset"],
     "mds.workers": [
         "CallbackSink",
         "Message",

@@ -24,13 +24,15 @@ import msgspec
 
 from .._config import BatchingConfig, queue_limits
 from .._deps import require
-from .._errors import ConfigError, describe
+from .._errors import ConfigError, MdsError, describe
 from .._runtime import Runtime
 
-__all__ = ["Replica", "application", "ongoing_requests"]
+__all__ = ["Replica", "application", "call", "ongoing_requests"]
 
 #: Ray's actors take at most this many calls at once (an async actor's default).
 _MOST_ONGOING = 1000
+#: A replica with no model of its own: nothing to batch, only functions awaiting others.
+_FUNCTIONS_ONGOING = 100
 
 
 def _models(runtime: Runtime) -> dict[str, Any]:
@@ -61,8 +63,8 @@ def ongoing_requests(runtime: Runtime, given: int | None) -> int:
         full = batching.max_batch_size * model.config.instances
         needs[where] = full
         wanted += full + min(full, sum(queue_limits(batching)))
-    if not needs:
-        raise ConfigError("the runtime has no models: a replica would serve nothing")
+    if not needs:  # pipelines of functions alone (calling other deployments, say)
+        return given if given is not None else _FUNCTIONS_ONGOING
     most = max(needs.values())
     if given is not None:
         if given < most:
@@ -240,3 +242,34 @@ def application(
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Ray Serve refused the deployment's options: {describe(exc)}") from None
     return bound.bind(build, ongoing)
+
+
+async def call(
+    handle: Any,
+    model: str,
+    request: Any,
+    *,
+    timeout: float | None = None,
+    priority: int | None = None,
+) -> Any:
+    """Serve ``request`` on another mds deployment through its ``DeploymentHandle``.
+
+    For a pipeline node whose model is a deployment of its own. An mds error
+    there comes back as itself (``mds.InvalidInput``, with its message), not
+    wrapped in Ray's error, whose message is the remote traceback: so a
+    client's mistake is still a 400 at this deployment's routes.
+
+    Example:
+        >>> async def score(value):            # a pipeline's function node
+        ...     handle = serve.get_deployment_handle("scores", app_name="scores")
+        ...     return await mds.ray.call(handle, "scorer", value)
+
+    Added in 0.5.
+    """
+    try:
+        return await handle.serve.remote(model, request, timeout=timeout, priority=priority)
+    except Exception as exc:
+        cause = getattr(exc, "cause", None)  # Ray's RayTaskError: the replica's own error
+        if isinstance(cause, MdsError):
+            raise cause from None
+        raise

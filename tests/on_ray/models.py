@@ -71,3 +71,30 @@ def broken() -> mds.Runtime:
     runtime = mds.Runtime()
     runtime.add_model("broken", Broken)
     return runtime
+
+
+async def remote_score(value: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline node whose model is another deployment: called through its handle."""
+    from ray import serve
+
+    import mds.ray
+
+    handle = serve.get_deployment_handle("scores", app_name="scores")
+    found: dict[str, Any] = await mds.ray.call(handle, "scorer", value)
+    return found
+
+
+def features(request: dict[str, Any]) -> dict[str, Any]:
+    return {"x": [float(v) for v in request["values"]]}
+
+
+def fronting() -> mds.Runtime:
+    """A pipeline whose scoring node is the "scores" application's model, through a handle."""
+    runtime = mds.Runtime()
+    runtime.add_pipeline(
+        mds.Pipeline(
+            "front",
+            [mds.Node.function("features", features), mds.Node.function("score", remote_score)],
+        )
+    )
+    return runtime

@@ -11,9 +11,12 @@ import pytest
 import mds
 import mds.ray
 
-from .models import broken, scoring
+from .models import broken, fronting, scoring
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+#: Each test's replicas take a quarter of a CPU: several apps live at once on Ray's two.
+LIGHT = {"num_cpus": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,9 @@ def scoring_app(serve_port: int) -> Any:
     from ray import serve
 
     handle = serve.run(
-        mds.ray.application(scoring, name="scoring"), name="scoring", route_prefix="/"
+        mds.ray.application(scoring, name="scoring", ray_actor_options=LIGHT),
+        name="scoring",
+        route_prefix="/",
     )
     yield handle
     serve.delete("scoring")
@@ -71,7 +76,10 @@ def test_user_config_changes_the_replicas_batching(serve_port: int) -> None:
     from ray import serve
 
     app = mds.ray.application(
-        scoring, name="small", user_config={"batching": {"scorer": {"max_batch_size": 2}}}
+        scoring,
+        name="small",
+        user_config={"batching": {"scorer": {"max_batch_size": 2}}},
+        ray_actor_options=LIGHT,
     )
     handle = serve.run(app, name="small", route_prefix="/small")
     try:
@@ -86,7 +94,11 @@ def test_a_replica_whose_model_fails_to_load_is_reported_unhealthy(serve_port: i
     from ray import serve
 
     with pytest.raises(Exception) as info:
-        serve.run(mds.ray.application(broken, name="broken"), name="broken", route_prefix="/broken")
+        serve.run(
+            mds.ray.application(broken, name="broken", ray_actor_options=LIGHT),
+            name="broken",
+            route_prefix="/broken",
+        )
     status = serve.status().applications["broken"]
     assert status.status in ("DEPLOY_FAILED", "UNHEALTHY")
     assert "the weights are not there" in status.deployments["broken"].message + str(info.value)
@@ -97,3 +109,29 @@ def test_a_cap_on_ongoing_requests_that_would_cap_the_batches_is_refused() -> No
     with pytest.raises(mds.ConfigError, match="max_ongoing_requests=5 caps every batch") as info:
         mds.ray.application(scoring, max_ongoing_requests=5)
     assert "model scorer:1 needs 16 requests at once" in str(info.value)
+
+
+def test_a_pipeline_node_can_be_a_deployment_of_its_own(serve_port: int) -> None:
+    from ray import serve
+
+    serve.run(
+        mds.ray.application(scoring, name="scores", ray_actor_options=LIGHT),
+        name="scores",
+        route_prefix="/scores",
+    )
+    front = serve.run(
+        mds.ray.application(fronting, name="front", ray_actor_options=LIGHT),
+        name="front",
+        route_prefix="/front",
+    )
+    try:
+        answer = front.serve.remote("front", {"values": [1, 2, 3, 4]}).result()
+        assert answer["score"] == 10.0
+        url = f"http://127.0.0.1:{serve_port}/front/models/front/infer"
+        replies = [httpx.post(url, json={"values": [i, 0, 0, 0]}) for i in range(5)]
+        assert [r.json()["score"] for r in replies] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        bad = httpx.post(url, json={"values": [-9, 0, 0, 0]})  # refused by the other deployment
+        assert bad.status_code == 400 and "x sums to a negative number" in bad.json()["error"]
+    finally:
+        serve.delete("front")
+        serve.delete("scores")

@@ -1,0 +1,227 @@
+"""mds on Ray against mds alone and against Ray Serve's own batching, side by side in one run.
+
+    python benchmarks/on_ray.py            (a few minutes; --quick for a smoke run)
+
+The benchmark MLP (256 -> 1024 -> 1024 -> 16, one torch thread), on a local
+Ray with two CPUs, in interleaved rounds (medians quoted):
+
+(a) batch: the same job (a Parquet file of N rows through ``TorchHandler``,
+    batches of 64) on the local batch runner (``mds.batch.run``) and on Ray
+    Data (``mds.ray.map_dataset``, one actor): rows/s and the overhead ratio;
+(b) online: one Ray Serve replica with mds inside (``mds.ray.application``)
+    against one with Ray Serve's ``@serve.batch`` around the same module
+    (same batch size and wait, the same ``max_ongoing_requests``), 64
+    clients over Ray's HTTP proxy: requests/s, p50 and p99, and the mean
+    batch size each formed. Target: mds not slower, batches at least as large.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import ray
+import torch
+from backends import make_mlp  # the same MLP as the backends benchmark
+from batch import BATCH, CONFIG, handler, write_input
+from ray import serve
+
+import mds
+import mds.batch
+import mds.ray
+
+HERE = Path(__file__).resolve().parent
+CLIENTS = 64
+
+
+def build() -> mds.Runtime:
+    runtime = mds.Runtime()
+    runtime.add_model("mlp", handler(), CONFIG)
+    return runtime
+
+
+def build_json() -> mds.Runtime:
+    """The online arm's model: JSON ``{"x": [256 floats]}`` in, 16 floats out."""
+    from json_mlp import JsonMLP  # a module of this folder, which the replicas import
+
+    runtime = mds.Runtime()
+    runtime.add_model("mlp", JsonMLP, CONFIG)
+    return runtime
+
+
+# -- (a) the batch job ----------------------------------------------------------
+
+
+def local_job(source: Path, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    runtime = build()
+    runtime.start_sync()
+    try:
+        began = time.perf_counter()
+        report = mds.batch.run_sync(runtime.servable("mlp"), source, out, progress=False)
+        elapsed = time.perf_counter() - began
+    finally:
+        runtime.stop_sync()
+    assert report.failed == 0
+    return report.done / elapsed
+
+
+def ray_job(source: Path, out: Path, rows: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    began = time.perf_counter()
+    scored = mds.ray.map_dataset(
+        ray.data.read_parquet(str(source)), build, "mlp", batch_size=1024, num_cpus=1
+    )
+    scored.write_parquet(str(out))
+    elapsed = time.perf_counter() - began
+    return rows / elapsed
+
+
+# -- (b) online -------------------------------------------------------------------
+
+
+def serve_batch_app(ongoing: int) -> Any:
+    """Ray Serve's own way: ``@serve.batch`` around the same module."""
+
+    @serve.deployment(max_ongoing_requests=ongoing, name="mlp")
+    class BatchedMLP:
+        def __init__(self) -> None:
+            torch.set_num_threads(1)
+            self.module = make_mlp().eval()
+            self.sizes: list[int] = []
+
+        @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.002)
+        async def infer(self, rows: list[list[float]]) -> list[list[float]]:
+            self.sizes.append(len(rows))
+            with torch.inference_mode():
+                out = self.module(torch.tensor(np.asarray(rows, dtype=np.float32)))
+            return out.numpy().tolist()
+
+        async def __call__(self, request: Any) -> list[float]:
+            body = await request.json()
+            return await self.infer(body["x"])
+
+        def mean_batch(self) -> float:
+            sizes, self.sizes = self.sizes, []
+            return sum(sizes) / len(sizes) if sizes else 0.0
+
+    return BatchedMLP.bind()
+
+
+async def load(url: str, seconds: float) -> tuple[float, float, float]:
+    """64 clients for ``seconds``: requests/s, p50 and p99 in ms."""
+    body = {"x": np.random.default_rng(0).standard_normal(256).astype(np.float32).tolist()}
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+
+        async def one() -> None:
+            while time.perf_counter() < stop:
+                began = time.perf_counter()
+                reply = await client.post(url, json=body)
+                assert reply.status_code == 200, reply.text
+                latencies.append(time.perf_counter() - began)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(CLIENTS)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return len(latencies) / elapsed, p(0.5), p(0.99)
+
+
+def online(port: int, seconds: float, rounds: int) -> None:
+    url = f"http://127.0.0.1:{port}"
+    mds_app = mds.ray.application(build_json, name="mlp", ray_actor_options={"num_cpus": 1})
+    from mds._ray.serve import ongoing_requests  # the value mds sets, given to both
+
+    same = ongoing_requests(build_json(), None)
+    results: dict[str, list[tuple[float, float, float, float]]] = {"mds": [], "serve.batch": []}
+    for _ in range(rounds):
+        for arm in ("mds", "serve.batch"):
+            app = mds_app if arm == "mds" else serve_batch_app(same)
+            handle = serve.run(app, name="bench", route_prefix="/")
+            path = "/models/mlp/infer" if arm == "mds" else "/"
+            asyncio.run(load(url + path, 2.0))  # warm
+            if arm == "mds":
+                handle.statistics.remote().result()
+            else:
+                handle.mean_batch.remote().result()
+            rate, p50, p99 = asyncio.run(load(url + path, seconds))
+            if arm == "mds":
+                batch = handle.statistics.remote().result()["mlp"]["histograms"]["batch_size"]
+                mean = batch["sum"] / max(1, sum(batch["counts"]))
+            else:
+                mean = handle.mean_batch.remote().result()
+            results[arm].append((rate, p50, p99, mean))
+            serve.delete("bench")
+    print(f"\n(b) online, 64 clients over Ray's HTTP proxy, max_ongoing_requests={same}:")
+    print(f"{'':14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}")
+    medians = {}
+    for arm, rows in results.items():
+        m = [statistics.median(r[i] for r in rows) for i in range(4)]
+        medians[arm] = m
+        print(f"{arm:14}{m[0]:9.0f}{m[1]:9.1f}{m[2]:9.1f}{m[3]:8.1f}")
+    pairs = zip(results["mds"], results["serve.batch"], strict=True)
+    ratio = statistics.median(a[0] / b[0] for a, b in pairs)
+    print(f"mds / serve.batch requests/s: {ratio:.2f}x (median of rounds; target >= 1.0)")
+    print(
+        f"mean batch: mds {medians['mds'][3]:.1f} vs serve.batch {medians['serve.batch'][3]:.1f}"
+        " (target: at least as large)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.rounds, args.seconds = 5_000, 1, 3.0
+    folder = Path(tempfile.mkdtemp(prefix="mds-on-ray-"))
+    source = folder / "rows.parquet"
+    write_input(source, args.rows)
+    path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    try:
+        local, on_ray = [], []
+        for _ in range(args.rounds):
+            local.append(local_job(source, folder / "local"))
+            on_ray.append(ray_job(source, folder / "ray", args.rows))
+        print(f"(a) batch, {args.rows:,} rows, Parquet to Parquet, medians of {args.rounds}:")
+        print(f"local batch runner  {statistics.median(local):9,.0f} rows/s")
+        print(f"Ray Data (1 actor)  {statistics.median(on_ray):9,.0f} rows/s")
+        ratio = statistics.median(r / lo for r, lo in zip(on_ray, local, strict=True))
+        print(f"Ray Data / local: {ratio:.2f}x")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        online(port, args.seconds, args.rounds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,6 +49,8 @@ EXTRA_PINS = {
     "grpc": [],
     "redis": [],
     "sqs": [],
+    # Ray Serve's replicas are FastAPI apps on uvicorn.
+    "ray": ["uvicorn"],
 }
 
 

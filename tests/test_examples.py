@@ -653,7 +653,7 @@ def test_the_example_repository_checks_clean() -> None:
 
 @pytest.mark.timeout(240)
 def test_the_ray_serve_example() -> None:
-    pytest.importorskip("ray.serve", reason="the Ray examples need ray (the test extra has it)")
+    pytest.importorskip("ray.serve", reason="the Ray examples need ray (the ray extra)")
     out = run("examples/ray_serve.py", timeout=220)
     lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     answer = float(lines["handle"])
@@ -667,7 +667,7 @@ def test_the_ray_serve_example() -> None:
 
 @pytest.mark.timeout(240)
 def test_the_ray_data_example() -> None:
-    pytest.importorskip("ray.data", reason="the Ray examples need ray (the test extra has it)")
+    pytest.importorskip("ray.data", reason="the Ray examples need ray (the ray extra)")
     out = run("examples/ray_data.py", timeout=220)
     assert "rows: 5000" in out
     assert "failed: ['c7', 'c1234', 'c4321']" in out

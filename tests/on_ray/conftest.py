@@ -21,7 +21,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
-    ray = pytest.importorskip("ray", reason="the Ray tests need ray (the test extra has it)")
+    ray = pytest.importorskip(
+        "ray",
+        reason="the Ray tests need ray (the ray extra; the README's test command installs it)",
+    )
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     # The workers import tests.on_ray.models (where build functions live) from the checkout.
     ray.init(

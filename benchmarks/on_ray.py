@@ -112,6 +112,9 @@ def serve_batch_app(ongoing: int) -> Any:
             body = await request.json()
             return await self.infer(body["x"])
 
+        async def score(self, body: dict[str, Any]) -> list[float]:
+            return await self.infer(body["x"])
+
         def mean_batch(self) -> float:
             sizes, self.sizes = self.sizes, []
             return sum(sizes) / len(sizes) if sizes else 0.0
@@ -119,24 +122,47 @@ def serve_batch_app(ongoing: int) -> Any:
     return BatchedMLP.bind()
 
 
+BODY = {"x": np.random.default_rng(0).standard_normal(256).astype(np.float32).tolist()}
+
+
 async def load(url: str, seconds: float) -> tuple[float, float, float]:
-    """64 clients for ``seconds``: requests/s, p50 and p99 in ms."""
-    body = {"x": np.random.default_rng(0).standard_normal(256).astype(np.float32).tolist()}
-    latencies: list[float] = []
-    stop = time.perf_counter() + seconds
+    """64 clients over HTTP for ``seconds``: requests/s, p50 and p99 in ms."""
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
 
-        async def one() -> None:
-            while time.perf_counter() < stop:
-                began = time.perf_counter()
-                reply = await client.post(url, json=body)
-                assert reply.status_code == 200, reply.text
-                latencies.append(time.perf_counter() - began)
+        async def call() -> None:
+            reply = await client.post(url, json=BODY)
+            assert reply.status_code == 200, reply.text
 
-        began = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(CLIENTS)))
-        elapsed = time.perf_counter() - began
+        return await clients(call, seconds)
+
+
+async def load_handle(handle: Any, arm: str, seconds: float) -> tuple[float, float, float]:
+    """64 callers of the deployment's handle (no HTTP proxy) for ``seconds``."""
+
+    async def call() -> None:
+        if arm == "mds":
+            await handle.serve.remote("mlp", BODY)
+        else:
+            await handle.score.remote(BODY)
+
+    return await clients(call, seconds)
+
+
+async def clients(call: Any, seconds: float) -> tuple[float, float, float]:
+    """``CLIENTS`` callers of ``call`` in a loop: requests/s, p50 and p99 in ms."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def one() -> None:
+        while time.perf_counter() < stop:
+            began = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - began)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(CLIENTS)))
+    elapsed = time.perf_counter() - began
     latencies.sort()
     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
     return len(latencies) / elapsed, p(0.5), p(0.99)
@@ -148,39 +174,53 @@ def online(port: int, seconds: float, rounds: int) -> None:
     from mds._ray.serve import ongoing_requests  # the value mds sets, given to both
 
     same = ongoing_requests(build_json(), None)
-    results: dict[str, list[tuple[float, float, float, float]]] = {"mds": [], "serve.batch": []}
+    keys = [(via, arm) for via in ("http", "handle") for arm in ("mds", "serve.batch")]
+    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {
+        key: [] for key in keys
+    }
+
+    def snapshot(handle: Any, arm: str) -> tuple[float, int]:
+        """mds: its batch-size histogram's sum and count now; serve.batch: forget its sizes."""
+        if arm == "mds":
+            batch = handle.statistics.remote().result()["mlp"]["histograms"]["batch_size"]
+            return float(batch["sum"]), int(sum(batch["counts"]))
+        handle.mean_batch.remote().result()
+        return 0.0, 0
+
+    def mean_since(handle: Any, arm: str, before: tuple[float, int]) -> float:
+        if arm == "mds":
+            total, count = snapshot(handle, arm)
+            return (total - before[0]) / max(1, count - before[1])
+        return float(handle.mean_batch.remote().result())
+
     for _ in range(rounds):
         for arm in ("mds", "serve.batch"):
             app = mds_app if arm == "mds" else serve_batch_app(same)
             handle = serve.run(app, name="bench", route_prefix="/")
             path = "/models/mlp/infer" if arm == "mds" else "/"
             asyncio.run(load(url + path, 2.0))  # warm
-            if arm == "mds":
-                handle.statistics.remote().result()
-            else:
-                handle.mean_batch.remote().result()
-            rate, p50, p99 = asyncio.run(load(url + path, seconds))
-            if arm == "mds":
-                batch = handle.statistics.remote().result()["mlp"]["histograms"]["batch_size"]
-                mean = batch["sum"] / max(1, sum(batch["counts"]))
-            else:
-                mean = handle.mean_batch.remote().result()
-            results[arm].append((rate, p50, p99, mean))
+            for via in ("http", "handle"):
+                before = snapshot(handle, arm)
+                if via == "http":
+                    rate, p50, p99 = asyncio.run(load(url + path, seconds))
+                else:
+                    rate, p50, p99 = asyncio.run(load_handle(handle, arm, seconds))
+                mean = mean_since(handle, arm, before)
+                results[(via, arm)].append((rate, p50, p99, mean))
             serve.delete("bench")
-    print(f"\n(b) online, 64 clients over Ray's HTTP proxy, max_ongoing_requests={same}:")
-    print(f"{'':14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}")
-    medians = {}
-    for arm, rows in results.items():
+    print(f"\n(b) online, 64 clients, max_ongoing_requests={same}, medians of {rounds}:")
+    print(f"{'':26}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}")
+    for (via, arm), rows in results.items():
         m = [statistics.median(r[i] for r in rows) for i in range(4)]
-        medians[arm] = m
-        print(f"{arm:14}{m[0]:9.0f}{m[1]:9.1f}{m[2]:9.1f}{m[3]:8.1f}")
-    pairs = zip(results["mds"], results["serve.batch"], strict=True)
-    ratio = statistics.median(a[0] / b[0] for a, b in pairs)
-    print(f"mds / serve.batch requests/s: {ratio:.2f}x (median of rounds; target >= 1.0)")
-    print(
-        f"mean batch: mds {medians['mds'][3]:.1f} vs serve.batch {medians['serve.batch'][3]:.1f}"
-        " (target: at least as large)"
-    )
+        print(f"{via + ': ' + arm:26}{m[0]:9.0f}{m[1]:9.1f}{m[2]:9.1f}{m[3]:8.1f}")
+    for via in ("http", "handle"):
+        pairs = list(zip(results[(via, "mds")], results[(via, "serve.batch")], strict=True))
+        ratio = statistics.median(a[0] / b[0] for a, b in pairs)
+        batches = statistics.median(a[3] / max(b[3], 1e-9) for a, b in pairs)
+        print(
+            f"{via}: mds / serve.batch requests/s {ratio:.2f}x (target >= 1.0), "
+            f"mean batch {batches:.2f}x (target >= 1.0)"
+        )
 
 
 def main() -> None:

@@ -106,6 +106,7 @@ def test_a_replica_whose_model_fails_to_load_is_reported_unhealthy(serve_port: i
 
 
 def test_a_cap_on_ongoing_requests_that_would_cap_the_batches_is_refused() -> None:
+    pytest.importorskip("ray.serve", reason="the Ray tests need ray (the ray extra)")
     with pytest.raises(mds.ConfigError, match="max_ongoing_requests=5 caps every batch") as info:
         mds.ray.application(scoring, max_ongoing_requests=5)
     assert "model scorer:1 needs 16 requests at once" in str(info.value)

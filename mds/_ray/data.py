@@ -15,6 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .._batch.engine import default_workers
 from .._batch.parts import Rows, Writer
 from .._batch.sources import ArrowFile, Refused, open_source
 from .._batch.sources import Rows as RowKind
@@ -89,7 +92,9 @@ class ServeBatches:
             )
         outcomes: list[Any] = []
         ids: list[Any] = []
-        for chunk in source.chunks(max(1, batch.num_rows)):
+        # Rows in flight bounded as mds.batch bounds them: a block larger than
+        # the model's queue would have its excess refused as Overloaded.
+        for chunk in source.chunks(max(1, min(batch.num_rows, default_workers(self.target)))):
             requests = chunk.requests
             wanted = [i for i, r in enumerate(requests) if not isinstance(r, Refused)]
             served = self.target.serve_many_sync(
@@ -102,7 +107,24 @@ class ServeBatches:
             ids += chunk.ids if chunk.ids is not None else []
         rows = Rows(list(range(len(outcomes))), ids if self.id_column else None, outcomes)
         values, failed = self._writer._values(rows)
-        return self._writer._table(rows, values, failed).drop_columns(["index"])
+        table = self._writer._table(rows, values, failed).drop_columns(["index"])
+        return self._with_outputs(table, pa)
+
+    def _with_outputs(self, table: Any, pa: Any) -> Any:
+        """``table`` with a column for each declared output, null where it has none.
+
+        A block whose every row failed has no response columns of its own;
+        a model that declares its outputs (its signature) gets them anyway,
+        so that every block has the same columns.
+        """
+        signature = self.target.signature()
+        if signature is None or self._writer is None or not self._writer.tensors:
+            return table
+        for name, spec in signature[1].items():
+            if name not in table.column_names:
+                position = table.num_columns - 2  # before error_type and error
+                table = table.add_column(position, name, pa.nulls(table.num_rows, _arrow(pa, spec)))
+        return table
 
     def __del__(self) -> None:
         runtime = getattr(self, "runtime", None)
@@ -111,6 +133,18 @@ class ServeBatches:
                 runtime.stop_sync()
             except Exception:  # the interpreter may be going: nothing to drain into
                 pass
+
+
+def _arrow(pa: Any, spec: Any) -> Any:
+    """The Arrow type of a declared output: its dtype, in fixed-size lists for its shape."""
+    kind = (
+        pa.string()
+        if spec.dtype in ("object", "str", "bytes")
+        else pa.from_numpy_dtype(np.dtype(spec.dtype))
+    )
+    for size in reversed(tuple(spec.shape)):
+        kind = pa.list_(kind, int(size)) if isinstance(size, int) and size > 0 else pa.list_(kind)
+    return kind
 
 
 def _outcome(found: Any) -> Any:
@@ -138,11 +172,12 @@ def map_dataset(
 ) -> Any:
     """``dataset`` with each row's outcome from ``target``: :class:`ServeBatches` on actors.
 
-    ``concurrency`` actors each hold a runtime (each with ``num_cpus`` and
-    ``num_gpus``); ``options`` go to ``map_batches``. ``ordered`` (the
-    default) keeps the rows in the input's order, as ``mds.batch`` does: it
-    sets Ray Data's ``preserve_order`` for the job (Ray reorders blocks
-    otherwise).
+    ``concurrency`` actors (a number, or ``(least, most)`` to autoscale)
+    each hold a runtime (each with ``num_cpus`` and ``num_gpus``);
+    ``options`` go to ``map_batches``. ``ordered`` (the default) keeps the
+    rows in the input's order, as ``mds.batch`` does: it sets Ray Data's
+    ``preserve_order`` in ``dataset``'s own context (Ray reorders blocks
+    otherwise), and nowhere else.
 
     Raises:
         MissingDependency: Ray Data is not installed (``pip install "mds-serving[ray]"``).
@@ -150,8 +185,9 @@ def map_dataset(
     Added in 0.5.
     """
     data = require("ray.data", feature="mds.ray")
-    if ordered:
-        data.DataContext.get_current().execution_options.preserve_order = True
+    # The dataset's own context: the global one was copied into it when it was made.
+    dataset.context.execution_options.preserve_order = ordered
+    least, most = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
     resources = {
         key: value
         for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus))
@@ -169,7 +205,7 @@ def map_dataset(
         },
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=concurrency,
+        compute=data.ActorPoolStrategy(min_size=least, max_size=most),
         **resources,
         **options,
     )

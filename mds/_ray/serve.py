@@ -15,7 +15,6 @@ sets it from the models' batching, and refuses one that would cap it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -169,7 +168,7 @@ class Replica:
 
         ``{"batching": {"model": {"max_batch_size": 16, ...}}, "traffic":
         {"model": {"1": 0.9, "2": 0.1}}}``. Batching fields not named keep
-        their value.
+        their value; batching applies to the model's default version.
 
         Raises:
             ConfigError: a key or field that is not one, a model there is
@@ -180,6 +179,8 @@ class Replica:
             raise ConfigError(
                 f"user_config has {sorted(unknown)!r}: it takes 'batching' and 'traffic'"
             )
+        # Every model's new batching checked before any is changed: all or nothing.
+        changes = []
         for name, fields in dict(config.get("batching", {})).items():
             model = self.runtime.model(name)
             try:
@@ -195,6 +196,8 @@ class Replica:
                     f"on {model.config.instances} instances need {full} requests at once, "
                     f"more than max_ongoing_requests ({self.max_ongoing_requests})"
                 )
+            changes.append((model, batching))
+        for model, batching in changes:
             model.set_batching(batching)
         for name, weights in dict(config.get("traffic", {})).items():
             await self.runtime.set_traffic(name, {str(v): float(w) for v, w in weights.items()})
@@ -214,7 +217,10 @@ def application(
     be importable there (a module-level function). ``options`` are Ray
     Serve's deployment options, passed through: ``num_replicas``,
     ``autoscaling_config``, ``ray_actor_options`` (CPUs, GPUs),
-    ``user_config``, ``health_check_period_s``, ...
+    ``user_config``, ``health_check_period_s``, ... . An
+    ``autoscaling_config`` without ``target_ongoing_requests`` gets one
+    batch's worth (``max_batch_size * instances`` of its largest model):
+    Ray's default, 2, would add replicas until no batch fills.
 
     Raises:
         ConfigError: ``max_ongoing_requests`` would cap the batches (or the
@@ -233,9 +239,21 @@ def application(
     if not isinstance(runtime, Runtime):
         raise ConfigError(f"build() returned a {type(runtime).__name__}, not an mds.Runtime")
     ongoing = ongoing_requests(runtime, max_ongoing_requests)
+    autoscaling = options.get("autoscaling_config")
+    if isinstance(autoscaling, dict) and "target_ongoing_requests" not in autoscaling:
+        # Ray's default target (2 a replica) would add replicas until no batch fills.
+        fill = max(
+            (
+                m.config.batching.max_batch_size * m.config.instances
+                for m in _models(runtime).values()
+            ),
+            default=1,
+        )
+        options["autoscaling_config"] = {**autoscaling, "target_ongoing_requests": fill}
     if "max_queued_requests" not in options:
-        # Past what the replicas take at once, Ray queues: bound it as mds bounds its queues.
-        options["max_queued_requests"] = max(ongoing, math.ceil(ongoing * 4))
+        # Past what the replicas take at once, each caller (a proxy, a handle)
+        # queues: bound it as mds bounds its queues.
+        options["max_queued_requests"] = 4 * ongoing
     try:
         deployment = serve.deployment(serve.ingress()(Replica), name=name)
         bound = deployment.options(max_ongoing_requests=ongoing, **options)

@@ -18,7 +18,9 @@ ROWS = 1000
 
 
 def planted(i: int) -> str | None:
-    """Why row ``i`` fails, if it does."""
+    """Why row ``i`` fails, if it does: some here and there, and a run of 300 (whole blocks)."""
+    if 400 <= i < 700:
+        return "negative"
     if i % 97 == 5:
         return "null"
     if i % 89 == 11:
@@ -42,14 +44,16 @@ def test_a_job_over_parquet_records_each_bad_row_and_keeps_the_order(
     pq.write_table(table, tmp_path / "rows.parquet", row_group_size=128)
 
     scored = mds.ray.map_dataset(
-        ray.data.read_parquet(str(tmp_path / "rows.parquet")),
+        ray.data.read_parquet(str(tmp_path / "rows.parquet")).repartition(8),
         scoring,
         "scorer",
         id_column="id",
         batch_size=100,
+        concurrency=2,  # two actors: the order is Ray Data's to keep
+        num_cpus=0.5,
     )
-    out = scored.to_arrow_refs()
-    found = pa.concat_tables(ray.get(out))
+    # Every block has the same columns (one of only failures too): they concatenate as they are.
+    found = pa.concat_tables(ray.get(scored.to_arrow_refs()))
     assert found.column("id").to_pylist() == [f"row-{i}" for i in range(ROWS)]  # in order
     errors = found.column("error_type").to_pylist()
     messages = found.column("error").to_pylist()

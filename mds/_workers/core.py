@@ -261,25 +261,23 @@ class QueueWorker(LoopBound):
         await self._home.open()
         runtime = self.runtime
         started = runtime.run(load=self.load) if not runtime.running else None
-        if started is not None:
-            try:
-                await started.__aenter__()
-            except BaseException:
-                await self._home.close()
-                raise
-        self._started = runtime if started is not None else None
+        entered = False
         try:
-            await check(self.runtime, self.target, (self.source, self.sink))
+            if started is not None:
+                await started.__aenter__()
+                entered = True
+            await check(runtime, self.target, (self.source, self.sink))
             runtime._attach(self.name, self)
         except BaseException as exc:
-            self._started = None
             self._stop_asked = False  # a stop asked of this start: the next one is new
             try:
-                if started is not None:
+                if entered:
+                    assert started is not None
                     await started.__aexit__(type(exc), exc, exc.__traceback__)
             finally:
                 await self._home.close()
             raise
+        self._started = runtime if started is not None else None
         self._slots = anyio.Semaphore(self.max_in_flight)
         # Writes and acknowledgements, in batches where the sink and source take them.
         self._write = batched(self.sink, "write_many", lambda item: self.sink.write(*item))

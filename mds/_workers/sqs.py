@@ -104,6 +104,18 @@ def _chunks(
     return chunks
 
 
+async def _checked(lane: Lane, call: Callable[[], Any], what: str) -> None:
+    """Make ``call`` (a check); an error no retry fixes as a :class:`ConfigError` about ``what``."""
+    try:
+        await lane.run(call)
+    except Exception as exc:
+        raise _as_config_error(exc, what) from None
+
+
+def _queue_exists(client: Any, url: str) -> None:
+    client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+
+
 def _client(service: str, client: Any) -> Any:
     if client is not None:
         return client
@@ -158,22 +170,18 @@ class SqsSource:
                 queue and no redrive policy; a ``dead_letters`` queue that
                 does not exist.
         """
-        try:
-            await self._call(
-                "get_queue_attributes", QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
+        await _checked(
+            self._lane,
+            lambda: _queue_exists(self.client, self.queue_url),
+            f"the queue {self.queue_url}",
+        )
+        dead = self._dead_letters
+        if dead is not None:
+            await _checked(
+                self._lane,
+                lambda: _queue_exists(self.client, dead),
+                f"the dead letters queue {dead}",
             )
-        except Exception as exc:
-            raise _as_config_error(exc, f"the queue {self.queue_url}") from None
-        if self._dead_letters is not None:
-            try:
-                await self._call(
-                    "get_queue_attributes",
-                    QueueUrl=self._dead_letters,
-                    AttributeNames=["QueueArn"],
-                )
-            except Exception as exc:
-                where = f"the dead letters queue {self._dead_letters}"
-                raise _as_config_error(exc, where) from None
         try:
             await self._dead_letter_url()
         except ConfigError:
@@ -338,14 +346,11 @@ class SqsSink:
         Raises:
             ConfigError: no such queue, or no access to it.
         """
-        try:
-            await self._lane.run(
-                lambda: self.client.get_queue_attributes(
-                    QueueUrl=self.queue_url, AttributeNames=["QueueArn"]
-                )
-            )
-        except Exception as exc:
-            raise _as_config_error(exc, f"the results queue {self.queue_url}") from None
+        await _checked(
+            self._lane,
+            lambda: _queue_exists(self.client, self.queue_url),
+            f"the results queue {self.queue_url}",
+        )
 
     def _arguments(self, message: Message, result: bytes) -> dict[str, Any]:
         arguments: dict[str, Any] = {
@@ -412,10 +417,11 @@ class S3Sink:
         Raises:
             ConfigError: no such bucket, or no access to it.
         """
-        try:
-            await self._lane.run(lambda: self.client.head_bucket(Bucket=self.bucket))
-        except Exception as exc:
-            raise _as_config_error(exc, f"the bucket {self.bucket}") from None
+        await _checked(
+            self._lane,
+            lambda: self.client.head_bucket(Bucket=self.bucket),
+            f"the bucket {self.bucket}",
+        )
 
     async def write(self, message: Message, result: bytes) -> None:
         key = f"{self.prefix}{message.id}{self.suffix}"

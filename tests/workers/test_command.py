@@ -95,26 +95,10 @@ def test_the_command_serves_and_drains_on_sigterm(aws: Aws, tmp_path: Path) -> N
 
 
 def test_a_bad_worker_file_says_what_is_wrong(tmp_path: Path) -> None:
-    (tmp_path / "worker.yaml").write_text("source:\n  sqs: ${NOT_SET_ANYWHERE}\nsink: {}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "mds", "worker", "tests.workers.models:Scorer", "worker.yaml"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = mds_worker(tmp_path, "source:\n  sqs: ${NOT_SET_ANYWHERE}\nsink: {}\n")
     assert done.returncode == 1
     assert "${NOT_SET_ANYWHERE} is not set in the environment" in done.stderr
-    (tmp_path / "worker.yaml").write_text("source:\n  sqs: q\nsink:\n  sqs: r\nmax_in_flihgt: 3\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "mds", "worker", "tests.workers.models:Scorer", "worker.yaml"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = mds_worker(tmp_path, "source:\n  sqs: q\nsink:\n  sqs: r\nmax_in_flihgt: 3\n")
     assert done.returncode == 1 and "max_in_flihgt" in done.stderr
 
 

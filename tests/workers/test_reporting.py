@@ -108,10 +108,10 @@ class Slow(Scorer):
         assert self.loaded.wait(60)
 
 
-def test_the_worker_waits_for_its_model_before_it_takes_messages(aws: Aws) -> None:
-    queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
-    send(aws, queue, [json.dumps({"x": [i, 1, 0, 0]}) for i in range(4)])
-    loaded = threading.Event()
+def loading(
+    aws: Aws, loaded: threading.Event, queue: str, dead: str, bucket: str, **options: Any
+) -> mds.workers.QueueWorker:
+    """A worker that starts its runtime, whose model loads once ``loaded`` is set."""
     runtime = mds.Runtime()
     runtime.add_model("scorer", lambda: Slow(loaded))
     worker = mds.workers.QueueWorker(
@@ -121,8 +121,17 @@ def test_the_worker_waits_for_its_model_before_it_takes_messages(aws: Aws) -> No
         mds.workers.S3Sink(bucket, client=aws.client("s3")),
         load="background",
         wait=0.2,
-        max_deliveries=1,  # a message received before the model is ready would die at once
+        **options,
     )
+    return worker
+
+
+def test_the_worker_waits_for_its_model_before_it_takes_messages(aws: Aws) -> None:
+    queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
+    send(aws, queue, [json.dumps({"x": [i, 1, 0, 0]}) for i in range(4)])
+    loaded = threading.Event()
+    # max_deliveries=1: a message received before the model is ready would die at once.
+    worker = loading(aws, loaded, queue, dead, bucket, max_deliveries=1)
     worker.start_sync()
     try:
         eventually(lambda: worker.state is mds.workers.WorkerState.WAITING, "waiting")
@@ -167,16 +176,8 @@ def test_two_workers_on_one_runtime_need_two_names(aws: Aws) -> None:
 def test_a_worker_stopped_while_it_waits_stops_and_can_run_again(aws: Aws) -> None:
     queue, dead, bucket = aws.queue("in"), aws.queue("dead"), aws.bucket()
     loaded = threading.Event()
-    runtime = mds.Runtime()
-    runtime.add_model("scorer", lambda: Slow(loaded))
-    worker = mds.workers.QueueWorker(
-        runtime,
-        "scorer",
-        mds.workers.SqsSource(queue, dead_letters=dead, client=aws.client("sqs")),
-        mds.workers.S3Sink(bucket, client=aws.client("s3")),
-        load="background",
-        wait=0.2,
-    )
+    worker = loading(aws, loaded, queue, dead, bucket)
+    runtime = worker.runtime
     worker.start_sync()
     eventually(lambda: worker.state is mds.workers.WorkerState.WAITING, "waiting")
     loaded.set()  # the runtime's stop waits for the load in progress

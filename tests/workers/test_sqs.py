@@ -159,7 +159,8 @@ def test_thousands_of_messages_with_poison(aws: Aws) -> None:
             assert reason.startswith("the message does not decode: the message body is not JSON")
         else:
             assert reason == "InvalidInput: a request needs 'x', four numbers"
-    assert counts(aws, queue) == (0, 0)  # nothing left, nothing invisible
+    left = counts(aws, queue)
+    assert left == (0, 0), (left, stats)  # nothing left, nothing invisible
     assert max(model.sizes) > 1  # messages batched together
 
 

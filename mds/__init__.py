@@ -16,6 +16,7 @@ from ._collate import Padded as Padded
 from ._collate import Stack as Stack
 from ._config import BatchingConfig as BatchingConfig
 from ._config import ModelConfig as ModelConfig
+from ._config import SequenceConfig as SequenceConfig
 from ._config import VersionPolicy as VersionPolicy
 from ._current import current_runtime as current_runtime
 from ._current import serve as serve
@@ -51,6 +52,8 @@ from ._request import request_context as request_context
 from ._request import use_request_context as use_request_context
 from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._runtime import Runtime as Runtime
+from ._sequences import SequenceEnd as SequenceEnd
+from ._sequences import SequenceStep as SequenceStep
 from ._servable import Servable as Servable
 from ._status import CallTrace as CallTrace
 from ._status import Histogram as Histogram
@@ -116,6 +119,9 @@ __all__ = [
     "ResidencyStatistics",
     "Runtime",
     "RuntimeHealth",
+    "SequenceConfig",
+    "SequenceEnd",
+    "SequenceStep",
     "Servable",
     "Stack",
     "TensorFlowHandler",

@@ -43,6 +43,9 @@ class ByName:
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, Any]:
         """Serve one request with the model or pipeline called ``model``. Await it.
 
@@ -55,6 +58,10 @@ class ByName:
             timeout: deadline in seconds from now; defaults to the model's.
             priority: priority level (0 is the highest); defaults to the model's.
             trace: return a :class:`Traced` with where the call's time went.
+            sequence_id: for a stateful model, the sequence this request is
+                a step of (see :doc:`/stateful`).
+            sequence_start: it is the sequence's first step.
+            sequence_end: it is the sequence's last step.
 
         Returns:
             The model's response (in a :class:`Traced` with ``trace=True``).
@@ -73,7 +80,15 @@ class ByName:
                 found = self.servable(model)
             except MdsError as exc:  # raised where the call is awaited, as by an async def
                 return _raising(exc)
-        return found.serve(request, timeout=timeout, priority=priority, trace=trace)
+        return found.serve(
+            request,
+            timeout=timeout,
+            priority=priority,
+            trace=trace,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
 
     def serve_sync(
         self,
@@ -83,6 +98,9 @@ class ByName:
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Any:
         """Blocking form of :meth:`serve`, for threads with no event loop (Flask).
 
@@ -91,7 +109,15 @@ class ByName:
         target = self.servable(model)
         if not self.running:
             raise self._not_running()
-        return target.serve_sync(request, timeout=timeout, priority=priority, trace=trace)
+        return target.serve_sync(
+            request,
+            timeout=timeout,
+            priority=priority,
+            trace=trace,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
 
     def serve_many(
         self,
@@ -144,6 +170,9 @@ class ByName:
         *,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> AsyncIterator[Any]:
         """Serve one request and yield its response in chunks: see :meth:`ModelRuntime.stream`.
 
@@ -156,7 +185,14 @@ class ByName:
 
         Added in 0.2.
         """
-        return self.servable(model).stream(request, timeout=timeout, priority=priority)
+        return self.servable(model).stream(
+            request,
+            timeout=timeout,
+            priority=priority,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
 
     def stream_sync(
         self,
@@ -165,6 +201,9 @@ class ByName:
         *,
         timeout: float | None = None,
         priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Iterator[Any]:
         """Blocking form of :meth:`stream`, for threads with no event loop (Flask).
 
@@ -173,7 +212,14 @@ class ByName:
         target = self.servable(model)
         if not self.running:
             raise self._not_running()
-        return target.stream_sync(request, timeout=timeout, priority=priority)
+        return target.stream_sync(
+            request,
+            timeout=timeout,
+            priority=priority,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
+        )
 
 
 async def _raising(error: BaseException) -> Any:

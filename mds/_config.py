@@ -17,6 +17,7 @@ from ._errors import ConfigError
 __all__ = [
     "BatchingConfig",
     "ModelConfig",
+    "SequenceConfig",
     "VersionPolicy",
     "check_name",
     "queue_limits",
@@ -137,6 +138,39 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
             )
 
 
+class SequenceConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A stateful model's sequences: how many, how long they may idle, where they run.
+
+    Setting :attr:`ModelConfig.sequences` makes a model stateful: each
+    request is one step of a sequence (see :doc:`/stateful`).
+
+    Attributes:
+        max_sequences: the most sequences live at once; a start beyond it
+            is :class:`mds.Overloaded`.
+        idle_timeout: seconds a live sequence may go without a step before
+            it ends (reason ``idle``).
+        max_queued_steps: the most steps of one sequence waiting at once
+            (behind the one being computed); one more is :class:`mds.Overloaded`.
+        pinned: each sequence runs all its steps on the instance that
+            started it (Triton's "direct" strategy), for state kept on a
+            device; otherwise any instance computes any step ("oldest").
+        on_stop: what a stop, reload or unload does with live sequences:
+            ``"end"`` them at once, or ``"drain"``: take their steps (no
+            new starts) until each ends or ``ModelConfig.drain_timeout`` passes.
+
+    Example:
+        >>> mds.ModelConfig(sequences=mds.SequenceConfig(idle_timeout=30.0))
+
+    Added in 0.6.
+    """
+
+    max_sequences: Annotated[int, Meta(ge=1)] = 1000
+    idle_timeout: Annotated[float, Meta(gt=0.0)] = 60.0
+    max_queued_steps: Annotated[int, Meta(ge=1)] = 16
+    pinned: bool = False
+    on_stop: Literal["end", "drain"] = "end"
+
+
 class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How one model is served: instances, devices, batching, timeouts.
 
@@ -174,6 +208,9 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
             ``preprocess``, ``postprocess`` and ``health`` calls at once.
         parameters: free-form settings for the handler, given to it in
             :attr:`mds.ModelContext.parameters`.
+        sequences: makes the model stateful: requests are steps of
+            sequences that share state (see :class:`SequenceConfig`);
+            ``None`` (the default) for a stateless model. Added in 0.6.
 
     Example:
         >>> mds.ModelConfig(
@@ -199,6 +236,7 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
     warmup_batch_sizes: tuple[Annotated[int, Meta(ge=1)], ...] | None = None
     worker_threads: Annotated[int, Meta(ge=1)] = 8
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    sequences: SequenceConfig | None = None
 
     def _check(self) -> None:
         if isinstance(self.devices, str):

@@ -53,6 +53,9 @@ def serve(
     timeout: float | None = None,
     priority: int | None = None,
     trace: bool = False,
+    sequence_id: int | str | None = None,
+    sequence_start: bool = False,
+    sequence_end: bool = False,
 ) -> Coroutine[Any, Any, Any]:
     """Serve one request with a model or pipeline of the running runtime; for async routes.
 
@@ -65,6 +68,10 @@ def serve(
         timeout: deadline in seconds from now; defaults to the model's.
         priority: priority level (0 is the highest); defaults to the model's.
         trace: return a :class:`Traced` with where the call's time went.
+        sequence_id: for a stateful model, the sequence this request is a
+            step of (see :doc:`/stateful`).
+        sequence_start: it is the sequence's first step.
+        sequence_end: it is the sequence's last step.
 
     Returns:
         The model's response (in a :class:`Traced` with ``trace=True``).
@@ -88,7 +95,16 @@ def serve(
         runtime = _running[-1]  # no lock: a read of a list item is atomic
     except IndexError:
         return _not_running()  # raised where the call is awaited, as by an async def
-    return runtime.serve(model, request, timeout=timeout, priority=priority, trace=trace)
+    return runtime.serve(
+        model,
+        request,
+        timeout=timeout,
+        priority=priority,
+        trace=trace,
+        sequence_id=sequence_id,
+        sequence_start=sequence_start,
+        sequence_end=sequence_end,
+    )
 
 
 async def _not_running() -> Any:
@@ -102,6 +118,9 @@ def serve_sync(
     timeout: float | None = None,
     priority: int | None = None,
     trace: bool = False,
+    sequence_id: int | str | None = None,
+    sequence_start: bool = False,
+    sequence_end: bool = False,
 ) -> Any:
     """Blocking form of :func:`serve`, for Flask views, WSGI apps and threads.
 
@@ -117,5 +136,12 @@ def serve_sync(
     Added in 0.1.
     """
     return current_runtime().serve_sync(
-        model, request, timeout=timeout, priority=priority, trace=trace
+        model,
+        request,
+        timeout=timeout,
+        priority=priority,
+        trace=trace,
+        sequence_id=sequence_id,
+        sequence_start=sequence_start,
+        sequence_end=sequence_end,
     )

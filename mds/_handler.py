@@ -14,6 +14,7 @@ from typing_extensions import TypeVar
 from ._collate import Collator
 from ._config import ModelConfig
 from ._devices.device import Device
+from ._sequences import SequenceEnd, SequenceId
 from ._tensors import Signature
 
 __all__ = ["ModelContext", "ModelHandler", "ModelState"]
@@ -197,6 +198,35 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
 
     def teardown(self) -> Awaitable[None] | None:
         """Release what ``init`` acquired. Called once per started instance."""
+        return None
+
+    def sequence_start(self, sequence_id: SequenceId) -> Any:
+        """A stateful model's sequence starts: return its first state (``None`` by default).
+
+        Runs on the instance that computes the sequence's first step, just
+        before that step's batch, as ``infer`` runs (in its thread, for a
+        plain ``infer``). The first step's :attr:`SequenceStep.state` is what
+        this returns. Keep state of your own keyed by ``sequence_id`` here
+        instead, if you prefer, and release it in :meth:`sequence_end`.
+        Raising fails the first step, and the sequence does not start.
+
+        Added in 0.5.
+        """
+        return None
+
+    def sequence_end(
+        self, sequence_id: SequenceId, state: Any, reason: SequenceEnd
+    ) -> Awaitable[None] | None:
+        """A stateful model's sequence ended: release what it held.
+
+        Called once for every sequence whose :meth:`sequence_start` ran,
+        whatever ended it (``reason``: its client, its idle timeout, a
+        cancelled step, a failed first step, the model stopping or being
+        swapped), on the instance where it started, never during its own
+        steps. ``state`` is its last state. An exception is logged.
+
+        Added in 0.5.
+        """
         return None
 
     def from_tensors(self, tensors: dict[str, Any]) -> RequestT:

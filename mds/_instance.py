@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import repeat
 from typing import Any, cast
 
 from ._batching.queue import DONE, Item
 from ._devices.kinds import DeviceKind
 from ._devices.manager import DeviceManager
-from ._errors import InferenceError, MdsError, describe
+from ._errors import ConfigError, InferenceError, MdsError, describe
 from ._handler import ModelContext, ModelHandler
+from ._sequences import SequenceEnd, SequenceId, SequenceStep, new_sequence
 from ._threads import Threads, is_async, off_loop, threads
 
 __all__ = ["Instance", "as_item_error", "overrides"]
@@ -86,14 +88,25 @@ class Instance:
         self.queues_batches = not is_async(handler.infer)
         self._collates = overrides(handler, "collate") or handler.collator is not None
         self._splits = overrides(handler, "split") or handler.collator is not None
+        #: A stateful model's: its batches are SequenceSteps (see mds._sequences).
+        self.stateful = context.config.sequences is not None
+        self._run: Callable[[list[Any]], Sequence[Any]] = self._batch
+        self._run_async: Callable[[list[Any]], Awaitable[Sequence[Any]]] = self._batch_async
+        self._ends: Callable[..., Awaitable[Any]] | None = None
+        if self.stateful:
+            self._check_stateful(handler)
+            self._starts = overrides(handler, "sequence_start")
+            if overrides(handler, "sequence_end"):
+                self._ends = off_loop(handler.sequence_end, own)
+            self._run, self._run_async = self._steps_batch, self._steps_batch_async
         self._compute: Callable[[list[Any]], Any]
         self._compute_items: Callable[[list[Item]], Any]
         if self.queues_batches:
             # collate, infer and split together in one thread hop
-            self._compute = off_loop(self._batch, own)
+            self._compute = off_loop(self._run, own)
             self._compute_items = off_loop(self._live_batch, own)
         else:
-            self._compute = self._batch_async
+            self._compute = self._run_async
             self._compute_items = self._live_batch_async
         #: For logs: which model, instance, handler and device.
         self.where = (
@@ -138,14 +151,102 @@ class Instance:
         if not live:
             return live, []
         if len(live) == len(items):
-            return live, self._batch([item.value for item in items])
-        return live, self._batch([items[i].value for i in live])
+            return live, self._run([item.value for item in items])
+        return live, self._run([items[i].value for i in live])
 
     async def _live_batch_async(self, items: list[Item]) -> tuple[list[int], Sequence[Any]]:
         live = [i for i, item in enumerate(items) if item.state != DONE]
         if not live:
             return live, []
-        return live, await self._batch_async([items[i].value for i in live])
+        return live, await self._run_async([items[i].value for i in live])
+
+    # -- a stateful model's batch ---------------------------------------------------
+
+    def _check_stateful(self, handler: ModelHandler[Any, Any]) -> None:
+        if handler.collator is not None:
+            raise ConfigError(
+                f"{type(handler).__name__} is stateful (ModelConfig.sequences) and has a "
+                "collator: its infer gets SequenceStep objects, which a collator cannot "
+                "stack; collate the steps' inputs in infer (or collate) instead"
+            )
+        if self.queues_batches and is_async(handler.sequence_start):
+            raise ConfigError(
+                f"{type(handler).__name__}.sequence_start is async but infer is not: "
+                "make both plain or both async (sequence_start runs with infer)"
+            )
+
+    def _steps_batch(self, steps: list[SequenceStep[Any, Any]]) -> Sequence[Any]:
+        """Open the sequences that start here, give each step its state, keep the new states."""
+        failed: dict[int, MdsError] = {}
+        for index, step in enumerate(steps):
+            live = step._live
+            if not live.opened:
+                try:
+                    live.state = (
+                        self.handler.sequence_start(step.sequence_id) if self._starts else None
+                    )
+                except Exception as exc:
+                    failed[index] = as_item_error(exc, "sequence_start failed", self.index)
+                    continue
+                live.opened = True
+                live.instance = self.index
+            step.state = live.state
+        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
+        return self._keep(steps, run, self._batch(run) if run else [], failed)
+
+    async def _steps_batch_async(self, steps: list[SequenceStep[Any, Any]]) -> Sequence[Any]:
+        failed: dict[int, MdsError] = {}
+        for index, step in enumerate(steps):
+            live = step._live
+            if not live.opened:
+                try:
+                    state = self.handler.sequence_start(step.sequence_id) if self._starts else None
+                    live.state = await state if inspect.isawaitable(state) else state
+                except Exception as exc:
+                    failed[index] = as_item_error(exc, "sequence_start failed", self.index)
+                    continue
+                live.opened = True
+                live.instance = self.index
+            step.state = live.state
+        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
+        return self._keep(steps, run, await self._batch_async(run) if run else [], failed)
+
+    def _keep(
+        self,
+        steps: list[SequenceStep[Any, Any]],
+        run: list[SequenceStep[Any, Any]],
+        outputs: Any,
+        failed: dict[int, MdsError],
+    ) -> Sequence[Any]:
+        """Keep the state of each step whose output is not an error; outputs for every step."""
+        if isinstance(outputs, str | bytes) or not hasattr(outputs, "__len__"):
+            return outputs if not failed else self._per_item(outputs, len(run))
+        if len(outputs) != len(run):
+            return outputs if not failed else self._per_item(outputs, len(run))
+        items = outputs if isinstance(outputs, list) else [outputs[i] for i in range(len(run))]
+        for step, output in zip(run, items, strict=True):
+            if not isinstance(output, BaseException):
+                step._live.state = step.state
+                step._ok = True
+        if not failed:
+            return items
+        given = iter(items)
+        return [failed[i] if i in failed else next(given) for i in range(len(steps))]
+
+    async def end_sequence(self, sequence_id: SequenceId, state: Any, reason: SequenceEnd) -> None:
+        """Run the handler's ``sequence_end`` (on this instance's thread, for a plain one)."""
+        if self._ends is not None:
+            await self._ends(sequence_id, state, reason)
+
+    async def _compute_alone(self, values: list[Any]) -> Sequence[Any]:
+        """A stateful model's batch made by hand: each value a sequence of one step."""
+        steps = [new_sequence(f"batch-{i}", value) for i, value in enumerate(values)]
+        try:
+            return await self._compute(steps)  # type: ignore[no-any-return]
+        finally:
+            for step in steps:
+                if step._live.opened:
+                    await self.end_sequence(step.sequence_id, step._live.state, SequenceEnd.ENDED)
 
     async def compute(self, values: list[Any]) -> list[Any]:
         """Per value, its output or its error: a batch made by hand (warm-up, testing).
@@ -155,7 +256,7 @@ class Instance:
         an error. An error that means the device failed marks the device failed.
         """
         try:
-            outputs = await self._compute(values)
+            outputs = await (self._compute_alone if self.stateful else self._compute)(values)
         except Exception as exc:
             self._check_device(exc)
             raise

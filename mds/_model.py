@@ -23,12 +23,13 @@ from ._devices.manager import DeviceManager
 from ._errors import ConfigError, InferenceError, LifecycleError, MdsError, NotReady
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._instances import Instances, Source, source_name, start_instances
+from ._sequences import SequenceEnd, Sequences
 from ._servable import Serving
 from ._statistics import RequestCounts, counted, snapshot
 from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
 from ._tensors import Signature
 
-__all__ = ["ModelRuntime", "run_batch", "watch_states"]
+__all__ = ["ModelRuntime"]
 
 logger = logging.getLogger("mds.model")
 
@@ -89,6 +90,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._failure: str | None = None
         self._loaded: Instances | None = None
         self._batcher: Batcher[Any] | None = None
+        self._sequences: Sequences | None = None  # a stateful model's, while it runs
         self._tasks: anyio.abc.TaskGroup | None = None
         self._idle: anyio.Event | None = None
         self._counts = RequestCounts()
@@ -154,6 +156,14 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         Added in 0.3.
         """
         return max(queue_limits(self.config.batching))
+
+    @property
+    def stateful(self) -> bool:
+        """Whether its requests are steps of sequences: ``config.sequences`` is set.
+
+        Added in 0.5.
+        """
+        return self.config.sequences is not None
 
     @property
     def streams(self) -> bool:
@@ -247,13 +257,22 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._tasks = tasks
         self._clock = _loop.clock()
         _tracing.refresh()
-        batcher: Batcher[Any] = Batcher(
-            self.config.batching, stats=self._batch_stats, model=self.name, version=self.version
-        )
-        self._batcher = batcher
-        for instance in loaded.instances:
-            tasks.start_soon(batcher.serve, instance)
-        tasks.start_soon(batcher.watch_deadlines)
+        sequencing = self.config.sequences
+        pinned = sequencing is not None and sequencing.pinned
+        batching, stats = self.config.batching, self._batch_stats
+        batchers: list[Batcher[Any]] = [
+            Batcher(batching, stats=stats, model=self.name, version=self.version)
+            for _ in (loaded.instances if pinned else (None,))
+        ]
+        self._batcher = batchers[0]
+        for index, instance in enumerate(loaded.instances):
+            tasks.start_soon(batchers[index if pinned else 0].serve, instance)
+        for batcher in batchers:
+            tasks.start_soon(batcher.watch_deadlines)
+        if sequencing is not None:
+            self._sequences = Sequences(
+                sequencing, batchers, loaded.instances, tasks, self._counts, self._where
+            )
         self._set_state(ModelState.READY)
         return self
 
@@ -268,6 +287,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             return
         try:
             self._set_state(ModelState.DRAINING)
+            if exc_type is None and self._sequences is not None:
+                await self._sequences.drain(self.config.drain_timeout)
             if exc_type is None and self._counts.in_flight:
                 self._idle = anyio.Event()
                 with anyio.move_on_after(self.config.drain_timeout):
@@ -277,9 +298,11 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
 
     async def _shut_down(self, tasks: anyio.abc.TaskGroup) -> None:
         """Answer whatever is left, stop the workers, tear the instances down."""
-        batcher, loaded = self._batcher, self._loaded
-        assert batcher is not None and loaded is not None
-        batcher.close()
+        loaded, sequences = self._loaded, self._sequences
+        assert loaded is not None
+        batchers = self._batchers()
+        for batcher in batchers:
+            batcher.close()
         self._failures.flush()
         if self._counts.in_flight:
             logger.warning(
@@ -288,12 +311,17 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 self._counts.in_flight,
                 extra=_logs.fields(self.name, self.version),
             )
-        batcher.fail_queued("the model stopped before this request was computed")
+        for batcher in batchers:
+            batcher.fail_queued("the model stopped before this request was computed")
         tasks.cancel_scope.cancel()
         try:
             await tasks.__aexit__(None, None, None)
         finally:
             try:
+                if sequences is not None:
+                    swapped = self._successor is not None
+                    await sequences.close(SequenceEnd.SWAPPED if swapped else SequenceEnd.STOPPED)
+                    self._sequences = None
                 await loaded.stop()
                 self._loaded = None
                 self._set_state(ModelState.STOPPED)
@@ -355,13 +383,16 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                     raise
                 return await successor(request, timeout, priority, trace, stream)
         elif not self._ready or batcher is None or loaded is None:
-            if self._successor is not None:  # picked before a swap retired this one
+            drains = self._sequences is not None and self._sequences.draining()
+            if self._successor is not None and not drains:  # picked before a swap retired it
                 return await self._successor(request, timeout, priority, trace, stream)
-            raise self._refuse()
-        steps = loaded.steps
+            if not drains or batcher is None or loaded is None:
+                raise self._refuse()
+        steps, sequences = loaded.steps, self._sequences
         counts.requests += 1
-        item = None
+        item = step = None
         try:
+            step = sequences.admit() if sequences is not None else None
             began = self._clock()
             deadline = None if timeout is None else began + timeout
             if steps.pre is None and steps.pre_plain is None:
@@ -376,18 +407,18 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 value = await steps.preprocess(request, deadline)
                 now = preprocessed = self._clock()
                 counts.preprocess.observe(preprocessed - began)
-            if steps.describes:
-                cost, key, length = steps.describe(value)
+            cost, key, length = steps.describe(value) if steps.describes else (1, None, None)
+            if step is None or sequences is None:
                 item = batcher.enqueue(value, deadline, priority, cost, key, length, now)
             else:
-                item = batcher.enqueue(value, deadline, priority, 1, None, None, now)
+                item = await sequences.enqueue(step, value, deadline, priority, cost, key, length)
             if span is not None:
                 span.item = item
                 item.span = span
             try:
                 outcome = await item.waiter
             except BaseException:
-                batcher.abandon(item)
+                (sequences or batcher).abandon(item)
                 raise
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -408,9 +439,13 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             counts.request.observe(ended - began)
         except anyio.get_cancelled_exc_class():
             counts.cancelled += 1
+            if step is not None and item is None:
+                step._release(cancelled=True)
             raise
         except Exception as exc:
             counts.failure(exc)
+            if step is not None and item is None:
+                step._release(cancelled=False)
             if isinstance(exc, MdsError):
                 exc.add_context(model=self.name, version=self.version)
                 if isinstance(exc, InferenceError):
@@ -458,7 +493,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         elif not self._ready or batcher is None or loaded is None:
             return [self._refuse() for _ in requests]
         steps = loaded.steps
-        if steps.pre is not None or steps.streams or steps.post_in_thread:
+        if steps.pre is not None or steps.streams or steps.post_in_thread or self._sequences:
             return await super()._serve_many(requests, timeout, priority)
         if timeout is None:
             timeout = self._default_timeout
@@ -531,6 +566,11 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             raise self._not_ready()
         return batcher, loaded, timeout
 
+    def _batchers(self) -> tuple[Batcher[Any], ...]:
+        """Its batchers: one, or one per instance for pinned sequences."""
+        sequences, batcher = self._sequences, self._batcher
+        return sequences.batchers if sequences else (batcher,) if batcher is not None else ()
+
     def _retired(self) -> Callable[..., Awaitable[Any]] | None:
         """What serves the requests picked before a swap retired this model, if it did."""
         return self._successor
@@ -564,11 +604,11 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 a running model.
         """
         config = msgspec.structs.replace(self.config, batching=batching)
-        if self._batcher is not None:
-            try:
-                self._batcher.configure(batching)
-            except ConfigError as exc:
-                raise exc.add_context(model=self.name, version=self.version) from None
+        try:
+            for batcher in self._batchers():
+                batcher.configure(batching)
+        except ConfigError as exc:
+            raise exc.add_context(model=self.name, version=self.version) from None
         self.config = config
         logger.info("%s: batching is now %s", self._where, batching)
 
@@ -602,40 +642,9 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             config=self.config,
             counts=self._counts,
             batches=self._batch_stats,
-            batcher=self._batcher,
+            batchers=self._batchers(),
+            sequences=self._sequences.live if self._sequences is not None else 0,
             devices=tuple(i.device.name for i in loaded.instances)
             if (loaded := self._loaded) is not None
             else (),
         )
-
-
-# -- the internal API of mds.testing ---------------------------------------------
-
-
-def watch_states(
-    model: ModelRuntime[Any, Any], callback: Callable[[ModelState, str | None], None]
-) -> None:
-    """Call ``callback(state, reason)`` on each of ``model``'s state changes."""
-    model._watchers.append(callback)
-
-
-async def run_batch(
-    model: ModelRuntime[Any, Any],
-    requests: list[Any],
-    *,
-    timings: dict[str, float] | None = None,
-    sizes: list[int] | None = None,
-) -> list[Any]:
-    """``requests`` as one batch made by hand, through the real path, on instance 0.
-
-    No queue; per request, its response or its error (see
-    :meth:`Instances.run_batch`), with the model in the error's context.
-    """
-    loaded = model._loaded
-    if loaded is None or model.state is not ModelState.READY:
-        raise model._refuse()
-    outcomes = await loaded.run_batch(requests, timings=timings, sizes=sizes)
-    for outcome in outcomes:
-        if isinstance(outcome, MdsError):
-            outcome.add_context(model=model.name, version=model.version)
-    return outcomes

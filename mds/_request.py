@@ -28,6 +28,10 @@ class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
             on itself (``timeout``, ``priority``, ``binary_data_output``).
         outputs: the outputs the client asked for, by name, each with its
             own ``parameters``; empty when it asked for every output.
+        sequence_id: for a stateful model, the sequence this request is a
+            step of (the protocol's ``sequence_id``); ``None`` for none.
+        sequence_start: whether it is the sequence's first step.
+        sequence_end: whether it is the sequence's last step.
 
     Added in 0.5.
     """
@@ -35,6 +39,9 @@ class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
     id: str | None = None
     parameters: Mapping[str, Any] = msgspec.field(default_factory=dict)
     outputs: Mapping[str, Mapping[str, Any]] = msgspec.field(default_factory=dict)
+    sequence_id: int | str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 _EMPTY = RequestContext()

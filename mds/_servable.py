@@ -16,11 +16,14 @@ from typing_extensions import TypeVar
 from ._bridge import Home, process_portal
 from ._errors import MdsError
 from ._handler import ModelState, RequestT, ResponseT
+from ._request import use_request_context
+from ._sequences import in_sequence
 from ._status import CallTrace, ModelHealth, PipelineHealth, Traced
 from ._tensors import Signature
 
 __all__ = ["Servable", "Serving", "Signature"]
 
+_NO_SEQUENCE = (None, False, False)
 TraceT = TypeVar("TraceT", default=CallTrace)
 HealthT = TypeVar("HealthT", bound=ModelHealth | PipelineHealth, default=ModelHealth)
 
@@ -80,6 +83,14 @@ class Servable(Protocol):
         """The most requests it holds queued at once; ``None`` where no one queue bounds it."""
         ...
 
+    @property
+    def stateful(self) -> bool:
+        """Whether its requests are steps of sequences (a stateful model, or a pipeline with one).
+
+        Added in 0.5.
+        """
+        ...
+
     def signature(self) -> Signature | None:
         """The named tensors one request carries and one response gives, if known."""
         ...
@@ -114,6 +125,9 @@ class Servable(Protocol):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, Any]:
         """Serve one request; await the response."""
         ...
@@ -125,18 +139,35 @@ class Servable(Protocol):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Any:
         """Blocking form of :meth:`serve`, for threads with no event loop."""
         ...
 
     def stream(
-        self, request: Any, *, timeout: float | None = None, priority: int | None = None
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> AsyncIterator[Any]:
         """Serve one request and yield its response in chunks."""
         ...
 
     def stream_sync(
-        self, request: Any, *, timeout: float | None = None, priority: int | None = None
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Iterator[Any]:
         """Blocking form of :meth:`stream`."""
         ...
@@ -183,6 +214,26 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
     async def _health(self) -> HealthT:
         raise NotImplementedError
 
+    @property
+    def stateful(self) -> bool:
+        """Whether its requests are steps of sequences (see :class:`SequenceConfig`)."""
+        return False
+
+    async def _serve_step(
+        self,
+        flags: tuple[Any, bool, bool],
+        request: Any,
+        timeout: float | None,
+        priority: int | None,
+        trace: bool,
+        stream: bool,
+    ) -> Any:
+        """:meth:`_serve`, for a request that names a sequence (``flags``: id, start, end)."""
+        if flags == _NO_SEQUENCE:
+            return await self._serve(request, timeout, priority, trace, stream)
+        with use_request_context(in_sequence(self, *flags)):
+            return await self._serve(request, timeout, priority, trace, stream)
+
     @overload
     def serve(
         self,
@@ -191,6 +242,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: Literal[False] = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, ResponseT]: ...
 
     @overload
@@ -201,6 +255,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: Literal[True],
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, Traced[ResponseT, TraceT]]: ...
 
     @overload
@@ -211,6 +268,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, ResponseT | Traced[ResponseT, TraceT]]: ...
 
     def serve(
@@ -220,6 +280,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, Any]:
         """Serve one request. Await it.
 
@@ -237,6 +300,11 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
                 the configured one.
             trace: return a :class:`Traced` with the response and where the
                 call's time went.
+            sequence_id: for a stateful model (or a pipeline with one), the
+                sequence this request is a step of: a non-zero integer or a
+                non-empty string. See :doc:`/stateful`.
+            sequence_start: it is the sequence's first step.
+            sequence_end: it is the sequence's last step.
 
         Returns:
             The response (in a :class:`Traced` with ``trace=True``).
@@ -245,17 +313,22 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
             NotReady: it is not ready; the message names the state.
             Overloaded: the request's priority level is full.
             InvalidInput: ``preprocess`` rejected the request (or its cost or
-                priority cannot be batched).
+                priority cannot be batched); or its sequence flags do not fit
+                (a stateless model, a start for a live sequence, a step for
+                one that is not live).
             DeadlineExceeded: the deadline passed first.
             InferenceError: ``infer`` or ``postprocess`` failed for it.
 
-        Added in 0.3 (the name; ``infer`` before).
+        Added in 0.3 (the name; ``infer`` before); the sequence keywords in 0.5.
         """
         # A plain def handing back the request path's coroutine, so that a
         # request makes one coroutine fewer: about 5% of the batcher's cost
         # per request (benchmarks/batcher.py). Awaiting it is all callers see.
         # The at-home check is Home.call's, inlined: a call fewer a request.
         home = self._home
+        if sequence_id is not None or sequence_start or sequence_end:
+            flags = (sequence_id, sequence_start, sequence_end)
+            return home.call(self._serve_step, flags, request, timeout, priority, trace, False)
         if home.thread == _get_ident() or home.portal is None:
             return self._serve(request, timeout, priority, trace, False)
         return home.call(self._serve, request, timeout, priority, trace, False)
@@ -268,6 +341,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: Literal[False] = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> ResponseT: ...
 
     @overload
@@ -278,6 +354,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: Literal[True],
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Traced[ResponseT, TraceT]: ...
 
     @overload
@@ -288,6 +367,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> ResponseT | Traced[ResponseT, TraceT]: ...
 
     def serve_sync(
@@ -297,6 +379,9 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> ResponseT | Traced[ResponseT, TraceT]:
         """Blocking form of :meth:`serve`, for threads without an event loop.
 
@@ -305,13 +390,21 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
 
         Added in 0.3 (the name; ``infer_sync`` before).
         """
+        flags = (sequence_id, sequence_start, sequence_end)
         result: ResponseT | Traced[ResponseT, TraceT] = self._home.call_sync(
-            self._serve, request, timeout, priority, trace, False
+            self._serve_step, flags, request, timeout, priority, trace, False
         )
         return result
 
     def stream(
-        self, request: RequestT, *, timeout: float | None = None, priority: int | None = None
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> AsyncIterator[Any]:
         """Serve one request and yield its response in chunks, as they are made.
 
@@ -333,17 +426,28 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
 
         Added in 0.2.
         """
-        return self._home.iterate(self._serve, request, timeout, priority, False, True)
+        flags = (sequence_id, sequence_start, sequence_end)
+        return self._home.iterate(self._serve_step, flags, request, timeout, priority, False, True)
 
     def stream_sync(
-        self, request: RequestT, *, timeout: float | None = None, priority: int | None = None
+        self,
+        request: RequestT,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Iterator[Any]:
         """Blocking form of :meth:`stream`, for threads without an event loop (Flask).
 
         The request is sent when iteration begins; closing the iterator early
         stops the stream.
         """
-        return self._home.iterate_sync(self._serve, request, timeout, priority, False, True)
+        flags = (sequence_id, sequence_start, sequence_end)
+        return self._home.iterate_sync(
+            self._serve_step, flags, request, timeout, priority, False, True
+        )
 
     def serve_many(
         self,

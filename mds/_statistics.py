@@ -39,6 +39,8 @@ class RequestCounts:
         "preprocess",
         "request",
         "requests",
+        "sequence_ends",
+        "sequences_started",
         "warmup_seconds",
     )
 
@@ -56,6 +58,8 @@ class RequestCounts:
         self.first_chunk = Buckets()
         self.preprocess = Buckets()
         self.postprocess = Buckets()
+        self.sequences_started = 0  # a stateful model's
+        self.sequence_ends: Counter[str] = Counter()  # by reason
 
     @property
     def in_flight(self) -> int:
@@ -147,18 +151,19 @@ def snapshot(
     config: ModelConfig,
     counts: RequestCounts,
     batches: BatchStats,
-    batcher: Batcher[Any] | None,
+    batchers: tuple[Batcher[Any], ...],
     devices: tuple[str, ...],
+    sequences: int = 0,
 ) -> ModelStatistics:
-    """The model's counters now, as a frozen struct."""
-    queue = batcher.queue if batcher is not None else None
+    """The model's counters now, as a frozen struct (``sequences``: those live)."""
+    queues = [batcher.queue for batcher in batchers]
     waits = sorted(batches.recent_waits)
     return ModelStatistics(
         name=name,
         version=version,
         state=state,
-        queued=queue.count if queue is not None else 0,
-        queued_by_priority=tuple(queue.counts) if queue is not None else (),
+        queued=sum(queue.count for queue in queues),
+        queued_by_priority=tuple(map(sum, zip(*(queue.counts for queue in queues), strict=True))),
         **counts.outcomes(),
         batches=batches.batches,
         batched_items=batches.batched_items,
@@ -170,15 +175,18 @@ def snapshot(
         queue_wait_p99=_percentile(waits, 0.99),
         padding_ratio=batches.padding_sum / batches.batches if batches.batches else 0.0,
         isolation_splits=batches.isolation_splits,
-        max_batch_size=(
-            batcher.batch_limit if batcher is not None else config.batching.max_batch_size
+        max_batch_size=min(
+            (batcher.batch_limit for batcher in batchers), default=config.batching.max_batch_size
         ),
         out_of_memory=batches.out_of_memory,
         init_seconds=counts.init_seconds,
         warmup_seconds=counts.warmup_seconds,
         instances=len(devices),
         devices=devices,
-        batches_in_flight=batcher._busy if batcher is not None else 0,
+        batches_in_flight=sum(batcher._busy for batcher in batchers),
+        sequences=sequences,
+        sequences_started=counts.sequences_started,
+        sequence_ends=dict(counts.sequence_ends),
         histograms=ModelHistograms(
             request=counts.request.snapshot(),
             first_chunk=counts.first_chunk.snapshot(),
@@ -203,7 +211,7 @@ def retired_statistics(
         config=_NO_CONFIG,
         counts=counts,
         batches=batches,
-        batcher=None,
+        batchers=(),
         devices=(),
     )
 
@@ -218,8 +226,10 @@ def summed(stats: ModelStatistics | None, older: list[ModelStatistics]) -> Model
         return stats
     every = ([stats] if stats is not None else []) + older
     errors: Counter[str] = Counter()
+    ends: Counter[str] = Counter()
     for each in every:
         errors.update(each.errors)
+        ends.update(each.sequence_ends)
     histograms = {
         field: reduce(add, (getattr(each.histograms, field) for each in every))
         for field in ModelHistograms.__struct_fields__
@@ -229,6 +239,7 @@ def summed(stats: ModelStatistics | None, older: list[ModelStatistics]) -> Model
         base,
         **{field: sum(getattr(each, field) for each in every) for field in _SUMMED},
         errors=dict(errors),
+        sequence_ends=dict(ends),
         histograms=ModelHistograms(**histograms),
     )
 
@@ -237,6 +248,7 @@ def summed(stats: ModelStatistics | None, older: list[ModelStatistics]) -> Model
 _SUMMED = (
     "requests", "completed", "failed", "rejected", "cancelled", "deadline_misses", "invalid",
     "batches", "batched_items", "batched_cost", "isolation_splits", "out_of_memory",
+    "sequences_started",
 )  # fmt: skip
 
 

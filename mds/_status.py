@@ -356,9 +356,13 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
         histograms: cumulative distributions of request, queue, step and
             batch times and batch sizes, to aggregate across processes
             (what :class:`mds.prometheus.Collector` exports).
+        sequences: a stateful model's live sequences now.
+        sequences_started: the sequences it has started.
+        sequence_ends: the sequences that ended, by reason (``"ended"``,
+            ``"idle"``, ... as :class:`mds.SequenceEnd` names them).
 
-    Added in 0.1; ``invalid``, ``instances``, ``devices``, ``batches_in_flight`` and
-        ``histograms`` in 0.5.
+    Added in 0.1; ``invalid``, ``instances``, ``devices``, ``batches_in_flight``,
+        ``histograms`` and the sequence counts in 0.5.
     """
 
     name: str
@@ -393,6 +397,9 @@ class ModelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     devices: tuple[str, ...] = ()
     batches_in_flight: int = 0
     histograms: ModelHistograms = ModelHistograms()
+    sequences: int = 0
+    sequences_started: int = 0
+    sequence_ends: dict[str, int] = msgspec.field(default_factory=dict)
 
     @property
     def mean_batch_size(self) -> float:

@@ -24,6 +24,7 @@ from ._config import ModelConfig, VersionPolicy, version_key
 from ._errors import ConfigError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelState
 from ._model import ModelRuntime
+from ._request import request_context
 from ._servable import Serving
 from ._statistics import retired_statistics, summed
 from ._status import CallTrace, ModelHealth, ModelStatistics, VersionStatus
@@ -99,6 +100,11 @@ class _Delegating(Serving[Any, Any, CallTrace, ModelHealth]):
     def queue_capacity(self) -> int:
         return self._current().queue_capacity
 
+    @property
+    def stateful(self) -> bool:
+        found = self._looked_up()
+        return found is not None and found.stateful
+
     def signature(self) -> Signature | None:
         found = self._looked_up()
         return found.signature() if found is not None else None
@@ -120,10 +126,16 @@ class _Delegating(Serving[Any, Any, CallTrace, ModelHealth]):
         timeout: float | None = None,
         priority: int | None = None,
         trace: bool = False,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> Coroutine[Any, Any, Any]:
         # As Serving.serve, with the version picked at home first: the
         # pick and the version's enqueue happen with no await in between.
         home = self._home
+        if sequence_id is not None or sequence_start or sequence_end:
+            flags = (sequence_id, sequence_start, sequence_end)
+            return home.call(self._serve_step, flags, request, timeout, priority, trace, False)
         if home.thread == _get_ident() or home.portal is None:
             try:
                 runtime = self._runtime()
@@ -192,6 +204,7 @@ class ModelVersions(_Delegating):
         # once idle, and those live.
         self._retired: dict[str, tuple[ModelStatistics | None, tuple[Any, ...]]] = {}
         self._reload_failed: dict[str, str] = {}  # loaded versions whose reload failed
+        self._draining: list[ModelRuntime[Any, Any]] = []  # retired, with live sequences
 
     def __repr__(self) -> str:
         return (
@@ -270,10 +283,30 @@ class ModelVersions(_Delegating):
     def _runtime(self) -> ModelRuntime[Any, Any]:
         single, bounds, choices, _ = self._table
         if single is not None:
-            return single
-        if not choices:
+            chosen = single
+        elif not choices:
             raise self._none_loaded()
-        return choices[bisect(bounds, _random() * bounds[-1])]
+        else:
+            chosen = choices[bisect(bounds, _random() * bounds[-1])]
+        if chosen.config.sequences is None:
+            return chosen
+        return self._holding(chosen)
+
+    def _holding(self, chosen: ModelRuntime[Any, Any]) -> ModelRuntime[Any, Any]:
+        """The version that holds the sequence of the step being served, else ``chosen``.
+
+        A sequence's steps all go where it started, whatever the traffic
+        split says since; to a version being retired too, while it drains.
+        """
+        context = request_context()
+        if context.sequence_id is None or context.sequence_start:
+            return chosen
+        self._draining = [old for old in self._draining if old._sequences is not None]
+        for runtime in (*self._loaded.values(), *self._draining):
+            sequences = runtime._sequences
+            if sequences is not None and sequences.holds(context.sequence_id):
+                return runtime
+        return chosen
 
     def _current(self) -> ModelRuntime[Any, Any]:
         found = self._table[3]
@@ -420,6 +453,8 @@ class ModelVersions(_Delegating):
             return await successor._serve(request, timeout, priority, trace, stream)
 
         runtime._successor = forward
+        if runtime._sequences is not None:
+            self._draining.append(runtime)
 
 
 #: Retired runtimes' live counters a version keeps before it folds the idle ones.

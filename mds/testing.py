@@ -24,8 +24,9 @@ import numpy as np
 
 from ._bridge import process_portal
 from ._config import ModelConfig
+from ._errors import MdsError
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
-from ._model import ModelRuntime, run_batch, watch_states
+from ._model import ModelRuntime
 from ._status import ModelHealth
 
 __all__ = ["LifecycleReport", "assert_batch_invariant", "run_lifecycle"]
@@ -277,3 +278,35 @@ def _array_difference(
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+# -- the internal API of mds.testing ---------------------------------------------
+
+
+def watch_states(
+    model: ModelRuntime[Any, Any], callback: Callable[[ModelState, str | None], None]
+) -> None:
+    """Call ``callback(state, reason)`` on each of ``model``'s state changes."""
+    model._watchers.append(callback)
+
+
+async def run_batch(
+    model: ModelRuntime[Any, Any],
+    requests: list[Any],
+    *,
+    timings: dict[str, float] | None = None,
+    sizes: list[int] | None = None,
+) -> list[Any]:
+    """``requests`` as one batch made by hand, through the real path, on instance 0.
+
+    No queue; per request, its response or its error (see
+    :meth:`Instances.run_batch`), with the model in the error's context.
+    """
+    loaded = model._loaded
+    if loaded is None or model.state is not ModelState.READY:
+        raise model._refuse()
+    outcomes = await loaded.run_batch(requests, timings=timings, sizes=sizes)
+    for outcome in outcomes:
+        if isinstance(outcome, MdsError):
+            outcome.add_context(model=model.name, version=model.version)
+    return outcomes

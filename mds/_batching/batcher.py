@@ -246,8 +246,11 @@ class Batcher(Generic[W]):
 
     def fail_queued(self, message: str) -> None:
         """Answer every queued item with :class:`Unavailable`."""
+        finished = self.queue.finished
         for item in self.queue.drain():
             item.settle(Unavailable(message))
+            if finished is not None:
+                finished(item)
 
     # -- workers --------------------------------------------------------------
 
@@ -287,6 +290,9 @@ class Batcher(Generic[W]):
                 self._busy -= 1
                 self._running -= len(batch)
                 del self._running_batches[id(batch)]
+                if self.queue.finished is not None:
+                    for item in batch:
+                        self.queue.finished(item)
             backlog = self.queue.count > 0
 
     async def _next_batch(self, backlog: bool, slot: _Slot | None) -> list[Item] | None:
@@ -366,6 +372,8 @@ class Batcher(Generic[W]):
                     f"({max_cost}), lowered after it was queued"
                 )
             )
+        if self.queue.finished is not None:
+            self.queue.finished(item)
 
     def _grow_until(self, batch: list[Item], cost: int, backlog: bool, now: float) -> float | None:
         """When to stop waiting for this batch to grow; ``None`` to go now.

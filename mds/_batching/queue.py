@@ -9,7 +9,7 @@ reaches the front.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from .._loop import Waiter
@@ -141,6 +141,9 @@ class RequestQueue:
         self.counts = [0] * levels  # waiting (QUEUED) items per level
         self.count = 0
         self.stale = 0  # items still in a lane that left it (cancelled, expired)
+        #: Told of each item that leaves the batcher for good, computed or not
+        #: (a stateful model's sequences: its next step may go).
+        self.finished: Callable[[Item], None] | None = None
 
     def put(self, item: Item) -> Item | None:
         """Queue ``item``; the item that was last in its lane, if any."""
@@ -176,6 +179,8 @@ class RequestQueue:
                 lane.clear()
                 lane.extend(live)
             self.stale = 0
+        if self.finished is not None:
+            self.finished(item)
 
     def recount(self) -> None:
         """Count the queued items again, from the lanes."""

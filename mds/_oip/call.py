@@ -25,6 +25,7 @@ import numpy as np
 from .._errors import InferenceError, InvalidInput, MdsError, excerpt, quote
 from .._named import input_check, named_outputs, request_from_tensors
 from .._request import RequestContext, use_request_context
+from .._sequences import in_sequence
 from .._servable import Servable
 from .._tensors import TensorSpec, dims
 from . import protocol
@@ -35,7 +36,9 @@ __all__ = ["V2Call", "decode", "encode", "outputs", "prepare", "tensor_metadata"
 _encoder = msgspec.json.Encoder()
 
 #: Request parameters mds acts on itself; the handler gets the others.
-RESERVED = frozenset({"timeout", "priority", "binary_data_output"})
+RESERVED = frozenset(
+    {"timeout", "priority", "binary_data_output", "sequence_id", "sequence_start", "sequence_end"}
+)
 
 
 class V2Call(NamedTuple):
@@ -93,6 +96,8 @@ def prepare(
         _check_level(target, priority)
     wanted = _wanted(request)
     context = RequestContext(id=request.id or request_id, parameters=parameters, outputs=wanted)
+    if request.parameters and any(key in request.parameters for key in _SEQUENCE):
+        context = _sequence(target, request.parameters, context)
     signature = target.signature()
     with use_request_context(context):
         if signature is None:
@@ -108,6 +113,11 @@ def prepare(
             payload = request_from_tensors(target, check(tensors))
             return V2Call(target, request, payload, None, context, timeout, priority)
         capacity = target.queue_capacity
+        if context.sequence_id is not None and len(rows) > 1:
+            raise InvalidInput(
+                f"the request has {len(rows)} rows; a step of a sequence is one request: "
+                "send one row, or the tensors without a batch axis"
+            )
         if capacity is not None and len(rows) > capacity:
             raise InvalidInput(
                 f"the request has {len(rows)} rows; the model queues at most {capacity} "
@@ -155,6 +165,28 @@ def _limits(
             f"parameters.binary_data_output: {excerpt(repr(binary), 40)} is not true or false"
         )
     return timeout, priority, {k: v for k, v in parameters.items() if k not in RESERVED}
+
+
+_SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def _sequence(
+    target: Servable, parameters: Mapping[str, Any], context: RequestContext
+) -> RequestContext:
+    """``context`` with the sequence its parameters name (Triton's: 0 or "" for none)."""
+    flags: list[bool] = []
+    for name in ("sequence_start", "sequence_end"):
+        flag = parameters.get(name, False)
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"parameters.{name}: {excerpt(repr(flag), 40)} is not true or false")
+        flags.append(flag)
+    sequence_id = parameters.get("sequence_id")
+    if sequence_id in (None, 0, "") and not isinstance(sequence_id, bool):
+        if any(flags):
+            raise InvalidInput("parameters.sequence_start and sequence_end need a sequence_id")
+        return context
+    with use_request_context(context):
+        return in_sequence(target, sequence_id, flags[0], flags[1], "parameters.sequence_id")
 
 
 def _check_level(target: Servable, level: int) -> None:

@@ -107,6 +107,14 @@ class PipelineRuntime(Serving[Any, Any, PipelineTrace, PipelineHealth]):
                 return model.state
         return ModelState.READY
 
+    @property
+    def stateful(self) -> bool:
+        """Whether one of its models is stateful: its requests are then steps of sequences.
+
+        Added in 0.5.
+        """
+        return any(model.stateful for model in self.models.values())
+
     def choose(self) -> Self:
         """Itself: see :meth:`Servable.choose`.
 

@@ -1,0 +1,572 @@
+"""Stateful models: sequences of requests that share state, batched across sequences.
+
+A stateful model's request is one step of a sequence, named by the id and
+the start and end flags in its :class:`~mds.RequestContext`. The sequencer
+stands between the model's request path and its batcher, and keeps at most
+one step of each sequence in the batcher: so a batch holds at most one step
+of a sequence, a sequence's steps run in the order they came, and the steps
+of many sequences batch together (Triton's "oldest" strategy). The next step
+of a sequence waits its turn beside the batcher; the batcher says when a
+step has left it for good (computed, expired, or given up by its caller).
+
+The handler's ``infer`` gets :class:`SequenceStep` objects, each holding the
+state its sequence's last step left, and sets the new one on it; a step that
+fails leaves the state as it was. ``sequence_start`` runs with a sequence's
+first batch, on the instance computing it; ``sequence_end`` runs on that
+instance whatever ends the sequence, so no state is left behind.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Generic
+
+import anyio
+import anyio.abc
+import msgspec
+from typing_extensions import TypeVar
+
+from . import _loop
+from ._config import SequenceConfig
+from ._errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, describe
+from ._request import RequestContext, _current
+
+if TYPE_CHECKING:
+    from ._batching.batcher import Batcher
+    from ._batching.queue import Item
+    from ._instance import Instance
+    from ._statistics import RequestCounts
+
+__all__ = [
+    "SequenceEnd",
+    "SequenceId",
+    "SequenceStep",
+    "Sequences",
+    "check_id",
+    "in_sequence",
+    "new_sequence",
+]
+
+logger = logging.getLogger("mds.model")
+
+SequenceId = int | str
+InputT = TypeVar("InputT", default=Any)
+StateT = TypeVar("StateT", default=Any)
+
+#: How many ended sequences are remembered, to say why a late step's sequence is gone.
+_REMEMBERED = 1024
+
+
+class SequenceEnd(enum.Enum):
+    """Why a sequence ended: what ``sequence_end`` is told.
+
+    Added in 0.5.
+    """
+
+    #: Its client ended it: a step with ``sequence_end``.
+    ENDED = "ended"
+    #: No step came for ``SequenceConfig.idle_timeout`` seconds.
+    IDLE = "idle"
+    #: A step's caller went away (cancelled, disconnected) before it was answered:
+    #: whether the state took that step is unknown to the client, so it ends.
+    CANCELLED = "cancelled"
+    #: Its first step failed (or ``sequence_start`` raised): the client may start it again.
+    FAILED = "failed"
+    #: The model stopped or was unloaded.
+    STOPPED = "stopped"
+    #: A reload replaced the model with another copy or version.
+    SWAPPED = "swapped"
+
+
+class SequenceStep(Generic[InputT, StateT]):
+    """One step of a sequence, as a stateful model's ``infer`` gets it.
+
+    Set :attr:`state` to the sequence's new state; the next step of the
+    sequence gets it. A step whose output is an error leaves the state as
+    it was before the step.
+
+    Attributes:
+        sequence_id: the sequence's id.
+        input: the step's preprocessed request.
+        state: the state the sequence's last step left; on its first step,
+            what ``sequence_start`` returned (``None`` by default).
+        start: whether this is the sequence's first step.
+        end: whether this is its last step.
+
+    Example:
+        >>> def infer(self, steps):
+        ...     for step in steps:
+        ...         step.state = (step.state or 0.0) + step.input
+        ...     return [step.state for step in steps]
+
+    Added in 0.5.
+    """
+
+    __slots__ = (
+        "_live",
+        "_ok",
+        "_owner",
+        "_queued",
+        "_turn",
+        "end",
+        "input",
+        "sequence_id",
+        "start",
+        "state",
+    )
+
+    def __init__(
+        self, sequence_id: SequenceId, input: InputT, *, start: bool, end: bool, live: _Live
+    ) -> None:
+        self.sequence_id = sequence_id
+        self.input = input
+        self.state: StateT = None  # type: ignore[assignment]  # set before infer sees it
+        self.start = start
+        self.end = end
+        self._live = live
+        self._ok = False  # its output (and state) were kept
+        self._turn: _loop.Waiter | None = None  # set while steps of its sequence are ahead
+        self._queued = False  # reached the batcher (or was released)
+        self._owner: Sequences | None = None
+
+    def _release(self, *, cancelled: bool) -> None:
+        """See :meth:`Sequences.release`."""
+        if self._owner is not None:
+            self._owner.release(self, cancelled=cancelled)
+
+    def __repr__(self) -> str:
+        flags = "".join((" start" if self.start else "", " end" if self.end else ""))
+        return f"<SequenceStep {self.sequence_id!r}{flags} input={self.input!r:.60}>"
+
+
+def check_id(value: Any, where: str = "sequence_id") -> SequenceId:
+    """``value`` if it may name a sequence: a non-zero integer or a non-empty string."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or value in (0, ""):
+        raise InvalidInput(
+            f"{where}: {value!r:.60} is not a sequence id; give a non-zero integer or a "
+            'non-empty string (0 and "" mean no sequence, as in Triton)'
+        )
+    return value
+
+
+def in_sequence(
+    target: Any, sequence_id: Any, start: bool, end: bool, where: str = "sequence_id"
+) -> RequestContext:
+    """The request context of a step of ``sequence_id`` sent to ``target`` (checked).
+
+    Raises:
+        InvalidInput: ``target`` is not stateful, or the id or flags do not name a step.
+    """
+    if sequence_id is None:
+        raise target.add_context(
+            InvalidInput(f"sequence_start and sequence_end need a sequence id ({where})")
+        )
+    try:
+        check_id(sequence_id, where)
+    except InvalidInput as exc:
+        raise target.add_context(exc) from None
+    if not target.stateful:
+        raise target.add_context(
+            InvalidInput(
+                f"it is not stateful: it takes no sequence id ({where} {sequence_id!r}); "
+                "set ModelConfig.sequences to serve sequences"
+            )
+        )
+    return msgspec.structs.replace(
+        _current.get(), sequence_id=sequence_id, sequence_start=start, sequence_end=end
+    )
+
+
+def new_sequence(sequence_id: SequenceId, value: Any) -> SequenceStep[Any, Any]:
+    """The one step of a sequence of its own (warm-up, batches made by hand)."""
+    return SequenceStep(
+        sequence_id, value, start=True, end=True, live=_Live(sequence_id, 0.0, None)
+    )
+
+
+class _Live:
+    """One sequence, from its start until its end hook has run."""
+
+    __slots__ = (
+        "busy",
+        "closed",
+        "closing",
+        "ended",
+        "id",
+        "instance",
+        "last",
+        "opened",
+        "pending",
+        "pin",
+        "state",
+    )
+
+    def __init__(self, sequence_id: SequenceId, now: float, pin: int | None) -> None:
+        self.id = sequence_id
+        self.state: Any = None
+        self.opened = False  # sequence_start has run
+        self.instance: int | None = pin  # where sequence_start ran (and sequence_end will)
+        self.pin = pin
+        self.busy = False  # a step of it is in the batcher, or has the turn
+        self.pending: deque[_loop.Waiter] = deque()  # steps waiting for their turn
+        self.closed = False  # its last step came: no more steps
+        self.closing: SequenceEnd | None = None  # to end once its step in flight is done
+        self.ended: SequenceEnd | None = None
+        self.last = now
+
+
+class Sequences:
+    """A stateful model's live sequences, between its request path and its batchers.
+
+    Args:
+        config: the model's sequence settings.
+        batchers: the model's batcher; with ``pinned``, one per instance, in order.
+        instances: the model's instances.
+        tasks: where end hooks run while the model runs.
+        counts: the model's counters (sequences started and ended).
+        where: the model, for logs.
+    """
+
+    def __init__(
+        self,
+        config: SequenceConfig,
+        batchers: Sequence[Batcher[Any]],
+        instances: Sequence[Instance],
+        tasks: anyio.abc.TaskGroup,
+        counts: RequestCounts,
+        where: str,
+    ) -> None:
+        self.config = config
+        self.batchers = tuple(batchers)
+        self._instances = instances
+        self._tasks: anyio.abc.TaskGroup | None = tasks
+        self._counts = counts
+        self._where = where
+        self._clock = _loop.clock()
+        self._new_waiter = _loop.waiter_factory()
+        # Live sequences, least recently active first (for the idle watch).
+        self._live: OrderedDict[SequenceId, _Live] = OrderedDict()
+        # Ids whose end hook is running, and the sequences started again meanwhile.
+        self._ending: dict[SequenceId, list[_Live]] = {}
+        self._ended: OrderedDict[SequenceId, SequenceEnd] = OrderedDict()
+        self._pins = [0] * len(instances)
+        self._until = math.inf  # when the idle watch wakes next
+        self._wake = anyio.Event()
+        self._empty: anyio.Event | None = None  # set when the last live sequence ends
+        #: Set once the model stops taking new sequences.
+        self.closing: SequenceEnd | None = None
+        for batcher in self.batchers:
+            batcher.queue.finished = self.finished
+        tasks.start_soon(self.watch_idle)
+
+    @property
+    def live(self) -> int:
+        """How many sequences are live."""
+        return len(self._live)
+
+    def holds(self, sequence_id: SequenceId) -> bool:
+        """Whether ``sequence_id`` is live here (and may take its next step)."""
+        return sequence_id in self._live
+
+    # -- a step's way in ------------------------------------------------------
+
+    def admit(self) -> SequenceStep[Any, Any]:
+        """Take the request being served as the next step of its sequence.
+
+        Called before ``preprocess``, with no await before it, so that steps
+        keep the order they came in (a gRPC stream's, say). The step then
+        goes through :meth:`enqueue`, or :meth:`release` if it fails first.
+
+        Raises:
+            InvalidInput: no sequence id; a start for a live sequence; a step
+                for one that is not live, or after its last step.
+            Overloaded: too many live sequences, or steps waiting in this one.
+            NotReady: a start while the model stops.
+        """
+        context = _current.get()
+        sequence_id = context.sequence_id
+        if sequence_id is None:
+            raise InvalidInput(
+                "the model is stateful: each request is a step of a sequence; give its "
+                "sequence_id, with sequence_start on the first step"
+            )
+        live = self._live.get(sequence_id)
+        if context.sequence_start:
+            if live is not None:
+                raise InvalidInput(
+                    f"sequence {sequence_id!r} is already live: send its next step without "
+                    "sequence_start, or end it (sequence_end) before starting it again"
+                )
+            live = self._open(sequence_id)
+        elif live is None:
+            raise InvalidInput(self._not_live(sequence_id))
+        elif live.closed:
+            raise InvalidInput(
+                f"sequence {sequence_id!r} has had its last step (sequence_end) or is "
+                "ending; start a new sequence"
+            )
+        elif len(live.pending) >= self.config.max_queued_steps:
+            raise Overloaded(
+                f"sequence {sequence_id!r} has {len(live.pending)} steps waiting behind the "
+                f"one being computed (max_queued_steps); wait for their answers"
+            )
+        step: SequenceStep[Any, Any] = SequenceStep(
+            sequence_id, None, start=context.sequence_start, end=context.sequence_end, live=live
+        )
+        step._owner = self
+        if step.end:
+            live.closed = True
+        if live.busy:
+            step._turn = self._new_waiter()
+            live.pending.append(step._turn)
+        else:
+            live.busy = True
+        return step
+
+    async def enqueue(
+        self,
+        step: SequenceStep[Any, Any],
+        value: Any,
+        deadline: float | None,
+        priority: int | None,
+        cost: int,
+        key: Any,
+        length: int | None,
+    ) -> Item:
+        """Queue ``step`` with its preprocessed ``value``, once it is the sequence's turn.
+
+        Raises:
+            DeadlineExceeded: the deadline passed while it waited its turn.
+            MdsError: what the batcher's ``enqueue`` raises.
+        """
+        step.input = value
+        turn = step._turn
+        if turn is not None and not turn.done():
+            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+                outcome = await turn
+            if scope.cancelled_caught:
+                self.release(step, cancelled=False)
+                raise DeadlineExceeded(
+                    "the request's deadline passed while it waited behind the earlier steps "
+                    f"of sequence {step.sequence_id!r}; it was not computed"
+                )
+            if isinstance(outcome, BaseException):
+                step._queued = True  # the sequence ended under it: nothing to release
+                raise outcome
+        step._turn = None
+        live = step._live
+        batcher = self.batchers[live.pin] if live.pin is not None else self.batchers[0]
+        try:
+            item = batcher.enqueue(step, deadline, priority, cost, key, length)
+        except Exception:
+            self.release(step, cancelled=False)
+            raise
+        step._queued = True
+        return item
+
+    def release(self, step: SequenceStep[Any, Any], *, cancelled: bool) -> None:
+        """``step`` failed, or its caller was ``cancelled``, before it reached the batcher.
+
+        It never ran: the sequence goes on without it, unless it was the
+        first step (the sequence ends, ``failed``), the last (``ended``), or
+        given up by its caller (``cancelled``).
+        """
+        live = step._live
+        if step._queued or live.ended is not None:
+            return
+        step._queued = True  # released once
+        if cancelled:
+            live.closing = live.closing or SequenceEnd.CANCELLED
+        turn = step._turn
+        if turn is None or turn not in live.pending:  # it holds the turn: hand it on, or end
+            self._done(step)
+            return
+        live.pending.remove(turn)
+        if step.start:
+            live.closing = live.closing or SequenceEnd.FAILED
+        elif step.end:
+            live.closing = live.closing or SequenceEnd.ENDED
+        # The step ahead of it ends the sequence when it leaves.
+
+    def _open(self, sequence_id: SequenceId) -> _Live:
+        if self.closing is not None:
+            raise NotReady(
+                f"not ready: it is stopping ({self.closing.value}) and starts no new "
+                f"sequences; sequence {sequence_id!r} was not started"
+            )
+        if len(self._live) >= self.config.max_sequences:
+            raise Overloaded(
+                f"{len(self._live)} sequences are live, the most this model takes "
+                f"(max_sequences); sequence {sequence_id!r} was not started: end a "
+                "sequence, or try again later"
+            )
+        pin = None
+        if self.config.pinned and len(self.batchers) > 1:
+            pin = min(range(len(self._pins)), key=self._pins.__getitem__)
+            self._pins[pin] += 1
+        live = self._live[sequence_id] = _Live(sequence_id, self._clock(), pin)
+        self._counts.sequences_started += 1
+        self._ended.pop(sequence_id, None)
+        waiting = self._ending.get(sequence_id)
+        if waiting is not None:  # its last namesake's end hook still runs: after it
+            live.busy = True
+            waiting.append(live)
+        return live
+
+    def abandon(self, item: Item) -> None:
+        """A step's caller went away: its sequence ends once the step leaves the batcher."""
+        step: SequenceStep[Any, Any] = item.value
+        live = step._live
+        live.closed = True
+        live.closing = live.closing or SequenceEnd.CANCELLED
+        batcher = self.batchers[live.pin] if live.pin is not None else self.batchers[0]
+        batcher.abandon(item)
+
+    # -- a step's way out -----------------------------------------------------
+
+    def finished(self, item: Item) -> None:
+        """The batcher is done with ``item``: computed, expired or given up."""
+        self._done(item.value)
+
+    def _done(self, step: SequenceStep[Any, Any]) -> None:
+        """``step`` left the batcher: the sequence's next step goes, or it ends."""
+        live = step._live
+        if live.ended is not None:
+            return
+        live.last = self._clock()
+        if self._live.get(live.id) is live:
+            self._live.move_to_end(live.id)
+        if live.closing is not None:
+            self._end(live, live.closing)
+        elif step.start and not step._ok:
+            self._end(live, SequenceEnd.FAILED)
+        elif step.end:
+            self._end(live, SequenceEnd.ENDED)
+        else:
+            self._pass_turn(live)
+
+    def _pass_turn(self, live: _Live) -> None:
+        pending = live.pending
+        while pending:
+            waiter = pending.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # busy stays: the turn is that step's
+                return
+        live.busy = False
+        if live.closing is not None:  # its waiting first or last step gave up
+            self._end(live, live.closing)
+            return
+        if self._until == math.inf:  # the idle watch sleeps until woken: it has one to watch
+            self._wake.set()
+
+    def _end(self, live: _Live, reason: SequenceEnd) -> None:
+        if live.ended is not None:
+            return
+        live.ended = reason
+        live.closed = True
+        if self._live.get(live.id) is live:
+            del self._live[live.id]
+        if live.pin is not None:
+            self._pins[live.pin] -= 1
+        self._counts.sequence_ends[reason.value] += 1
+        self._ended[live.id] = reason
+        if len(self._ended) > _REMEMBERED:
+            self._ended.popitem(last=False)
+        if live.pending:
+            stopped = reason in (SequenceEnd.STOPPED, SequenceEnd.SWAPPED)
+            message = f"sequence {live.id!r} ended ({reason.value}) before this step was computed"
+            for waiter in live.pending:
+                if not waiter.done():
+                    waiter.set_result(
+                        NotReady(f"not ready: {message}") if stopped else InvalidInput(message)
+                    )
+            live.pending.clear()
+        if live.opened:
+            self._ending.setdefault(live.id, [])
+            if self._tasks is not None:
+                self._tasks.start_soon(self._end_hook, live, reason)
+        if not self._live and self._empty is not None:
+            self._empty.set()
+
+    async def _end_hook(self, live: _Live, reason: SequenceEnd) -> None:
+        """Run ``sequence_end`` where the sequence ran; then a namesake may start."""
+        with anyio.CancelScope(shield=True):
+            index = live.instance if live.instance is not None else 0
+            try:
+                await self._instances[index].end_sequence(live.id, live.state, reason)
+            except Exception as exc:
+                logger.error(
+                    "%s: sequence_end for sequence %r (%s) failed: %s",
+                    self._where,
+                    live.id,
+                    reason.value,
+                    describe(exc),
+                    exc_info=exc,
+                )
+            finally:
+                live.state = None
+                for successor in self._ending.pop(live.id, ()):
+                    if successor.ended is None:
+                        self._pass_turn(successor)
+
+    def _not_live(self, sequence_id: SequenceId) -> str:
+        reason = self._ended.get(sequence_id)
+        if reason is None:
+            return f"sequence {sequence_id!r} is not live: its first step must have sequence_start"
+        return (
+            f"sequence {sequence_id!r} is not live: it ended ({reason.value}); start it "
+            "again with sequence_start"
+        )
+
+    # -- idle sequences, and the model's stop ----------------------------------
+
+    async def watch_idle(self) -> None:
+        """End each sequence that has had no step for ``idle_timeout``; runs until cancelled."""
+        timeout = self.config.idle_timeout
+        while True:
+            now = self._clock()
+            wake = math.inf
+            for live in list(self._live.values()):  # least recently active first
+                if live.busy:
+                    continue  # a step in flight: not idle, and moved back when done
+                expires = live.last + timeout
+                if expires > now:
+                    wake = expires
+                    break
+                self._end(live, SequenceEnd.IDLE)
+            self._until = wake
+            self._wake = anyio.Event()
+            with anyio.move_on_at(wake):
+                await self._wake.wait()
+
+    def draining(self) -> bool:
+        """Whether the model stops, and drains the live sequence the request being served is of."""
+        if self.config.on_stop != "drain" or self.closing is None:
+            return False
+        context = _current.get()
+        return not context.sequence_start and self.holds(context.sequence_id)  # type: ignore[arg-type]
+
+    async def drain(self, timeout: float) -> None:
+        """Take no new sequences; wait up to ``timeout`` for the live ones to end."""
+        self.closing = SequenceEnd.STOPPED
+        if self.config.on_stop != "drain" or not self._live:
+            return
+        self._empty = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._empty.wait()
+
+    async def close(self, reason: SequenceEnd) -> None:
+        """End every live sequence with ``reason`` and run the end hooks (the model stops)."""
+        self.closing = reason
+        self._tasks = None
+        left = list(self._live.values())
+        for live in left:
+            self._end(live, reason)
+        with anyio.CancelScope(shield=True):
+            for live in left:
+                if live.opened:
+                    await self._end_hook(live, reason)

@@ -33,7 +33,7 @@ from typing_extensions import TypeVar
 from . import _loop
 from ._config import SequenceConfig
 from ._errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, describe
-from ._request import RequestContext, _current
+from ._request import _EMPTY, RequestContext, _current
 
 if TYPE_CHECKING:
     from ._batching.batcher import Batcher
@@ -176,8 +176,11 @@ def in_sequence(
                 "set ModelConfig.sequences to serve sequences"
             )
         )
+    context = _current.get()
+    if context is _EMPTY:  # the common case, made directly (per request)
+        return RequestContext(sequence_id=sequence_id, sequence_start=start, sequence_end=end)
     return msgspec.structs.replace(
-        _current.get(), sequence_id=sequence_id, sequence_start=start, sequence_end=end
+        context, sequence_id=sequence_id, sequence_start=start, sequence_end=end
     )
 
 

@@ -16,7 +16,7 @@ from typing_extensions import TypeVar
 from ._bridge import Home, process_portal
 from ._errors import MdsError
 from ._handler import ModelState, RequestT, ResponseT
-from ._request import use_request_context
+from ._request import _current
 from ._sequences import in_sequence
 from ._status import CallTrace, ModelHealth, PipelineHealth, Traced
 from ._tensors import Signature
@@ -231,8 +231,11 @@ class Serving(Generic[RequestT, ResponseT, TraceT, HealthT]):
         """:meth:`_serve`, for a request that names a sequence (``flags``: id, start, end)."""
         if flags == _NO_SEQUENCE:
             return await self._serve(request, timeout, priority, trace, stream)
-        with use_request_context(in_sequence(self, *flags)):
+        token = _current.set(in_sequence(self, *flags))  # (set directly: per request)
+        try:
             return await self._serve(request, timeout, priority, trace, stream)
+        finally:
+            _current.reset(token)
 
     @overload
     def serve(

@@ -593,5 +593,9 @@ _READ = frozenset(
         b"traceparent",
         b"tracestate",
         b"x-request-id",
+        # a step of a sequence, on the JSON route (mds._http.service)
+        b"mds-sequence-id",
+        b"mds-sequence-start",
+        b"mds-sequence-end",
     }
 )

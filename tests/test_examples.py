@@ -358,6 +358,77 @@ def test_the_grpc_example_and_its_client() -> None:
         assert httpx.get(f"{url}/health/ready", timeout=10).status_code == 200
 
 
+@pytest.mark.timeout(120)
+def test_the_stateful_example_keeps_each_sessions_state() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stateful_app", EXAMPLES / "stateful_app.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    reference = example.KeywordSpotter()
+    reference.init(mds_context())  # the same weights, computed here one session at a time
+    sessions = {
+        f"call-{k}": [[((k + 1) * (i + 1) % 7) / 7.0] * 16 for i in range(6)] for k in range(4)
+    }
+    expected: dict[str, list[str]] = {}
+    with torch.inference_mode():
+        for session, frames in sessions.items():
+            hidden = torch.zeros(1, example.HIDDEN)
+            for frame in frames:
+                hidden = reference.cell(torch.tensor([frame]), hidden)
+                best = int(reference.head(hidden)[0].argmax())
+                expected.setdefault(session, []).append(example.KEYWORDS[best])
+    printed: list[str] = []
+    with serving("stateful_app.py", printed) as url:
+
+        def send(session: str, index: int) -> Any:
+            headers = {"Mds-Sequence-Id": session}
+            if index == 0:
+                headers["Mds-Sequence-Start"] = "true"
+            if index == len(sessions[session]) - 1:
+                headers["Mds-Sequence-End"] = "true"
+            frame = sessions[session][index]
+            answer = httpx.post(f"{url}/models/keyword/infer", json=frame, headers=headers)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        with ThreadPoolExecutor(4) as pool:  # the sessions' frames interleave
+            got = dict(
+                zip(
+                    sessions,
+                    pool.map(lambda s: [send(s, i) for i in range(len(sessions[s]))], sessions),
+                    strict=True,
+                )
+            )
+        gone = httpx.post(
+            f"{url}/models/keyword/infer", json=[0.0] * 16, headers={"Mds-Sequence-Id": "call-0"}
+        )
+        assert gone.status_code == 400 and "it ended (ended)" in gone.json()["error"]
+        left = httpx.post(
+            f"{url}/models/keyword/infer",
+            json=[0.0] * 16,
+            headers={"Mds-Sequence-Id": "left-open", "Mds-Sequence-Start": "true"},
+        )
+        assert left.status_code == 200
+    assert {s: [g["keyword"] for g in got[s]] for s in sessions} == expected
+    output = "\n".join(printed)
+    assert all(f"session {s} ended: ended" in output for s in sessions)
+    assert "session left-open ended: stopped" in output
+
+
+def mds_context() -> Any:
+    import mds
+
+    return mds.ModelContext(
+        name="keyword", version="1", device=mds.Device.parse("cpu"), instance=0,
+        config=mds.ModelConfig(), threads=1,
+    )  # fmt: skip
+
+
 @pytest.mark.timeout(180)
 def test_the_queue_agent_example() -> None:
     pytest.importorskip("boto3")
@@ -380,7 +451,7 @@ def test_the_readme_observability_code_runs() -> None:
     fastapi = pytest.importorskip("fastapi.testclient")
     pytest.importorskip("prometheus_client")
     blocks = readme_blocks()
-    handler, observability = blocks[0], blocks[7]
+    handler, observability = blocks[0], blocks[8]
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + observability, namespace)
     with fastapi.TestClient(namespace["app"]) as client:
@@ -429,9 +500,8 @@ def test_the_readme_code_runs() -> None:
     pytest.importorskip("flask")
     blocks = readme_blocks()
     # The gRPC and observability blocks have tests of their own.
-    handler, fastapi_block, flask_block, _, batching_block, _, pipeline_block, _, testing_block = (
-        blocks
-    )
+    handler, fastapi_block, flask_block, _, batching_block, _, pipeline_block = blocks[:7]
+    stateful_block, testing_block = blocks[7], blocks[9]
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(handler + fastapi_block, namespace)
     routes = {
@@ -475,6 +545,19 @@ def test_the_readme_code_runs() -> None:
     exec(handler + batching_block, namespace)
     assert namespace["config"].batching.max_batch_size == 64
     exec(handler + testing_block, {"__name__": "readme"})
+
+    namespace = {"__name__": "readme"}
+    exec(handler + stateful_block, namespace)
+    runtime = namespace["runtime"]
+    runtime.start_sync()
+    try:
+        mean = [
+            runtime.serve_sync("mean", value, sequence_id="user-7", sequence_start=index == 0)
+            for index, value in enumerate([4.0, 2.0, 6.0])
+        ]
+        assert mean == [4.0, 3.0, 4.0]
+    finally:
+        runtime.stop_sync()
 
     namespace = {"__name__": "readme"}
     exec(handler + pipeline_block, namespace)

@@ -9,7 +9,9 @@ yields) gives one response per chunk. With the request parameter
 chunks carry ``triton_final_response=false`` and an empty response with
 ``triton_final_response=true`` follows the last; any other model's one
 response carries ``true``. An error goes into its request's response
-(``error_message``), and the stream goes on.
+(``error_message``), and the stream goes on. The steps of one sequence (a
+stateful model's) are served in the order they came: each waits for the one
+before it on the stream.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Stream:
         self.requests = requests
         self.context = context
         self.headers = metadata(context)
+        # The last step of each sequence on this stream: set when it has been answered.
+        self._steps: dict[Any, anyio.Event] = {}
 
     async def run(self) -> None:
         """Serve every request until the client closes its side; write each response."""
@@ -75,7 +79,27 @@ class Stream:
                         details = error_status(exc)[1]
                         await send.send(service_pb2.ModelStreamInferResponse(error_message=details))
                         continue
-                    tasks.start_soon(self._one, message, send)
+                    key = _sequence(message)
+                    if key is None:
+                        tasks.start_soon(self._one, message, send)
+                        continue
+                    # Chained here, in the order they came: tasks start in no set order.
+                    before, done = self._steps.get(key), anyio.Event()
+                    self._steps[key] = done
+                    tasks.start_soon(self._in_turn, message, send, key, before, done)
+
+    async def _in_turn(
+        self, message: Any, send: Send, key: Any, before: anyio.Event | None, done: anyio.Event
+    ) -> None:
+        """:meth:`_one` for a step of a sequence, once the one before it has been answered."""
+        try:
+            if before is not None:
+                await before.wait()
+            await self._one(message, send)
+        finally:
+            done.set()
+            if self._steps.get(key) is done:
+                del self._steps[key]
 
     async def _one(self, message: Any, send: Send) -> None:
         """Serve one request; send its responses, or its error."""
@@ -148,3 +172,12 @@ class Stream:
             if asked.bool_param:
                 response.parameters["triton_final_response"].bool_param = True
         return service_pb2.ModelStreamInferResponse(error_message=details, infer_response=response)
+
+
+def _sequence(message: Any) -> tuple[str, Any] | None:
+    """The model and sequence a request is a step of; ``None`` if none (0 and "" are none)."""
+    parameters = message.parameters
+    chosen = parameters.get("sequence_id") if parameters else None
+    kind = chosen.WhichOneof("parameter_choice") if chosen is not None else None
+    value = getattr(chosen, kind) if kind else None
+    return (message.model_name, value) if value else None

@@ -32,8 +32,9 @@ from .._oip import call as v2_protocol
 from .._oip import protocol, reports
 from .._oip.call import V2Call
 from .._oip.protocol import ModelMetadata
-from .._request import RequestContext
+from .._request import RequestContext, use_request_context
 from .._runtime import Runtime
+from .._sequences import in_sequence
 from .._servable import Servable
 from .._status import ModelHealth, PipelineHealth, RuntimeHealth
 from .._version import __version__
@@ -59,6 +60,12 @@ __all__ = [
 logger = logging.getLogger("mds.http")
 
 JSON = "application/json"
+#: The headers that make a request to mds's JSON route a step of a sequence.
+SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END = (
+    "mds-sequence-id",
+    "mds-sequence-start",
+    "mds-sequence-end",
+)
 BINARY_HEADER = protocol.BINARY_HEADER.lower()
 EVENT_STREAM = "text/event-stream"
 #: The reply header that names the version that answered a JSON request.
@@ -478,6 +485,8 @@ class Service:
             else:
                 payload = self.json_request(body)
                 context = RequestContext(id=given_id) if given_id else _NO_CONTEXT
+                if any(name in headers for name in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END)):
+                    context = _sequence(target, headers, context)
         except MdsError as exc:
             target.add_context(exc)
             raise
@@ -507,3 +516,26 @@ class Service:
         if call.v2 is None:
             return self.event(chunk)
         return b"data: " + v2_protocol.encode(call.v2, chunk, binary_ok=False)[0] + b"\n\n"
+
+
+def _sequence(
+    target: Servable, headers: Mapping[str, str], context: RequestContext
+) -> RequestContext:
+    """``context`` with the sequence the ``Mds-Sequence-*`` headers name.
+
+    An id of digits is the integer id, so that it names the same sequence as
+    the protocol's integer ``sequence_id``.
+    """
+    flags = []
+    for name in (SEQUENCE_START, SEQUENCE_END):
+        raw = headers.get(name, "false").strip().lower()
+        if raw not in _FLAGS:
+            raise DecodeError(f"header {name.title()}: {excerpt(raw, 20)!r} is not true or false")
+        flags.append(_FLAGS[raw])
+    raw_id = headers.get(SEQUENCE_ID)
+    sequence_id: Any = int(raw_id) if raw_id is not None and raw_id.isdecimal() else raw_id
+    with use_request_context(context):
+        return in_sequence(target, sequence_id, flags[0], flags[1], "header Mds-Sequence-Id")
+
+
+_FLAGS = {"true": True, "1": True, "false": False, "0": False}

@@ -145,6 +145,18 @@ def _model(
         "out_of_memory", "counter", "Batches that ran out of device memory (and were split).",
         _MODEL,
     ).add(labels, stats.out_of_memory)  # fmt: skip
+    if stats.sequences_started or stats.sequence_ends or (current and current.sequences):
+        family(
+            "sequences_started", "counter", "Sequences a stateful model started.", _MODEL
+        ).add(labels, stats.sequences_started)
+        ends = family(
+            "sequence_ends", "counter",
+            "Sequences that ended, by reason: ended (by the client), idle, cancelled, failed "
+            "(its first step), stopped, swapped.",
+            (*_MODEL, "reason"),
+        )  # fmt: skip
+        for reason, count in sorted(stats.sequence_ends.items()):
+            ends.add((*labels, reason), count)
     if current is None:
         return  # unloaded: its counts, no gauges
     stats = current
@@ -160,6 +172,10 @@ def _model(
         "Batches being computed now (instances busy).",
         _MODEL,
     ).add(labels, stats.batches_in_flight)
+    if current.sequences or current.sequences_started:
+        family("sequences", "gauge", "A stateful model's live sequences now.", _MODEL).add(
+            labels, current.sequences
+        )
     instances = family(
         "instances", "gauge", "Instances running now, by device.", (*_MODEL, "device")
     )

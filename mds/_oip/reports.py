@@ -80,6 +80,18 @@ def model_config(runtime: Runtime, name: str, version: str | None = None) -> dic
             "allow_timeout_override": True,
         },
     }
+    sequences = config.sequences
+    if sequences is not None:  # Triton's form: its own batcher (clients read it to send ids)
+        strategy = "direct" if sequences.pinned else "oldest"
+        found["sequence_batching"] = {
+            "max_sequence_idle_microseconds": round(sequences.idle_timeout * 1e6),
+            strategy: {
+                "max_candidate_sequences": sequences.max_sequences,
+                "preferred_batch_size": list(batching.preferred_batch_sizes),
+                "max_queue_delay_microseconds": round(batching.max_queue_delay * 1e6),
+            },
+        }
+        del found["dynamic_batching"]
     devices = (config.devices,) if isinstance(config.devices, str) else config.devices
     gpu = any(d.startswith(("cuda", "gpu")) for d in devices)
     found["instance_group"] = [

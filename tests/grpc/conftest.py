@@ -15,6 +15,8 @@ import pytest
 import mds
 import mds.grpc
 
+from .. import accumulate
+
 SPEC = mds.TensorSpec
 
 
@@ -140,6 +142,7 @@ def make_runtime(gate: threading.Event) -> mds.Runtime:
     runtime.add_model("counted", Scale, BATCHED)  # served a known number of times
     runtime.add_model("parameters", Parameters)
     runtime.add_model("echo", Echo)
+    runtime.add_model("totals", accumulate.Accumulate, accumulate.STATEFUL)
     runtime.add_model("upper", Upper)
     runtime.add_model("words", Words)
     runtime.add_model("said", Said)

@@ -168,6 +168,30 @@ def test_a_stopped_model_reads_as_stopped_and_keeps_its_counts() -> None:
     assert ("mds_instances", frozenset({**model, "device": "cpu"}.items())) not in series
 
 
+class Summing(mds.ModelHandler[float, float]):
+    def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[float]:
+        for step in steps:
+            step.state = (step.state or 0.0) + step.input
+        return [step.state for step in steps]
+
+
+def test_a_stateful_models_sequences_live_started_and_ended() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("sum", Summing, mds.ModelConfig(sequences=mds.SequenceConfig()))
+    model = {"model": "sum", "version": "1"}
+    with _started(runtime):
+        mds.serve_sync("sum", 1.0, sequence_id="a", sequence_start=True)
+        mds.serve_sync("sum", 1.0, sequence_id="b", sequence_start=True)
+        mds.serve_sync("sum", 1.0, sequence_id="a", sequence_end=True)
+        series = scrape(mds.prometheus.Collector(runtime))
+        assert value(series, "mds_sequences", **model) == 1
+        assert value(series, "mds_sequences_started_total", **model) == 2
+        assert value(series, "mds_sequence_ends_total", reason="ended", **model) == 1
+    series = scrape(mds.prometheus.Collector(runtime))
+    assert value(series, "mds_sequence_ends_total", reason="stopped", **model) == 1
+    assert value(series, "mds_sequences", **model) == 0
+
+
 class _started:
     def __init__(self, runtime: mds.Runtime) -> None:
         self.runtime = runtime

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,13 +83,13 @@ async def admitted(model: mds.ModelRuntime[Any, Any], requests: int) -> None:
     reaches the model when that task runs.)
     """
     while model.statistics().requests < requests:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
 
 async def ends(handler: RunningSum, count: int) -> list[tuple[Any, Any, mds.SequenceEnd]]:
     """``handler.ends`` once it has ``count`` (end hooks run just after a sequence ends)."""
     with anyio.fail_after(10):
-        while len(handler.ends) < count:
+        while len(handler.ends) < count:  # noqa: ASYNC110 - polling the handler's record
             await anyio.sleep(0.001)
     return handler.ends
 
@@ -161,7 +162,7 @@ async def test_a_failed_first_step_ends_the_sequence_so_it_can_start_again() -> 
             await model.serve(-1.0, sequence_id="x", sequence_start=True)
         assert await ends(handler, 1) == [("x", 0.0, mds.SequenceEnd.FAILED)]
         assert await model.serve(4.0, sequence_id="x", sequence_start=True) == 4.0
-        with pytest.raises(mds.InferenceError, match="sequence_start failed.*no room"):
+        with pytest.raises(mds.InferenceError, match=r"sequence_start failed.*no room"):
             await model.serve(1.0, sequence_id="no-room", sequence_start=True)
         with pytest.raises(mds.InvalidInput, match="'no-room' is not live: it ended \\(failed\\)"):
             await model.serve(1.0, sequence_id="no-room")
@@ -229,7 +230,7 @@ async def test_limits_are_overloaded_not_a_hang() -> None:
     async with mds.ModelRuntime(Held(), stateful(max_sequences=2, max_queued_steps=2)) as model:
         await model.serve(1.0, sequence_id=1, sequence_start=True)
         await model.serve(1.0, sequence_id=2, sequence_start=True)
-        with pytest.raises(mds.Overloaded, match="2 sequences are live.*max_sequences.*3"):
+        with pytest.raises(mds.Overloaded, match=r"2 sequences are live.*max_sequences.*3"):
             await model.serve(1.0, sequence_id=3, sequence_start=True)
         gate = anyio.Event()
         async with anyio.create_task_group() as tasks:
@@ -343,7 +344,7 @@ async def test_drain_takes_live_sequences_steps_but_no_new_ones() -> None:
 
             async def client() -> None:
                 with anyio.fail_after(10):
-                    while model.state is not mds.ModelState.DRAINING:
+                    while model.state is not mds.ModelState.DRAINING:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                 try:
                     await model.serve(1.0, sequence_id="new", sequence_start=True)
@@ -407,7 +408,7 @@ async def test_a_collator_is_refused_on_a_stateful_model() -> None:
         collator = mds.Stack()
 
     model = mds.ModelRuntime(Stacked(), stateful())
-    with pytest.raises(mds.LifecycleError, match="stateful.*collator"):
+    with pytest.raises(mds.LifecycleError, match=r"stateful.*collator"):
         async with model:
             pass
 
@@ -502,7 +503,7 @@ async def test_any_interleaving_keeps_each_sequences_order_and_answers_each_step
 
             for sequence, action in plan:
                 if action == "yield":
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     continue
                 values = sent.setdefault(sequence, [])
                 values.append(float(len(values) + 1))

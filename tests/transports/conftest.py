@@ -17,7 +17,7 @@ import pytest
 
 import mds
 
-from .. import two_inputs
+from .. import accumulate, two_inputs
 from ..servers import Served, running
 
 
@@ -125,6 +125,7 @@ def make_runtime() -> mds.Runtime:
     runtime = mds.Runtime(fail_fast=False)
     batched = mds.ModelConfig(batching=mds.BatchingConfig(max_batch_size=8, max_queue_delay=0.005))
     runtime.add_model("echo", Echo)
+    runtime.add_model("accumulate", accumulate.Accumulate, accumulate.STATEFUL)
     runtime.add_model("linear", Linear, batched)
     runtime.add_model("tensors", Tensors, batched)
     if "onnx" in tensor_models():

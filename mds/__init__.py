@@ -52,9 +52,9 @@ from ._request import request_context as request_context
 from ._request import use_request_context as use_request_context
 from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._runtime import Runtime as Runtime
-from ._sequences import SequenceEnd as SequenceEnd
-from ._sequences import SequenceStep as SequenceStep
 from ._servable import Servable as Servable
+from ._stateful import SequenceEnd as SequenceEnd
+from ._stateful import SequenceStep as SequenceStep
 from ._status import CallTrace as CallTrace
 from ._status import Histogram as Histogram
 from ._status import ModelHealth as ModelHealth

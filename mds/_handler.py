@@ -14,7 +14,7 @@ from typing_extensions import TypeVar
 from ._collate import Collator
 from ._config import ModelConfig
 from ._devices.device import Device
-from ._sequences import SequenceEnd, SequenceId
+from ._stateful import SequenceEnd, SequenceId
 from ._tensors import Signature
 
 __all__ = ["ModelContext", "ModelHandler", "ModelState"]

@@ -13,7 +13,7 @@ from ._devices.kinds import DeviceKind
 from ._devices.manager import DeviceManager
 from ._errors import ConfigError, InferenceError, MdsError, describe
 from ._handler import ModelContext, ModelHandler
-from ._sequences import SequenceEnd, SequenceId, SequenceStep, new_sequence
+from ._stateful import SequenceEnd, SequenceId, SequenceStep, new_sequence
 from ._threads import Threads, is_async, off_loop, threads
 
 __all__ = ["Instance", "as_item_error", "overrides"]

@@ -23,7 +23,7 @@ from ._devices.manager import DeviceManager
 from ._errors import ConfigError, InferenceError, LifecycleError, MdsError, NotReady
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._instances import Instances, Source, source_name, start_instances
-from ._sequences import SequenceEnd, Sequences
+from ._sequences import Sequences
 from ._servable import Serving
 from ._statistics import RequestCounts, counted, snapshot
 from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
@@ -319,8 +319,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         finally:
             try:
                 if sequences is not None:
-                    swapped = self._successor is not None
-                    await sequences.close(SequenceEnd.SWAPPED if swapped else SequenceEnd.STOPPED)
+                    await sequences.close(swapped=self._successor is not None)
                     self._sequences = None
                 await loaded.stop()
                 self._loaded = None

@@ -17,7 +17,7 @@ from ._bridge import Home, process_portal
 from ._errors import MdsError
 from ._handler import ModelState, RequestT, ResponseT
 from ._request import _current
-from ._sequences import in_sequence
+from ._stateful import in_sequence
 from ._status import CallTrace, ModelHealth, PipelineHealth, Traced
 from ._tensors import Signature
 

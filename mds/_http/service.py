@@ -34,8 +34,8 @@ from .._oip.call import V2Call
 from .._oip.protocol import ModelMetadata
 from .._request import RequestContext, use_request_context
 from .._runtime import Runtime
-from .._sequences import in_sequence
 from .._servable import Servable
+from .._stateful import in_sequence
 from .._status import ModelHealth, PipelineHealth, RuntimeHealth
 from .._version import __version__
 

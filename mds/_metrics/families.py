@@ -146,9 +146,9 @@ def _model(
         _MODEL,
     ).add(labels, stats.out_of_memory)  # fmt: skip
     if stats.sequences_started or stats.sequence_ends or (current and current.sequences):
-        family(
-            "sequences_started", "counter", "Sequences a stateful model started.", _MODEL
-        ).add(labels, stats.sequences_started)
+        family("sequences_started", "counter", "Sequences a stateful model started.", _MODEL).add(
+            labels, stats.sequences_started
+        )
         ends = family(
             "sequence_ends", "counter",
             "Sequences that ended, by reason: ended (by the client), idle, cancelled, failed "

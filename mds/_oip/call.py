@@ -25,8 +25,8 @@ import numpy as np
 from .._errors import InferenceError, InvalidInput, MdsError, excerpt, quote
 from .._named import input_check, named_outputs, request_from_tensors
 from .._request import RequestContext, use_request_context
-from .._sequences import in_sequence
 from .._servable import Servable
+from .._stateful import in_sequence
 from .._tensors import TensorSpec, dims
 from . import protocol
 from .protocol import InferRequest, TensorMetadata

@@ -25,12 +25,17 @@ async def check(runtime: Runtime, target: str, parts: Iterable[Any]) -> None:
     """Refuse what would fail every message; ``parts``: the source and sink (their ``check()``).
 
     Raises:
-        ConfigError: no such target; a source or sink set wrong (its message).
+        ConfigError: no such target, or a stateful one; a source or sink set wrong.
     """
     try:
-        runtime.servable(target)
+        servable = runtime.servable(target)
     except ModelNotFound as exc:
         raise ConfigError(f"the worker cannot serve {target!r}: {exc.message}") from None
+    if servable.stateful:
+        raise ConfigError(
+            f"the worker cannot serve {target!r}: it is stateful, and a queue's messages "
+            "are not steps of sequences"
+        )
     for part in parts:
         checked = getattr(part, "check", None)
         if checked is None:

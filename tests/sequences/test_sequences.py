@@ -522,3 +522,54 @@ async def test_any_interleaving_keeps_each_sequences_order_and_answers_each_step
     for handler in handlers:
         for batch in handler.batches:
             assert len(batch) <= max_batch_size
+
+
+def test_the_sequence_settings_come_from_a_config_file_and_are_checked() -> None:
+    import msgspec
+
+    config = msgspec.convert(
+        {"sequences": {"idle_timeout": 5, "pinned": True, "on_stop": "drain"}}, mds.ModelConfig
+    )
+    assert config.sequences == mds.SequenceConfig(idle_timeout=5.0, pinned=True, on_stop="drain")
+    with pytest.raises(mds.ConfigError, match="max_sequences"):
+        mds.SequenceConfig(max_sequences=0)
+    with pytest.raises(msgspec.ValidationError, match="on_stop"):
+        msgspec.convert({"sequences": {"on_stop": "wait"}}, mds.ModelConfig)
+
+
+async def test_a_stop_with_steps_queued_and_computing_ends_each_sequence_once() -> None:
+    gate = anyio.Event()
+
+    class Held(RunningSum):
+        async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
+            if any(step.input == 99 for step in steps):
+                await gate.wait()  # never opens: the stop cuts it
+            return RunningSum.infer(self, steps)
+
+    handler = Held()
+    config = mds.ModelConfig(
+        batching=mds.BatchingConfig(max_batch_size=2),
+        sequences=mds.SequenceConfig(),
+        drain_timeout=0.05,
+    )
+    outcomes: list[Any] = []
+
+    async def step(value: float, sequence_id: int) -> None:
+        try:
+            outcomes.append(await model.serve(value, sequence_id=sequence_id))
+        except mds.MdsError as exc:
+            outcomes.append(exc)
+
+    model = mds.ModelRuntime(handler, config)
+    async with anyio.create_task_group() as tasks:
+        async with model:
+            for sequence_id in range(1, 6):
+                await model.serve(1.0, sequence_id=sequence_id, sequence_start=True)
+            for sequence_id in range(1, 6):  # one batch of two computing, the rest queued
+                tasks.start_soon(step, 99.0, sequence_id)
+                tasks.start_soon(step, 2.0, sequence_id)  # waits its turn
+            await anyio.sleep(0.05)
+    assert len(outcomes) == 10
+    assert all(isinstance(outcome, mds.Unavailable) for outcome in outcomes)
+    assert sorted(end[0] for end in handler.ends) == [1, 2, 3, 4, 5]  # each once
+    assert {end[2] for end in handler.ends} == {mds.SequenceEnd.STOPPED}

@@ -51,6 +51,23 @@ def test_a_target_the_runtime_does_not_have_is_refused_at_start(aws: Aws) -> Non
     assert received_all(aws, dead) == []
 
 
+class Stateful(mds.ModelHandler[Any, Any]):
+    def infer(self, steps: Any) -> list[Any]:
+        return [step.input for step in steps]
+
+
+def test_a_stateful_target_is_refused_at_start(aws: Aws) -> None:
+    queue, dead = aws.queue("in"), aws.queue("dead")
+    runtime = mds.Runtime()
+    runtime.add_model("steps", Stateful, mds.ModelConfig(sequences=mds.SequenceConfig()))
+    worker = mds.workers.QueueWorker(
+        runtime, "steps", source(aws, queue, dead), mds.workers.CallbackSink(lambda *_: None)
+    )
+    with pytest.raises(mds.ConfigError, match="'steps': it is stateful"):
+        worker.start_sync()
+    assert not runtime.running
+
+
 @pytest.mark.parametrize(
     "case",
     ["no dead letters", "no queue", "no dead letters queue", "no bucket", "no results queue"],

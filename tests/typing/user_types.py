@@ -49,6 +49,29 @@ async def typed_calls() -> None:
     assert_type(report.outputs, list[Label | None])
 
 
+class Summing(mds.ModelHandler[float, float]):
+    def sequence_start(self, sequence_id: int | str) -> float:
+        return 0.0
+
+    def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[float]:
+        for step in steps:
+            assert_type(step.state, float)
+            step.state += step.input
+        return [step.state for step in steps]
+
+    def sequence_end(self, sequence_id: int | str, state: Any, reason: mds.SequenceEnd) -> None:
+        assert_type(reason, mds.SequenceEnd)
+
+
+async def stateful_calls() -> None:
+    config = mds.ModelConfig(sequences=mds.SequenceConfig(idle_timeout=5.0, pinned=True))
+    model = mds.ModelRuntime(Summing, config)
+    assert_type(await model.serve(1.0, sequence_id="a", sequence_start=True), float)
+    assert_type(model.serve_sync(2.0, sequence_id=7, sequence_end=True), float)
+    assert_type(model.statistics().sequence_ends, dict[str, int])
+    model.serve_sync(1.0, sequence_id=1.5)  # type: ignore[call-overload]
+
+
 def wrong_request_type_is_caught() -> None:
     model = mds.ModelRuntime(Classifier)
     model.serve_sync("not a list")  # type: ignore[call-overload]

@@ -161,7 +161,7 @@ class SequenceConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
     Example:
         >>> mds.ModelConfig(sequences=mds.SequenceConfig(idle_timeout=30.0))
 
-    Added in 0.6.
+    Added in 0.5.
     """
 
     max_sequences: Annotated[int, Meta(ge=1)] = 1000
@@ -210,7 +210,7 @@ class ModelConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True
             :attr:`mds.ModelContext.parameters`.
         sequences: makes the model stateful: requests are steps of
             sequences that share state (see :class:`SequenceConfig`);
-            ``None`` (the default) for a stateless model. Added in 0.6.
+            ``None`` (the default) for a stateless model. Added in 0.5.
 
     Example:
         >>> mds.ModelConfig(

@@ -221,8 +221,8 @@ class ModelHandler(abc.ABC, Generic[RequestT, ResponseT]):
 
         Called once for every sequence whose :meth:`sequence_start` ran,
         whatever ended it (``reason``: its client, its idle timeout, a
-        cancelled step, a failed first step, the model stopping or being
-        swapped), on the instance where it started, never during its own
+        cancelled step, a step past its deadline, a failed first step, the
+        model stopping or being swapped), on the instance where it started, never during its own
         steps. ``state`` is its last state. An exception is logged.
 
         Added in 0.5.

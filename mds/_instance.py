@@ -192,6 +192,8 @@ class Instance:
                 live.instance = self.index
             step.state = live.state
         run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
+        for step in run:
+            step._ran = True
         return self._keep(steps, run, self._batch(run) if run else [], failed)
 
     async def _steps_batch_async(self, steps: list[SequenceStep[Any, Any]]) -> Sequence[Any]:
@@ -209,6 +211,8 @@ class Instance:
                 live.instance = self.index
             step.state = live.state
         run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
+        for step in run:
+            step._ran = True
         return self._keep(steps, run, await self._batch_async(run) if run else [], failed)
 
     def _keep(
@@ -240,7 +244,7 @@ class Instance:
 
     async def _compute_alone(self, values: list[Any]) -> Sequence[Any]:
         """A stateful model's batch made by hand: each value a sequence of one step."""
-        steps = [new_sequence(f"batch-{i}", value) for i, value in enumerate(values)]
+        steps = [new_sequence(f"mds-by-hand-{i}", value) for i, value in enumerate(values)]
         try:
             return await self._compute(steps)  # type: ignore[no-any-return]
         finally:

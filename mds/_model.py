@@ -287,11 +287,12 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             return
         try:
             self._set_state(ModelState.DRAINING)
+            until = self._clock() + self.config.drain_timeout  # sequences and requests alike
             if exc_type is None and self._sequences is not None:
-                await self._sequences.drain(self.config.drain_timeout)
+                await self._sequences.drain(until)
             if exc_type is None and self._counts.in_flight:
                 self._idle = anyio.Event()
-                with anyio.move_on_after(self.config.drain_timeout):
+                with anyio.move_on_at(until):
                     await self._idle.wait()
         finally:
             await self._shut_down(tasks)
@@ -319,7 +320,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         finally:
             try:
                 if sequences is not None:
-                    await sequences.close(swapped=self._successor is not None)
+                    await sequences.close()
                     self._sequences = None
                 await loaded.stop()
                 self._loaded = None
@@ -436,15 +437,15 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 counts.postprocess.observe(ended - computed)
             counts.completed += 1
             counts.request.observe(ended - began)
-        except anyio.get_cancelled_exc_class():
+        except anyio.get_cancelled_exc_class() as exc:
             counts.cancelled += 1
-            if step is not None and item is None:
-                step._release(cancelled=True)
+            if step is not None:
+                step._release(exc)
             raise
         except Exception as exc:
             counts.failure(exc)
-            if step is not None and item is None:
-                step._release(cancelled=False)
+            if step is not None:
+                step._release(exc)
             if isinstance(exc, MdsError):
                 exc.add_context(model=self.name, version=self.version)
                 if isinstance(exc, InferenceError):

@@ -29,7 +29,7 @@ import anyio.abc
 
 from . import _loop
 from ._config import SequenceConfig
-from ._errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, describe
+from ._errors import DeadlineExceeded, InvalidInput, MdsError, NotReady, Overloaded, describe
 from ._request import _current
 from ._stateful import SequenceEnd, SequenceId, SequenceStep, _Live
 
@@ -88,6 +88,8 @@ class Sequences:
         self._empty: anyio.Event | None = None  # set when the last live sequence ends
         #: Set once the model stops taking new sequences.
         self.closing: SequenceEnd | None = None
+        #: Whether the stop to come is a swap (a reload replaced the model).
+        self.swapped = False
         for batcher in self.batchers:
             batcher.queue.finished = self.finished
         tasks.start_soon(self.watch_idle)
@@ -174,52 +176,76 @@ class Sequences:
         """
         step.input = value
         turn = step._turn
-        if turn is not None and not turn.done():
+        if turn is not None:
             with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
-                outcome = await turn
+                outcome = await turn  # at once if it was given the turn (or its sequence ended)
             if scope.cancelled_caught:
-                self.release(step, cancelled=False)
-                raise DeadlineExceeded(
+                error = DeadlineExceeded(
                     "the request's deadline passed while it waited behind the earlier steps "
                     f"of sequence {step.sequence_id!r}; it was not computed"
                 )
+                self.release(step, error)
+                raise error
             if isinstance(outcome, BaseException):
-                step._queued = True  # the sequence ended under it: nothing to release
+                step._released = True  # the sequence ended under it: nothing to release
                 raise outcome
         step._turn = None
         live = step._live
+        if live.ended is not None:  # ended while this one was in preprocess
+            step._released = True
+            raise self._gone(live)
         batcher = self.batchers[live.pin] if live.pin is not None else self.batchers[0]
         try:
             item = batcher.enqueue(step, deadline, priority, cost, key, length)
-        except Exception:
-            self.release(step, cancelled=False)
+        except Exception as exc:
+            self.release(step, exc)
             raise
         step._queued = True
         return item
 
-    def release(self, step: SequenceStep[Any, Any], *, cancelled: bool) -> None:
-        """``step`` failed, or its caller was ``cancelled``, before it reached the batcher.
+    def release(self, step: SequenceStep[Any, Any], error: BaseException) -> None:
+        """``step``'s caller got ``error`` instead of its answer (or was cancelled).
 
-        It never ran: the sequence goes on without it, unless it was the
-        first step (the sequence ends, ``failed``), the last (``ended``), or
-        given up by its caller (``cancelled``).
+        A step that did not reach the batcher never ran: its sequence goes on
+        without it, but a first step's ends it (``failed``), a last step's
+        (``ended``), and one the caller gave up on or whose deadline passed
+        (``cancelled``, ``expired``): later steps would miss it. A step that
+        reached the batcher ends its sequence only when its caller left or
+        its deadline passed, as the client cannot tell whether it counted.
         """
         live = step._live
-        if step._queued or live.ended is not None:
+        if step._released or live.ended is not None:
             return
-        step._queued = True  # released once
-        if cancelled:
-            live.closing = live.closing or SequenceEnd.CANCELLED
+        step._released = True
+        cancelled = isinstance(error, anyio.get_cancelled_exc_class())
+        expired = isinstance(error, DeadlineExceeded)
+        reason = SequenceEnd.CANCELLED if cancelled else SequenceEnd.EXPIRED if expired else None
+        if step._queued:
+            if reason is not None:
+                live.closed = True
+                live.closing = live.closing or reason
+                if step._finished and not live.busy:  # its batch is done: nothing ahead
+                    self._end(live, live.closing)
+            return
+        if reason is None:
+            reason = SequenceEnd.FAILED if step.start else SequenceEnd.ENDED if step.end else None
+        if reason is not None:
+            live.closed = True
+            live.closing = live.closing or reason
         turn = step._turn
-        if turn is None or turn not in live.pending:  # it holds the turn: hand it on, or end
-            self._done(step)
-            return
-        live.pending.remove(turn)
-        if step.start:
-            live.closing = live.closing or SequenceEnd.FAILED
-        elif step.end:
-            live.closing = live.closing or SequenceEnd.ENDED
-        # The step ahead of it ends the sequence when it leaves.
+        if turn is not None and turn in live.pending:
+            live.pending.remove(turn)  # the step ahead ends the sequence, if it must
+        else:  # it holds the turn: hand it on, or end
+            self._pass_turn(live)
+
+    @staticmethod
+    def _gone(live: _Live) -> MdsError:
+        """The error of a step whose sequence ended before it was computed."""
+        reason = live.ended.value if live.ended is not None else "ended"
+        message = f"sequence {live.id!r} ended ({reason}) before this step was computed"
+        if live.ended in (SequenceEnd.STOPPED, SequenceEnd.SWAPPED):
+            return NotReady(f"not ready: {message}")
+        return InvalidInput(message)
 
     def _open(self, sequence_id: SequenceId) -> _Live:
         if self.closing is not None:
@@ -247,7 +273,11 @@ class Sequences:
         return live
 
     def abandon(self, item: Item) -> None:
-        """A step's caller went away: its sequence ends once the step leaves the batcher."""
+        """A step's caller went away: its sequence ends once the step leaves the batcher.
+
+        (Its caller then releases it, which ends the sequence at once if the
+        step has left already.)
+        """
         step: SequenceStep[Any, Any] = item.value
         live = step._live
         live.closed = True
@@ -264,6 +294,7 @@ class Sequences:
     def _done(self, step: SequenceStep[Any, Any]) -> None:
         """``step`` left the batcher: the sequence's next step goes, or it ends."""
         live = step._live
+        step._finished = True
         if live.ended is not None:
             return
         live.last = self._clock()
@@ -271,6 +302,8 @@ class Sequences:
             self._live.move_to_end(live.id)
         if live.closing is not None:
             self._end(live, live.closing)
+        elif not step._ran:  # it left uncomputed (expired; the model stops): later steps lack it
+            self._end(live, self._stopping() or _uncomputed(step))
         elif step.start and not step._ok:
             self._end(live, SequenceEnd.FAILED)
         elif step.end:
@@ -278,7 +311,16 @@ class Sequences:
         else:
             self._pass_turn(live)
 
+    def _stopping(self) -> SequenceEnd | None:
+        """Why the model stops, if it does (its batchers are closed)."""
+        if not self.batchers[0].closed:
+            return None
+        return SequenceEnd.SWAPPED if self.swapped else SequenceEnd.STOPPED
+
     def _pass_turn(self, live: _Live) -> None:
+        if live.closing is not None:  # a step gave up, or the model stops: no more turns
+            self._end(live, live.closing)
+            return
         pending = live.pending
         while pending:
             waiter = pending.popleft()
@@ -286,9 +328,6 @@ class Sequences:
                 waiter.set_result(None)  # busy stays: the turn is that step's
                 return
         live.busy = False
-        if live.closing is not None:  # its waiting first or last step gave up
-            self._end(live, live.closing)
-            return
         if self._until == math.inf:  # the idle watch sleeps until woken: it has one to watch
             self._wake.set()
 
@@ -305,15 +344,10 @@ class Sequences:
         self._ended[live.id] = reason
         if len(self._ended) > _REMEMBERED:
             self._ended.popitem(last=False)
-        if live.pending:
-            stopped = reason in (SequenceEnd.STOPPED, SequenceEnd.SWAPPED)
-            message = f"sequence {live.id!r} ended ({reason.value}) before this step was computed"
-            for waiter in live.pending:
-                if not waiter.done():
-                    waiter.set_result(
-                        NotReady(f"not ready: {message}") if stopped else InvalidInput(message)
-                    )
-            live.pending.clear()
+        for waiter in live.pending:
+            if not waiter.done():
+                waiter.set_result(self._gone(live))
+        live.pending.clear()
         if live.opened:
             self._ending.setdefault(live.id, [])
             self._due[live] = reason
@@ -382,18 +416,18 @@ class Sequences:
         context = _current.get()
         return not context.sequence_start and self.holds(context.sequence_id)  # type: ignore[arg-type]
 
-    async def drain(self, timeout: float) -> None:
-        """Take no new sequences; wait up to ``timeout`` for the live ones to end."""
-        self.closing = SequenceEnd.STOPPED
+    async def drain(self, until: float) -> None:
+        """Take no new sequences; wait (until ``until``) for the live ones to end."""
+        self.closing = SequenceEnd.SWAPPED if self.swapped else SequenceEnd.STOPPED
         if self.config.on_stop != "drain" or not self._live:
             return
         self._empty = anyio.Event()
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_at(until):
             await self._empty.wait()
 
-    async def close(self, *, swapped: bool) -> None:
-        """End every live sequence and run the end hooks: the model stops, or is ``swapped``."""
-        self.closing = reason = SequenceEnd.SWAPPED if swapped else SequenceEnd.STOPPED
+    async def close(self) -> None:
+        """End every live sequence and run the end hooks: the model stops (or is swapped)."""
+        self.closing = reason = SequenceEnd.SWAPPED if self.swapped else SequenceEnd.STOPPED
         self._tasks = None
         for live in list(self._live.values()):
             self._end(live, reason)
@@ -401,3 +435,10 @@ class Sequences:
             # With those whose task was cancelled before it began (the model stopping).
             for live, ended in list(self._due.items()):
                 await self._end_hook(live, ended)
+
+
+def _uncomputed(step: SequenceStep[Any, Any]) -> SequenceEnd:
+    """Why a sequence ends when ``step`` left the batcher without being computed."""
+    if step.start:
+        return SequenceEnd.FAILED
+    return SequenceEnd.ENDED if step.end else SequenceEnd.EXPIRED

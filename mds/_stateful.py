@@ -36,6 +36,9 @@ class SequenceEnd(enum.Enum):
     #: A step's caller went away (cancelled, disconnected) before it was answered:
     #: whether the state took that step is unknown to the client, so it ends.
     CANCELLED = "cancelled"
+    #: A step's deadline passed before it was answered: it was not computed (and
+    #: the steps after it would miss it), or the client cannot tell that it was.
+    EXPIRED = "expired"
     #: Its first step failed (or ``sequence_start`` raised): the client may start it again.
     FAILED = "failed"
     #: The model stopped or was unloaded.
@@ -69,10 +72,13 @@ class SequenceStep(Generic[InputT, StateT]):
     """
 
     __slots__ = (
+        "_finished",
         "_live",
         "_ok",
         "_owner",
         "_queued",
+        "_ran",
+        "_released",
         "_turn",
         "end",
         "input",
@@ -92,13 +98,16 @@ class SequenceStep(Generic[InputT, StateT]):
         self._live = live
         self._ok = False  # its output (and state) were kept
         self._turn: _loop.Waiter | None = None  # set while steps of its sequence are ahead
-        self._queued = False  # reached the batcher (or was released)
+        self._queued = False  # reached the batcher
+        self._ran = False  # given to infer
+        self._finished = False  # left the batcher
+        self._released = False  # its caller got an error instead of its answer
         self._owner: Any = None  # the Sequences that admitted it
 
-    def _release(self, *, cancelled: bool) -> None:
+    def _release(self, error: BaseException) -> None:
         """See ``Sequences.release`` (mds._sequences)."""
         if self._owner is not None:
-            self._owner.release(self, cancelled=cancelled)
+            self._owner.release(self, error)
 
     def __repr__(self) -> str:
         flags = "".join((" start" if self.start else "", " end" if self.end else ""))

@@ -298,13 +298,14 @@ class ModelVersions(_Delegating):
         A sequence's steps all go where it started, whatever the traffic
         split says since; to a version being retired too, while it drains.
         """
-        context = request_context()
-        if context.sequence_id is None or context.sequence_start:
+        sequence_id = request_context().sequence_id
+        if sequence_id is None:
             return chosen
-        self._draining = [old for old in self._draining if old._sequences is not None]
         for runtime in (*self._loaded.values(), *self._draining):
             sequences = runtime._sequences
-            if sequences is not None and sequences.holds(context.sequence_id):
+            if sequences is None or not sequences.holds(sequence_id):
+                continue
+            if runtime.ready or sequences.draining():  # it takes the step (a start: refuses it)
                 return runtime
         return chosen
 
@@ -346,7 +347,7 @@ class ModelVersions(_Delegating):
         self._gone.pop(version, None)
         self._reload_failed.pop(version, None)
         if replaced is not None:
-            self._retire(replaced)
+            self._retire(replaced, swapped=True)
         if default or not self._weights:
             self._route({version: 1.0})
         else:
@@ -379,12 +380,17 @@ class ModelVersions(_Delegating):
                 return weights
         return None
 
-    def _remove(self, version: str, *, why: str = "unloaded") -> ModelRuntime[Any, Any]:
-        """Take ``version`` out of routing; its runtime, for the caller to stop."""
+    def _remove(
+        self, version: str, *, why: str = "unloaded", swapped: bool = False
+    ) -> ModelRuntime[Any, Any]:
+        """Take ``version`` out of routing; its runtime, for the caller to stop.
+
+        ``swapped``: another version replaces it (its live sequences end so).
+        """
         runtime = self._loaded.pop(version)
         self._weights.pop(version, None)
         self._reload_failed.pop(version, None)
-        self._retire(runtime)
+        self._retire(runtime, swapped=swapped)
         self._gone[version] = VersionStatus(
             name=self.name, version=version, state=ModelState.STOPPED, reason=why
         )
@@ -407,7 +413,7 @@ class ModelVersions(_Delegating):
         """Take out the versions neither the policy nor the traffic keeps; theirs, to stop."""
         keep = self._kept()
         return [
-            self._remove(v, why=f"not kept by the version policy ({self.policy})")
+            self._remove(v, why=f"not kept by the version policy ({self.policy})", swapped=True)
             for v in list(self._loaded)
             if v not in keep
         ]
@@ -427,7 +433,7 @@ class ModelVersions(_Delegating):
         single = choices[0] if len(choices) == 1 else None
         self._table = (single, tuple(bounds), choices, default)
 
-    def _retire(self, runtime: ModelRuntime[Any, Any]) -> None:
+    def _retire(self, runtime: ModelRuntime[Any, Any], *, swapped: bool = False) -> None:
         """``runtime`` serves no new request: one already picked goes to what serves now.
 
         Its counters stay with the version (they count the requests it still
@@ -453,8 +459,12 @@ class ModelVersions(_Delegating):
             return await successor._serve(request, timeout, priority, trace, stream)
 
         runtime._successor = forward
-        if runtime._sequences is not None:
-            self._draining.append(runtime)
+        sequences = runtime._sequences
+        self._draining = [old for old in self._draining if old._sequences is not None]
+        if sequences is not None:
+            sequences.swapped = swapped
+            if sequences.config.on_stop == "drain":  # its sequences' steps still go to it
+                self._draining.append(runtime)
 
 
 #: Retired runtimes' live counters a version keeps before it folds the idle ones.

@@ -237,6 +237,11 @@ class Batcher(Generic[W]):
         """Answer each item whose deadline passes, wherever it is; runs until cancelled."""
         await self._watch.run()
 
+    @property
+    def closed(self) -> bool:
+        """Whether it takes no more work (:meth:`close`)."""
+        return self._closed
+
     def close(self) -> None:
         """Take no more work: workers return once the queue is empty."""
         self._closed = True

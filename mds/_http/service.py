@@ -533,6 +533,8 @@ def _sequence(
             raise DecodeError(f"header {name.title()}: {excerpt(raw, 20)!r} is not true or false")
         flags.append(_FLAGS[raw])
     raw_id = headers.get(SEQUENCE_ID)
+    if raw_id is None and not any(flags):  # "false" flags alone: no sequence
+        return context
     sequence_id: Any = int(raw_id) if raw_id is not None and raw_id.isdecimal() else raw_id
     with use_request_context(context):
         return in_sequence(target, sequence_id, flags[0], flags[1], "header Mds-Sequence-Id")

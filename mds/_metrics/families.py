@@ -151,8 +151,8 @@ def _model(
         )
         ends = family(
             "sequence_ends", "counter",
-            "Sequences that ended, by reason: ended (by the client), idle, cancelled, failed "
-            "(its first step), stopped, swapped.",
+            "Sequences that ended, by reason: ended (by the client), idle, cancelled, expired, "
+            "failed (its first step), stopped, swapped.",
             (*_MODEL, "reason"),
         )  # fmt: skip
         for reason, count in sorted(stats.sequence_ends.items()):

@@ -191,9 +191,8 @@ class Instance:
                 live.opened = True
                 live.instance = self.index
             step.state = live.state
-        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
-        for step in run:
             step._ran = True
+        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
         return self._keep(steps, run, self._batch(run) if run else [], failed)
 
     async def _steps_batch_async(self, steps: list[SequenceStep[Any, Any]]) -> Sequence[Any]:
@@ -210,9 +209,8 @@ class Instance:
                 live.opened = True
                 live.instance = self.index
             step.state = live.state
-        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
-        for step in run:
             step._ran = True
+        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
         return self._keep(steps, run, await self._batch_async(run) if run else [], failed)
 
     def _keep(
@@ -236,6 +234,11 @@ class Instance:
             return items
         given = iter(items)
         return [failed[i] if i in failed else next(given) for i in range(len(steps))]
+
+    @property
+    def ends_sequences(self) -> bool:
+        """Whether the handler has a ``sequence_end`` of its own to run."""
+        return self._ends is not None
 
     async def end_sequence(self, sequence_id: SequenceId, state: Any, reason: SequenceEnd) -> None:
         """Run the handler's ``sequence_end`` (on this instance's thread, for a plain one)."""

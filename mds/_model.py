@@ -410,6 +410,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             cost, key, length = steps.describe(value) if steps.describes else (1, None, None)
             if step is None or sequences is None:
                 item = batcher.enqueue(value, deadline, priority, cost, key, length, now)
+            elif step._turn is None:  # its turn already: no wait, no coroutine
+                item = sequences.put(step, value, deadline, priority, cost, key, length)
             else:
                 item = await sequences.enqueue(step, value, deadline, priority, cost, key, length)
             if span is not None:

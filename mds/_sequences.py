@@ -190,6 +190,20 @@ class Sequences:
                 step._released = True  # the sequence ended under it: nothing to release
                 raise outcome
         step._turn = None
+        return self.put(step, value, deadline, priority, cost, key, length)
+
+    def put(
+        self,
+        step: SequenceStep[Any, Any],
+        value: Any,
+        deadline: float | None,
+        priority: int | None,
+        cost: int,
+        key: Any,
+        length: int | None,
+    ) -> Item:
+        """:meth:`enqueue` for a step that has the turn (no waiting): no coroutine."""
+        step.input = value
         live = step._live
         if live.ended is not None:  # ended while this one was in preprocess
             step._released = True
@@ -349,10 +363,14 @@ class Sequences:
                 waiter.set_result(self._gone(live))
         live.pending.clear()
         if live.opened:
-            self._ending.setdefault(live.id, [])
-            self._due[live] = reason
-            if self._tasks is not None:
-                self._tasks.start_soon(self._end_hook, live, reason)
+            index = live.instance if live.instance is not None else 0
+            if not self._instances[index].ends_sequences:
+                live.state = None  # no sequence_end to run: nothing to wait for
+            else:
+                self._ending.setdefault(live.id, [])
+                self._due[live] = reason
+                if self._tasks is not None:
+                    self._tasks.start_soon(self._end_hook, live, reason)
         if not self._live and self._empty is not None:
             self._empty.set()
 

@@ -51,6 +51,7 @@ EXTRA_PINS = {
     "sqs": [],
     # Ray Serve's replicas are FastAPI apps on uvicorn.
     "ray": ["uvicorn"],
+    "server": [],
 }
 
 

@@ -53,6 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run that was stopped or killed.",
         )
     )
+    from . import server
+
+    server.add_arguments(
+        commands.add_parser(
+            "serve",
+            help="serve every model of a model repository over HTTP (and gRPC)",
+            description="Serve every model of the model repository REPOSITORY over mds's "
+            "JSON routes and the Open Inference Protocol, until SIGTERM, which drains. Each "
+            "flag may also come from MDS_SERVE_<FLAG> or a --config file.",
+        )
+    )
     from ._workers import command as worker_command
 
     worker_command.add_arguments(
@@ -66,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "batch":
         return run_command(args)
+    if args.command == "serve":
+        return server.run_command(args)
     if args.command == "worker":
         return worker_command.run_command(args)
     if args.command == "repository":

@@ -25,6 +25,7 @@ _EXTRAS = {
     "tritonclient": "grpc",
     "redis": "redis",
     "ray": "ray",
+    "uvicorn": "server",
 }
 
 DISTRIBUTION = "mds-serving"

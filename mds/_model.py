@@ -90,6 +90,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._failure: str | None = None
         self._loaded: Instances | None = None
         self._batcher: Batcher[Any] | None = None
+        self._batchers: tuple[Batcher[Any], ...] = ()  # one, or one per instance (pinned)
         self._sequences: Sequences | None = None  # a stateful model's, while it runs
         self._tasks: anyio.abc.TaskGroup | None = None
         self._idle: anyio.Event | None = None
@@ -264,7 +265,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             Batcher(batching, stats=stats, model=self.name, version=self.version)
             for _ in (loaded.instances if pinned else (None,))
         ]
-        self._batcher = batchers[0]
+        self._batcher, self._batchers = batchers[0], tuple(batchers)
         for index, instance in enumerate(loaded.instances):
             tasks.start_soon(batchers[index if pinned else 0].serve, instance)
         for batcher in batchers:
@@ -301,7 +302,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         """Answer whatever is left, stop the workers, tear the instances down."""
         loaded, sequences = self._loaded, self._sequences
         assert loaded is not None
-        batchers = self._batchers()
+        batchers = self._batchers
         for batcher in batchers:
             batcher.close()
         self._failures.flush()
@@ -568,11 +569,6 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             raise self._not_ready()
         return batcher, loaded, timeout
 
-    def _batchers(self) -> tuple[Batcher[Any], ...]:
-        """Its batchers: one, or one per instance for pinned sequences."""
-        sequences, batcher = self._sequences, self._batcher
-        return sequences.batchers if sequences else (batcher,) if batcher is not None else ()
-
     def _retired(self) -> Callable[..., Awaitable[Any]] | None:
         """What serves the requests picked before a swap retired this model, if it did."""
         return self._successor
@@ -607,7 +603,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         """
         config = msgspec.structs.replace(self.config, batching=batching)
         try:
-            for batcher in self._batchers():
+            for batcher in self._batchers:
                 batcher.configure(batching)
         except ConfigError as exc:
             raise exc.add_context(model=self.name, version=self.version) from None
@@ -644,7 +640,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             config=self.config,
             counts=self._counts,
             batches=self._batch_stats,
-            batchers=self._batchers(),
+            batchers=self._batchers,
             sequences=self._sequences.live if self._sequences is not None else 0,
             devices=tuple(i.device.name for i in loaded.instances)
             if (loaded := self._loaded) is not None

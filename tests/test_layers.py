@@ -58,6 +58,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "fastapi",
             "flask",
             "grpc",
+            "server",
             "prometheus",
             "testing",
             "_demo",

@@ -17,6 +17,7 @@ import mds.flask
 import mds.grpc
 import mds.prometheus
 import mds.ray
+import mds.server
 import mds.testing
 import mds.workers
 
@@ -30,6 +31,7 @@ PUBLIC_MODULES = {
     "mds.grpc",
     "mds.workers",
     "mds.ray",
+    "mds.server",
 }
 
 # The public API, pinned: a change here is a design decision, with docs and a
@@ -108,6 +110,7 @@ EXPECTED = {
     "mds.prometheus": ["Collector", "exposition"],
     "mds.grpc": ["Server", "add_to_server"],
     "mds.ray": ["Replica", "ServeBatches", "application", "call", "map_dataset"],
+    "mds.server": ["ServerConfig", "app", "load_config", "run"],
     "mds.workers": [
         "CallbackSink",
         "Message",
@@ -139,6 +142,7 @@ EXPECTED = {
         mds.grpc,
         mds.workers,
         mds.ray,
+        mds.server,
     ],
 )
 def test_all_is_pinned(module: object) -> None:
@@ -149,6 +153,7 @@ def test_all_lists_exactly_the_exports() -> None:
     exported = {name for name in vars(mds) if not name.startswith("_")}
     # public submodules; the __future__ import
     exported -= {"testing", "fastapi", "flask", "batch", "prometheus", "grpc", "workers", "ray"}
+    exported -= {"server"}
     exported -= {"annotations"}
     assert sorted(mds.__all__) == mds.__all__
     assert set(mds.__all__) - {"__version__"} == exported
@@ -166,6 +171,7 @@ def test_all_lists_exactly_the_exports() -> None:
         mds.grpc,
         mds.workers,
         mds.ray,
+        mds.server,
     ],
 )
 def test_every_export_reports_a_public_module(module: object) -> None:

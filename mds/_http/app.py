@@ -1,0 +1,198 @@
+"""mds's routes as one ASGI application of its own: no framework, a router of a few lines.
+
+What ``mds serve`` runs, and what :func:`mds.server.app` gives an app that
+wants mds's routes at their own speed (mount it in FastAPI or Starlette, or
+serve it with any ASGI server). A request finds its endpoint by a dictionary
+lookup (fixed paths) or by matching the path's segments against the few
+patterns (``/v2/models/{name}/infer``); the endpoints are the FastAPI
+adapter's (:mod:`mds._http.endpoints`). The ASGI lifespan runs the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import msgspec
+
+from .._errors import excerpt
+from .._repository.repository import ModelRepository
+from .._runtime import Load, Runtime
+from .asgi import Receive, Scope, Send, send_reply
+from .endpoints import Dispatch, Endpoint, Routes
+from .repository import REPOSITORY_ROUTES, Repository
+from .service import Reply, Service, paths
+
+__all__ = ["App"]
+
+logger = logging.getLogger("mds.http")
+
+
+class App:
+    """An ASGI application serving ``service``'s routes; its lifespan runs the runtime.
+
+    Args:
+        service: what the routes answer with (the runtime, limits, metrics).
+        prefix: a path prefix for every route.
+        v2: add the Open Inference Protocol's routes.
+        status_page: add ``/status`` and ``/status/data``.
+        repository: add the protocol's repository routes for it (no auth of
+            their own: keep such a server behind yours).
+        load: how the lifespan starts the runtime (see :meth:`mds.Runtime.run`).
+        companions: async context managers entered with the runtime, after
+            it starts (a gRPC server, say).
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        prefix: str = "",
+        v2: bool = True,
+        status_page: bool = False,
+        repository: ModelRepository | None = None,
+        load: Load = "background",
+        companions: tuple[Any, ...] = (),
+    ) -> None:
+        self.service = service
+        self.runtime: Runtime = service.runtime
+        self.prefix = prefix.rstrip("/")
+        self._load = load
+        self._companions = companions
+        routes = Routes(service)
+        wanted = paths(v2, metrics=service.metrics is not None, status_page=status_page)
+        table: dict[str, dict[str, Endpoint]] = {
+            path: {method: getattr(routes, name) for method, name in methods.items()}
+            for path, methods in wanted.items()
+        }
+        if repository is not None:
+            added = _RepositoryRoutes(service, repository)
+            for method, path, name in REPOSITORY_ROUTES:
+                table.setdefault(path, {})[method] = getattr(added, name)
+        self._fixed: dict[str, Dispatch] = {}
+        # By segment count: (the pattern's segments, its dispatch); literal
+        # segments must match, "{name}" ones are taken as parameters.
+        self._patterns: dict[int, list[tuple[tuple[str, ...], Dispatch]]] = {}
+        for path, endpoints in table.items():
+            dispatch = Dispatch(service, endpoints)
+            full = self.prefix + path
+            if "{" not in full:
+                self._fixed[full] = dispatch
+                continue
+            segments = tuple(full.split("/"))
+            self._patterns.setdefault(len(segments), []).append((segments, dispatch))
+        # Infer routes first: they are what most requests ask for.
+        for found in self._patterns.values():
+            found.sort(key=lambda entry: entry[0][-1] != "infer")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            root = scope.get("root_path")
+            if root and path.startswith(root):  # mounted, or behind a proxy's prefix
+                path = path[len(root) :]
+            dispatch = self._fixed.get(path)
+            if dispatch is None:
+                dispatch = self._match(path, scope)
+                if dispatch is None:
+                    await send_reply(send, self._not_found(path))
+                    return
+            await dispatch(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        # websocket: not served (the server answers it with a 403)
+
+    def _match(self, path: str, scope: Scope) -> Dispatch | None:
+        segments = path.split("/")
+        for pattern, dispatch in self._patterns.get(len(segments), ()):
+            params: dict[str, str] = {}
+            for want, got in zip(pattern, segments, strict=True):
+                if want[:1] == "{":
+                    if not got:
+                        break
+                    params[want[1:-1]] = got
+                elif want != got:
+                    break
+            else:
+                scope["path_params"] = params
+                return dispatch
+        return None
+
+    def _not_found(self, path: str) -> Reply:
+        message = f"no route {excerpt(path, 200)!r}: see mds's routes under {self.prefix or '/'}"
+        return Reply(404, msgspec.json.encode({"error": message, "type": "NotFound"}))
+
+    # -- the lifespan -----------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with self.running():
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()  # lifespan.shutdown
+        except BaseException as exc:
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The runtime (unless it already runs), then the companions, for as long as inside."""
+        async with AsyncExitStack() as stack:
+            if not self.runtime.running:
+                await stack.enter_async_context(self.runtime.run(load=self._load))
+            for companion in self._companions:
+                await stack.enter_async_context(companion)
+            yield
+
+
+class _RepositoryRoutes:
+    """The protocol's repository routes, as plain endpoints."""
+
+    def __init__(self, service: Service, repository: ModelRepository) -> None:
+        self.service = service
+        self.repository = repository
+        self.routes = Repository(repository)
+
+    async def repository_index(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            reply = self.routes.index(await _body(receive))
+        except Exception as exc:
+            reply = self.service.error(exc)
+        await send_reply(send, reply)
+
+    async def repository_load(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path_params"]["name"]
+        try:
+            config = self.routes.load_config(await _body(receive))
+            await self.repository.load(name, config)
+            reply = self.routes.done(name)
+        except Exception as exc:
+            reply = self.service.error(exc)
+        await send_reply(send, reply)
+
+    async def repository_unload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path_params"]["name"]
+        try:
+            self.routes.check_unload(await _body(receive))
+            await self.repository.unload(name)
+            reply = self.routes.done(name)
+        except Exception as exc:
+            reply = self.service.error(exc)
+        await send_reply(send, reply)
+
+
+async def _body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)

@@ -1,0 +1,369 @@
+"""The standalone server, ``mds serve REPOSITORY``, and mds's routes as one lean ASGI app.
+
+Point the command at a model repository and every model in it is served
+over mds's JSON routes and the Open Inference Protocol (HTTP, and gRPC with
+``--grpc-port``), with health, Prometheus metrics, graceful drain on
+SIGTERM, and several worker processes if asked::
+
+    mds serve models/ --port 8000 --workers 2
+
+The request path is mds's own ASGI application (:func:`app`): raw ASGI, the
+body decoded with msgspec, no framework layer per request, on uvicorn with
+uvloop and httptools where they are installed. Mount the same application
+in your own FastAPI or Starlette app for its speed there.
+
+Settings come from, lowest first: the defaults, a YAML file
+(``--config``), ``MDS_SERVE_*`` environment variables, the command's flags.
+See :class:`ServerConfig` and :doc:`/server`.
+
+Added in 0.5.
+"""
+
+# No `from __future__ import annotations`: msgspec reads ServerConfig's annotations.
+
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ._deps import require
+from ._errors import ConfigError
+from ._http.app import App
+from ._http.service import EXTENSIONS, Service, metrics_registry
+from ._repository.repository import ModelRepository
+from ._runtime import Load, Runtime
+
+__all__ = ["ServerConfig", "app", "load_config", "run"]
+
+#: What the parent process hands its worker processes: the settings, and where
+#: their metrics meet (not MDS_SERVE_*: those are the user's settings).
+_WORKER_SETTINGS = "MDS_WORKER_SETTINGS"
+_WORKER_METRICS = "MDS_WORKER_METRICS_DIRECTORY"
+
+
+def app(
+    runtime: Runtime,
+    *,
+    prefix: str = "",
+    v2: bool = True,
+    timeout_header: str = "Mds-Timeout",
+    priority_header: str = "Mds-Priority",
+    max_body_bytes: int = 64 * 1024 * 1024,
+    retry_after: int = 1,
+    load: Load = "background",
+    repository: ModelRepository | None = None,
+    metrics: Any = False,
+    status_page: bool = False,
+) -> Any:
+    """An ASGI application serving ``runtime``'s models over mds's routes.
+
+    The same routes, bodies, statuses and headers as :func:`mds.fastapi.add_routes`
+    (see :doc:`/fastapi`), with no framework in between: serve it with any
+    ASGI server, or mount it in a FastAPI or Starlette app
+    (``app.mount("/ml", mds.server.app(runtime))``: a mounted app gets no
+    lifespan of its own, so run the runtime in the host app's lifespan).
+    Its own ASGI lifespan, when the server sends one, runs ``runtime``.
+
+    Args:
+        runtime: the runtime whose models and pipelines are served.
+        prefix: a path prefix for every route.
+        v2: add the Open Inference Protocol's routes under ``{prefix}/v2``.
+        timeout_header: the header that sets a request's deadline in seconds.
+        priority_header: the header that sets a request's priority level.
+        max_body_bytes: a larger request body gets a 400 before it is read.
+        retry_after: the ``Retry-After`` seconds sent with a 429 or 503.
+        load: ``"background"`` (serve at once; readiness says when the
+            models are loaded) or ``"wait"`` (see :meth:`mds.Runtime.run`).
+        repository: add the protocol's repository routes (index, load,
+            unload) for it. They have no auth of their own: keep such a
+            server behind yours.
+        metrics: ``GET {prefix}/metrics``: ``True`` for ``runtime``'s
+            metrics, or a ``prometheus_client`` registry served as it is.
+        status_page: add ``GET {prefix}/status``.
+
+    Example:
+        >>> uvicorn.run(mds.server.app(runtime), port=8000)
+    """
+    service = Service(
+        runtime,
+        timeout_header=timeout_header,
+        priority_header=priority_header,
+        max_body_bytes=max_body_bytes,
+        retry_after=retry_after,
+        extensions=(*EXTENSIONS, "model_repository") if repository is not None else EXTENSIONS,
+        metrics=metrics_registry(runtime, metrics),
+    )
+    return App(
+        service,
+        prefix=prefix,
+        v2=v2,
+        status_page=status_page,
+        repository=repository,
+        load=load,
+    )
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What ``mds serve`` serves, and how.
+
+    Each field is also a flag (``--grpc-port``) and an environment variable
+    (``MDS_SERVE_GRPC_PORT``); a YAML file (``--config``) may set any of
+    them by name. Flags win over variables, variables over the file.
+
+    Attributes:
+        repository: the model repository's folder.
+        host: the address to listen on.
+        port: the HTTP port.
+        workers: worker processes, each with its own runtime (and its own
+            copy of the models), sharing the port; their metrics add up.
+        grpc_port: also serve Triton's gRPC service on this port (needs the
+            ``grpc`` extra); ``None`` for none.
+        prefix: a path prefix for every route.
+        load: ``"background"``: take connections at once, readiness 503
+            until every model is ready; ``"wait"``: listen once they are.
+        watch: read the repository every ``watch`` seconds and apply what
+            changed (new versions swapped in warm); ``None`` to read it once.
+        repository_routes: add the protocol's repository routes (index,
+            load, unload). They have no auth: only behind yours.
+        metrics: serve ``GET /metrics`` (Prometheus; needs the ``metrics`` extra).
+        status_page: serve ``GET /status``.
+        drain_timeout: on SIGTERM, how long requests in flight may take to
+            finish, in seconds, before the server stops anyway.
+        max_body_bytes: a larger request body gets a 400 before it is read.
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        access_log: log every request (uvicorn's access log).
+
+    Added in 0.5.
+    """
+
+    repository: str
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    workers: Annotated[int, Meta(ge=1)] = 1
+    grpc_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+    prefix: str = ""
+    load: Literal["background", "wait"] = "background"
+    watch: Annotated[float, Meta(gt=0)] | None = None
+    repository_routes: bool = False
+    metrics: bool = True
+    status_page: bool = False
+    drain_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    max_body_bytes: Annotated[int, Meta(ge=1)] = 64 * 1024 * 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    *,
+    file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServerConfig:
+    """The server's settings: the defaults, then ``file``, then ``MDS_SERVE_*``, then ``flags``.
+
+    ``flags`` holds what was given on the command line (``None`` for a flag
+    not given).
+
+    Raises:
+        ConfigError: a setting of the wrong type or out of range, naming
+            where it came from; an unknown setting in the file.
+    """
+    settings: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            found = msgspec.yaml.decode(path.read_bytes()) or {}
+        except (OSError, msgspec.DecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the server's settings: {exc}") from None
+        if not isinstance(found, dict):
+            raise ConfigError(f"{path}: the server's settings must be a mapping of names to values")
+        try:  # checked here too, to name the file
+            msgspec.convert({"repository": ".", **found}, ServerConfig, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        settings.update(found)
+    names = ServerConfig.__struct_fields__
+    for name, value in (environ if environ is not None else os.environ).items():
+        if not name.startswith("MDS_SERVE_"):
+            continue
+        field = name.removeprefix("MDS_SERVE_").lower()
+        if field not in names:
+            raise ConfigError(
+                f"environment variable {name}: no such setting; the settings are "
+                + ", ".join(f"MDS_SERVE_{n.upper()}" for n in names)
+            )
+        settings[field] = _from_text(value)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if "repository" not in settings:
+        raise ConfigError("no model repository: give its folder (mds serve REPOSITORY)")
+    try:
+        return msgspec.convert(settings, ServerConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"the server's settings: {exc}") from None
+
+
+def _from_text(value: str) -> Any:
+    """An environment variable's value: ``none`` for no value, else as given (converted later)."""
+    return None if value.strip().lower() in ("none", "null", "") else value
+
+
+def build(config: ServerConfig) -> tuple[Runtime, Any]:
+    """The runtime serving ``config``'s repository, and the ASGI app serving it.
+
+    Raises:
+        ConfigError: a problem in the repository (each with its file and field).
+    """
+    runtime = Runtime()
+    repository = ModelRepository(config.repository)
+    repository.add_to(runtime, watch=config.watch)
+    metrics: Any = False
+    if config.metrics:
+        core = require("prometheus_client", feature="mds serve's /metrics")
+        from .prometheus import Collector
+
+        directory = os.environ.get(_WORKER_METRICS)  # several workers: theirs add up
+        metrics = core.CollectorRegistry(auto_describe=True)
+        metrics.register(Collector(runtime, directory=directory))
+    routed = repository if config.repository_routes else None
+    companions: tuple[Any, ...] = ()
+    if config.grpc_port is not None:
+        require("grpc", feature="mds serve --grpc-port")
+        from .grpc import Server
+
+        address = f"{config.host}:{config.grpc_port}"
+        companions = (Server(runtime, address, repository=routed, grace=config.drain_timeout),)
+    service = Service(
+        runtime,
+        max_body_bytes=config.max_body_bytes,
+        extensions=(*EXTENSIONS, "model_repository") if routed is not None else EXTENSIONS,
+        metrics=metrics_registry(runtime, metrics),
+    )
+    served = App(
+        service,
+        prefix=config.prefix,
+        status_page=config.status_page,
+        repository=routed,
+        load=config.load,
+        companions=companions,
+    )
+    return runtime, served
+
+
+def worker_app() -> Any:
+    """The ASGI app of one worker process (``uvicorn --factory``): settings from the parent."""
+    settings = os.environ[_WORKER_SETTINGS]
+    return build(msgspec.json.decode(settings, type=ServerConfig))[1]
+
+
+def run(config: ServerConfig) -> None:
+    """Serve ``config`` until SIGTERM or SIGINT, which drain the requests in flight.
+
+    Raises:
+        ConfigError: the repository has problems (each named), or a setting is wrong.
+        MissingDependency: the ``server`` extra is not installed.
+    """
+    uvicorn = require("uvicorn", feature="mds serve")
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "access_log": config.access_log,
+        "timeout_graceful_shutdown": config.drain_timeout,
+        "lifespan": "on",
+        "loop": "uvloop" if _has("uvloop") else "asyncio",
+        "http": "httptools" if _has("httptools") else "h11",
+        "server_header": False,
+    }
+    if config.workers == 1:
+        served = build(config)[1]
+        _Drained(uvicorn.Config(served, **options)).run()
+        return
+    ModelRepository(config.repository).check()  # refused here, before any worker starts
+    with tempfile.TemporaryDirectory(prefix="mds-serve-metrics-") as directory:
+        os.environ[_WORKER_SETTINGS] = msgspec.json.encode(config).decode()
+        os.environ[_WORKER_METRICS] = directory
+        uvicorn.run("mds.server:worker_app", factory=True, workers=config.workers, **options)
+
+
+def _drained_server() -> Any:
+    import contextlib
+
+    import uvicorn
+
+    class Drained(uvicorn.Server):
+        """uvicorn's server, exiting with 0 once a SIGTERM has drained it (not by the signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return Drained
+
+
+def _Drained(config: Any) -> Any:
+    return _drained_server()(config)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None and sys.platform != "win32"
+
+
+# -- the command line -------------------------------------------------------------
+
+_HELP = {
+    "host": "the address to listen on (default 127.0.0.1)",
+    "port": "the HTTP port (default 8000)",
+    "workers": "worker processes, each with its own runtime (default 1)",
+    "grpc_port": "also serve Triton's gRPC service on this port",
+    "prefix": "a path prefix for every route",
+    "load": "background (default): listen at once; wait: once every model is ready",
+    "watch": "read the repository every this many seconds and apply what changed",
+    "repository_routes": "add the protocol's repository routes (no auth: only behind yours)",
+    "metrics": "serve GET /metrics (default on)",
+    "status_page": "serve GET /status",
+    "drain_timeout": "on SIGTERM, seconds requests in flight may take (default 30)",
+    "max_body_bytes": "the largest request body, in bytes (default 64 MiB)",
+    "log_level": "debug, info (default), warning or error",
+    "access_log": "log every request",
+}
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``mds serve`` flags: one per :class:`ServerConfig` field."""
+    import argparse
+
+    parser.add_argument("repository", nargs="?", help="the model repository's folder")
+    parser.add_argument("--config", help="a YAML file of settings (see ServerConfig)")
+    defaults = ServerConfig(repository=".")
+    for name in ServerConfig.__struct_fields__:
+        if name == "repository":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=_HELP[name])
+        else:
+            parser.add_argument(flag, help=_HELP[name])
+
+
+def run_command(args: Any) -> int:
+    """Run ``mds serve`` with parsed ``args``; the exit status."""
+    from ._errors import MdsError
+
+    flags = {name: getattr(args, name, None) for name in ServerConfig.__struct_fields__}
+    try:
+        config = load_config(flags, file=args.config)
+        run(config)
+    except MdsError as exc:
+        print(f"mds serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,244 @@
+"""``mds serve``: the standalone server, started as users start it, driven by real clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import mds
+import mds.server
+
+from .servers import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "model_repository"
+
+SLOW_HANDLER = '''
+import time
+
+import mds
+
+
+class Slow(mds.ModelHandler):
+    """Answers each number doubled, a second after it was asked."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def infer(self, batch):
+        time.sleep(1.0)
+        return [2 * x for x in batch]
+'''
+
+
+@contextmanager
+def serving(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``mds serve *args`` as its own process on a free port; its URL and the process."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mds", "serve", *args, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mds serve did not become ready"
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        if process.stdout is not None and not process.stdout.closed:
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+
+
+def test_the_example_repository_over_http_and_grpc() -> None:
+    pytest.importorskip("uvicorn")
+    http_client = pytest.importorskip("tritonclient.http")
+    grpc_client = pytest.importorskip("tritonclient.grpc")
+    grpc_port = free_port()
+    with serving(str(EXAMPLE), "--grpc-port", str(grpc_port)) as (url, _):
+        answer = httpx.post(f"{url}/models/churn/infer", json=[1, 2, 3, 4])
+        assert answer.json() == {"risk": 0.9955, "version": "2"}
+        older = httpx.post(f"{url}/models/churn/versions/1/infer", json=[1, 2, 3, 4])
+        assert older.json()["version"] == "1"
+        bad = httpx.post(f"{url}/models/churn/infer", json=[1, 2])
+        assert bad.status_code == 400 and "expected 4 features" in bad.json()["error"]
+        assert httpx.get(f"{url}/models/churn/infer").status_code == 405
+        assert httpx.get(f"{url}/nowhere").status_code == 404
+        assert httpx.post(f"{url}/models/nope/infer", json=[1]).status_code == 404
+        features = np.asarray([[1, 2, 3, 4], [0, 0, 0, 0]], np.float32)
+        client = http_client.InferenceServerClient(url.removeprefix("http://"))
+        given = http_client.InferInput("features", [2, 4], "FP32")
+        given.set_data_from_numpy(features)
+        risk = client.infer("churn", [given]).as_numpy("risk")
+        assert np.allclose(risk, [0.9955, 0.475], atol=1e-4)
+        assert client.is_server_ready()
+        remote = grpc_client.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        given = grpc_client.InferInput("features", [2, 4], "FP32")
+        given.set_data_from_numpy(features)
+        assert np.allclose(remote.infer("churn", [given]).as_numpy("risk"), risk)
+        remote.close()
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'mds_requests_total{model="churn",outcome="success",version="2"}' in metrics
+
+
+def slow_repository(root: Path) -> Path:
+    model = root / "slow"
+    (model / "1").mkdir(parents=True)
+    (model / "mds.yaml").write_text(
+        "handler: handler.py\nconfig:\n  batching: {max_batch_size: 8, max_queue_delay: 0.05}\n"
+    )
+    (model / "1" / "handler.py").write_text(textwrap.dedent(SLOW_HANDLER))
+    return root
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn")
+    repository = slow_repository(tmp_path / "models")
+    with serving(str(repository), "--drain-timeout", "20") as (url, process):
+
+        def ask(x: int) -> tuple[int, Any]:
+            answer = httpx.post(f"{url}/models/slow/infer", json=x, timeout=30)
+            return answer.status_code, answer.json()
+
+        with ThreadPoolExecutor(6) as pool:
+            asked = [pool.submit(ask, x) for x in range(6)]
+            time.sleep(0.4)  # in flight: the batch computes for a second
+            process.send_signal(signal.SIGTERM)
+            answers = [future.result() for future in asked]
+        output = process.communicate(timeout=30)[0]
+    assert answers == [(200, 2 * x) for x in range(6)]
+    assert process.returncode == 0, output
+    assert "Shutting down" in output
+
+
+def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "handler.py").write_text(textwrap.dedent(SLOW_HANDLER))
+    (model / "mds.yaml").write_text(
+        "handler: handler.py\nconfig:\n  batching: {max_batch_size: 0}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mds", "serve", str(tmp_path / "models"), "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "mds.yaml" in done.stderr and "max_batch_size" in done.stderr, done.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "mds", "serve", str(tmp_path / "nowhere")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1 and "nowhere" in missing.stderr
+
+
+def test_several_workers_answer_and_their_metrics_add_up() -> None:
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("prometheus_client")
+    with serving(str(EXAMPLE), env={"MDS_SERVE_WORKERS": "2"}) as (url, _):
+        for _ in range(20):
+            assert httpx.post(f"{url}/models/churn/infer", json=[0, 0, 0, 0]).status_code == 200
+        series = 'mds_requests_total{model="churn",outcome="success",version="2"} '
+        deadline = time.monotonic() + 20
+        while True:  # each worker writes its counts about once a second
+            found = [
+                line
+                for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith(series)
+            ]
+            if found and float(found[0].split()[-1]) == 20:
+                break
+            assert time.monotonic() < deadline, found
+            time.sleep(0.2)
+
+
+def test_settings_come_from_the_file_then_the_environment_then_the_flags(tmp_path: Path) -> None:
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("repository: models/\nport: 9000\nworkers: 3\nmetrics: false\n")
+    environ = {"MDS_SERVE_PORT": "9100", "MDS_SERVE_WATCH": "5", "HOME": "/root"}
+    config = mds.server.load_config(
+        {"port": 9200, "repository": None}, file=settings, environ=environ
+    )
+    assert (config.repository, config.port, config.workers) == ("models/", 9200, 3)
+    assert (config.metrics, config.watch) == (False, 5.0)
+    config = mds.server.load_config({}, file=settings, environ=environ)
+    assert config.port == 9100
+    with pytest.raises(mds.ConfigError, match="MDS_SERVE_PROT: no such setting"):
+        mds.server.load_config({"repository": "m"}, environ={"MDS_SERVE_PROT": "1"})
+    with pytest.raises(mds.ConfigError, match=r"serve\.yaml.*workers"):
+        settings.write_text("workers: many\n")
+        mds.server.load_config({"repository": "m"}, file=settings, environ={})
+    with pytest.raises(mds.ConfigError, match="port"):
+        mds.server.load_config({"repository": "m", "port": "eighty"}, environ={})
+    with pytest.raises(mds.ConfigError, match="no model repository"):
+        mds.server.load_config({}, environ={})
+
+
+class Doubler(mds.ModelHandler[float, float]):
+    def infer(self, batch: list[float]) -> list[float]:
+        return [2 * x for x in batch]
+
+
+def test_the_lean_app_mounted_in_a_fastapi_app() -> None:
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    import mds.fastapi
+
+    runtime = mds.Runtime()
+    runtime.add_model("double", Doubler)
+    host = fastapi.FastAPI(lifespan=mds.fastapi.lifespan(runtime, load="wait"))
+    host.mount("/fast", mds.server.app(runtime))
+
+    @host.get("/own")
+    def own() -> dict[str, str]:
+        return {"mine": "yes"}
+
+    with TestClient(host) as client:
+        assert client.post("/fast/models/double/infer", json=2.5).json() == 5.0
+        assert client.get("/fast/health/ready").status_code == 200
+        assert client.get("/own").json() == {"mine": "yes"}
+        assert client.get("/fast/v2/models/double/ready").status_code == 200
+        assert client.get("/fast/nowhere").status_code == 404
+    assert not runtime.running

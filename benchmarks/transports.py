@@ -3,13 +3,15 @@
 One small torch MLP (256 -> 1024 -> 1024 -> 16, one torch thread), a JSON
 body {"x": [256 floats]}, batches of at most 32 with a 2 ms delay. Each server
 runs pinned to core 0 (taskset, its children too); wrk runs on core 1 with a
-Lua POST script, at 1, 64 and 256 connections, in the same run. (a1), (a2)
-and (b) run side by side and are measured in interleaved rounds (medians
+Lua POST script, at 1, 64 and 256 connections, in the same run. (s), (a1), (a2),
+(a3) and (b) run side by side and are measured in interleaved rounds (medians
 quoted), so that the machine's drift falls on them alike; the peers follow,
 one at a time, one run per level:
 
+  (s)  mds serve: the standalone server on a repository holding the model
   (a1) mds: the route mds.fastapi.add_routes adds (POST /models/mlp/infer)
   (a2) mds: the app's own async def route that awaits mds.serve
+  (a3) mds: mds.server.app mounted in the same FastAPI app (/lean/...)
   (b)  plain FastAPI: an async def route calling the model per request
   (c)  LitServe, same batch settings      (own venv, made on first run)
   (d)  Mosec, same batch settings         (own venv, made on first run)
@@ -185,8 +187,10 @@ def main() -> None:
     # machine's drift then falls on all of them alike. Medians of the rounds.
     groups: list[list[tuple[str, Path | str, str, str]]] = [
         [
+            ("s  mds serve", sys.executable, "mds_serve.py", "/models/mlp/infer"),
             ("a1 mds adapter route", sys.executable, "mds_app.py", "/models/mlp/infer"),
             ("a2 mds in own route", sys.executable, "mds_app.py", "/predict"),
+            ("a3 mds app mounted", sys.executable, "mds_app.py", "/lean/models/mlp/infer"),
             ("b  plain FastAPI", sys.executable, "plain_app.py", "/predict"),
         ]
     ]
@@ -216,7 +220,7 @@ def main() -> None:
                 for _ in range(rounds):
                     for label, _, app, path in group:
                         base = servers[app][1]
-                        mds_server = label.startswith("a")
+                        mds_server = label.startswith(("a", "s"))
                         before = batch_sizes(base) if mds_server else {}
                         found = wrk(base + path, script, level, seconds / rounds)
                         runs.setdefault(label, {}).setdefault(level, []).append(found)
@@ -262,13 +266,29 @@ def main() -> None:
         pairs = zip(runs[label][level], runs["b  plain FastAPI"][level], strict=True)
         return statistics.median(mine[key] / plain[key] for mine, plain in pairs)
 
-    for label in ("a1 mds adapter route", "a2 mds in own route"):
+    served = results["s  mds serve"]
+    for label in (
+        "s  mds serve",
+        "a1 mds adapter route",
+        "a2 mds in own route",
+        "a3 mds app mounted",
+    ):
         mine = results[label]
         print(f"{label}:")
         print(f"   64 clients: {paired(label, 64, 'rps'):.2f}x plain FastAPI (target >= 2x)")
         if "d  Mosec" in results:
             mosec = results["d  Mosec"]
-            print(f"   64 clients: {mine[64]['rps'] / mosec[64]['rps']:.2f}x Mosec (target > 1x)")
+            target = "1.5x" if label.startswith("s") else "1x"
+            for level in (64, 256):
+                rps = mine[level]["rps"] / mosec[level]["rps"]
+                p99 = mine[level]["p99"] / mosec[level]["p99"]
+                print(
+                    f"   {level} clients: {rps:.2f}x Mosec's req/s (target >= {target}); "
+                    f"p99 {p99:.2f}x Mosec's (target <= 1x for mds serve)"
+                )
+        if not label.startswith("s"):
+            share = mine[64]["rps"] / served[64]["rps"]
+            print(f"   64 clients: {share:.2f}x mds serve's req/s (target >= 0.8x)")
         if "c  LitServe" in results:
             lit = results["c  LitServe"]
             print(f"   64 clients: {mine[64]['rps'] / lit[64]['rps']:.2f}x LitServe")

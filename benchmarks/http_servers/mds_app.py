@@ -12,6 +12,7 @@ from model import MAX_BATCH, MAX_DELAY, make_model, run_batch
 
 import mds
 import mds.fastapi
+import mds.server
 
 
 class MLP(mds.ModelHandler[dict[str, Any], dict[str, Any]]):
@@ -37,6 +38,8 @@ runtime.add_model(
 )
 app = FastAPI()
 mds.fastapi.add_routes(app, runtime)
+# (a3) mds's lean app (what `mds serve` runs) mounted in the same FastAPI app.
+app.mount("/lean", mds.server.app(runtime))
 
 
 @app.post("/predict")

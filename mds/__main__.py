@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run that was stopped or killed.",
         )
     )
-    from . import server
+    from . import _server_command as server
 
     server.add_arguments(
         commands.add_parser(

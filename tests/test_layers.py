@@ -64,7 +64,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_demo",
         },
     ),
-    ("the package and the command line", {"__init__", "__main__"}),
+    ("the package and the command line", {"__init__", "__main__", "_server_command"}),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}
 

@@ -26,6 +26,7 @@ _EXTRAS = {
     "redis": "redis",
     "ray": "ray",
     "uvicorn": "server",
+    "granian": "server",
 }
 
 DISTRIBUTION = "mds-serving"

@@ -84,12 +84,19 @@ def serving(
                 process.communicate()
 
 
-def test_the_example_repository_over_http_and_grpc() -> None:
-    pytest.importorskip("uvicorn")
+HTTP_SERVERS = pytest.mark.parametrize("http_server", ["granian", "uvicorn"])
+
+
+@HTTP_SERVERS
+def test_the_example_repository_over_http_and_grpc(http_server: str) -> None:
+    pytest.importorskip(http_server)
     http_client = pytest.importorskip("tritonclient.http")
     grpc_client = pytest.importorskip("tritonclient.grpc")
     grpc_port = free_port()
-    with serving(str(EXAMPLE), "--grpc-port", str(grpc_port)) as (url, _):
+    with serving(str(EXAMPLE), "--grpc-port", str(grpc_port), "--http-server", http_server) as (
+        url,
+        _,
+    ):
         answer = httpx.post(f"{url}/models/churn/infer", json=[1, 2, 3, 4])
         assert answer.json() == {"risk": 0.9955, "version": "2"}
         older = httpx.post(f"{url}/models/churn/versions/1/infer", json=[1, 2, 3, 4])
@@ -125,10 +132,12 @@ def slow_repository(root: Path) -> Path:
     return root
 
 
-def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path) -> None:
-    pytest.importorskip("uvicorn")
+@HTTP_SERVERS
+def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path, http_server: str) -> None:
+    pytest.importorskip(http_server)
     repository = slow_repository(tmp_path / "models")
-    with serving(str(repository), "--drain-timeout", "20") as (url, process):
+    flags = ("--drain-timeout", "20", "--http-server", http_server)
+    with serving(str(repository), *flags) as (url, process):
 
         def ask(x: int) -> tuple[int, Any]:
             answer = httpx.post(f"{url}/models/slow/infer", json=x, timeout=30)
@@ -142,7 +151,6 @@ def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path) -> None:
         output = process.communicate(timeout=30)[0]
     assert answers == [(200, 2 * x) for x in range(6)]
     assert process.returncode == 0, output
-    assert "Shutting down" in output
 
 
 def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Path) -> None:
@@ -173,10 +181,12 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
     assert missing.returncode == 1 and "nowhere" in missing.stderr
 
 
-def test_several_workers_answer_and_their_metrics_add_up() -> None:
-    pytest.importorskip("uvicorn")
+@HTTP_SERVERS
+def test_several_workers_answer_and_their_metrics_add_up(http_server: str) -> None:
+    pytest.importorskip(http_server)
     pytest.importorskip("prometheus_client")
-    with serving(str(EXAMPLE), env={"MDS_SERVE_WORKERS": "2"}) as (url, _):
+    settings = {"MDS_SERVE_WORKERS": "2", "MDS_SERVE_HTTP_SERVER": http_server}
+    with serving(str(EXAMPLE), env=settings) as (url, _):
         for _ in range(20):
             assert httpx.post(f"{url}/models/churn/infer", json=[0, 0, 0, 0]).status_code == 200
         series = 'mds_requests_total{model="churn",outcome="success",version="2"} '

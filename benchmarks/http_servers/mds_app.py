@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -36,8 +39,17 @@ runtime.add_model(
         warmup_batch_sizes=(1, MAX_BATCH),
     ),
 )
-app = FastAPI()
-mds.fastapi.add_routes(app, runtime)
+@asynccontextmanager
+async def frozen(app: FastAPI) -> AsyncIterator[None]:
+    # As mds serve does once its models are loaded: the collector leaves what
+    # startup made alone, so a full collection stalls no request for long.
+    gc.collect()
+    gc.freeze()
+    yield
+
+
+app = FastAPI(lifespan=frozen)
+mds.fastapi.add_routes(app, runtime, load="wait")  # the app's lifespan runs after mds's
 # (a3) mds's lean app (what `mds serve` runs) mounted in the same FastAPI app.
 app.mount("/lean", mds.server.app(runtime))
 

@@ -12,6 +12,8 @@ one at a time, one run per level:
   (a1) mds: the route mds.fastapi.add_routes adds (POST /models/mlp/infer)
   (a2) mds: the app's own async def route that awaits mds.serve
   (a3) mds: mds.server.app mounted in the same FastAPI app (/lean/...)
+       (the FastAPI app calls gc.freeze() once its models are loaded, as
+       mds serve does: see benchmarks/README.md)
   (b)  plain FastAPI: an async def route calling the model per request
   (c)  LitServe, same batch settings      (own venv, made on first run)
   (d)  Mosec, same batch settings         (own venv, made on first run)

@@ -89,7 +89,7 @@ def lint(session: nox.Session) -> None:
 def types(session: nox.Session) -> None:
     """mypy --strict on the package and on the user-side typing checks."""
     # The adapters are checked against the real frameworks' types.
-    install(session, "test,fastapi,flask,metrics,tracing,grpc,redis,sqs", "mypy>=1.11")
+    install(session, "test,fastapi,flask,metrics,tracing,grpc,redis,sqs,server", "mypy>=1.11")
     session.run("mypy")
     session.run("mypy", "--strict", "tests/typing")
 

@@ -39,6 +39,8 @@ runtime.add_model(
         warmup_batch_sizes=(1, MAX_BATCH),
     ),
 )
+
+
 @asynccontextmanager
 async def frozen(app: FastAPI) -> AsyncIterator[None]:
     # As mds serve does once its models are loaded: the collector leaves what

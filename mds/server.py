@@ -21,10 +21,11 @@ Added in 0.5.
 
 # No `from __future__ import annotations`: msgspec reads ServerConfig's annotations.
 
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -157,11 +158,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     repository_routes: bool = False
     metrics: bool = True
     status_page: bool = False
-    drain_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    drain_timeout: Annotated[float, Meta(ge=0, le=86400)] = 30.0
     max_body_bytes: Annotated[int, Meta(ge=1)] = 64 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
     http_server: Literal["auto", "granian", "uvicorn"] = "auto"
+
+
+_DEFAULTS = ServerConfig(repository=".")
 
 
 def load_config(
@@ -180,6 +184,7 @@ def load_config(
             where it came from; an unknown setting in the file.
     """
     settings: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # where each setting came from, for the error
     if file is not None:
         path = Path(file)
         try:
@@ -193,7 +198,9 @@ def load_config(
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         settings.update(found)
+        origin.update(dict.fromkeys(found, str(path)))
     names = ServerConfig.__struct_fields__
+    flags_of = {n: isinstance(getattr(_DEFAULTS, n), bool) for n in names}
     for name, value in (environ if environ is not None else os.environ).items():
         if not name.startswith("MDS_SERVE_"):
             continue
@@ -203,19 +210,33 @@ def load_config(
                 f"environment variable {name}: no such setting; the settings are "
                 + ", ".join(f"MDS_SERVE_{n.upper()}" for n in names)
             )
-        settings[field] = _from_text(value)
-    settings.update({k: v for k, v in flags.items() if v is not None})
+        settings[field] = _from_text(value, flag=flags_of[field])
+        origin[field] = f"environment variable {name}"
+    given = {k: v for k, v in flags.items() if v is not None}
+    settings.update(given)
+    origin.update({k: f"flag --{k.replace('_', '-')}" for k in given})
     if "repository" not in settings:
         raise ConfigError("no model repository: give its folder (mds serve REPOSITORY)")
     try:
         return msgspec.convert(settings, ServerConfig, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"the server's settings: {exc}") from None
+        field = str(exc).rpartition("$.")[2].strip("`")
+        where = origin.get(field, "the server's settings")
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-def _from_text(value: str) -> Any:
-    """An environment variable's value: ``none`` for no value, else as given (converted later)."""
-    return None if value.strip().lower() in ("none", "null", "") else value
+def _from_text(value: str, *, flag: bool) -> Any:
+    """An environment variable's value: ``none`` for none; yes/no/on/off for a flag."""
+    text = value.strip().lower()
+    if text in ("none", "null"):
+        return None
+    if flag and text in _WORDS:
+        return _WORDS[text]
+    return value
+
+
+_WORDS = {"yes": True, "on": True, "true": True, "1": True}
+_WORDS |= {"no": False, "off": False, "false": False, "0": False}
 
 
 def build(config: ServerConfig) -> tuple[Runtime, Any]:
@@ -291,8 +312,9 @@ class _FreezeWhenReady:
 
         import anyio
 
-        while not (await self.runtime.health()).ready:  # noqa: ASYNC110 - startup only
-            await anyio.sleep(0.5)
+        with anyio.move_on_after(600):  # a model that never gets ready: freeze all the same
+            while not (await self.runtime.health()).ready:  # noqa: ASYNC110 - startup only
+                await anyio.sleep(0.5)
         gc.collect()
         gc.freeze()
 
@@ -310,6 +332,11 @@ def run(config: ServerConfig) -> None:
         ConfigError: the repository has problems (each named), or a setting is wrong.
         MissingDependency: the ``server`` extra is not installed.
     """
+    if config.repository_routes and config.workers > 1:
+        raise ConfigError(
+            "repository_routes with several workers: each worker would load and unload "
+            "models on its own; serve the repository routes with one worker"
+        )
     http_server = config.http_server
     if http_server == "auto":
         http_server = "granian" if _has("granian") else "uvicorn"
@@ -332,10 +359,8 @@ def run(config: ServerConfig) -> None:
         served = build(config)[1]
         _Drained(uvicorn.Config(served, **options)).run()
         return
-    ModelRepository(config.repository).check()  # refused here, before any worker starts
-    with tempfile.TemporaryDirectory(prefix="mds-serve-metrics-") as directory:
-        os.environ[_WORKER_SETTINGS] = msgspec.json.encode(config).decode()
-        os.environ[_WORKER_METRICS] = directory
+    build(config)  # what it refuses is refused here, before any worker starts
+    with _handed_to_workers(config):
         uvicorn.run("mds.server:worker_app", factory=True, workers=config.workers, **options)
 
 
@@ -344,11 +369,8 @@ def _run_granian(config: ServerConfig) -> None:
     import math
 
     granian = require("granian", feature="mds serve --http-server granian")
-    ModelRepository(config.repository).check()  # refused here, before any worker starts
-    with tempfile.TemporaryDirectory(prefix="mds-serve-metrics-") as directory:
-        os.environ[_WORKER_SETTINGS] = msgspec.json.encode(config).decode()
-        if config.workers > 1:
-            os.environ[_WORKER_METRICS] = directory
+    build(config)  # what it refuses is refused here, before any worker starts
+    with _handed_to_workers(config):
         granian.Granian(
             "mds.server:worker_app",
             factory=True,
@@ -360,9 +382,24 @@ def _run_granian(config: ServerConfig) -> None:
             websockets=False,
             log_level=config.log_level,
             log_access=config.access_log,
-            # On SIGTERM, how long a worker may take to drain before it is killed.
-            workers_kill_timeout=max(1, math.ceil(config.drain_timeout)),
+            # On SIGTERM, how long a worker may take before it is killed: the
+            # requests' drain, then the models' own stop (their drain_timeout).
+            workers_kill_timeout=math.ceil(config.drain_timeout) + 60,
         ).serve()
+
+
+@contextlib.contextmanager
+def _handed_to_workers(config: ServerConfig) -> Iterator[None]:
+    """The settings (and a folder for their metrics) in the environment the workers inherit."""
+    with tempfile.TemporaryDirectory(prefix="mds-serve-metrics-") as directory:
+        os.environ[_WORKER_SETTINGS] = msgspec.json.encode(config).decode()
+        if config.workers > 1:
+            os.environ[_WORKER_METRICS] = directory
+        try:
+            yield
+        finally:
+            os.environ.pop(_WORKER_SETTINGS, None)
+            os.environ.pop(_WORKER_METRICS, None)
 
 
 def _drained_server() -> Any:

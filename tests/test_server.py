@@ -118,6 +118,9 @@ def test_the_example_repository_over_http_and_grpc(http_server: str) -> None:
         given.set_data_from_numpy(features)
         assert np.allclose(remote.infer("churn", [given]).as_numpy("risk"), risk)
         remote.close()
+        assert client.get_inference_statistics("churn")["model_stats"]  # /v2/models/churn/stats
+        assert httpx.get(f"{url}/v2/models/stats").status_code == 200
+        assert httpx.get(f"{url}/health/live/").status_code == 200  # a trailing slash
         metrics = httpx.get(f"{url}/metrics").text
         assert 'mds_requests_total{model="churn",outcome="success",version="2"}' in metrics
 
@@ -185,7 +188,9 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
 def test_several_workers_answer_and_their_metrics_add_up(http_server: str) -> None:
     pytest.importorskip(http_server)
     pytest.importorskip("prometheus_client")
+    # Each worker's readiness is its own: with "wait" a worker takes requests once it is ready.
     settings = {"MDS_SERVE_WORKERS": "2", "MDS_SERVE_HTTP_SERVER": http_server}
+    settings["MDS_SERVE_LOAD"] = "wait"
     with serving(str(EXAMPLE), env=settings) as (url, _):
         for _ in range(20):
             assert httpx.post(f"{url}/models/churn/infer", json=[0, 0, 0, 0]).status_code == 200
@@ -219,8 +224,20 @@ def test_settings_come_from_the_file_then_the_environment_then_the_flags(tmp_pat
     with pytest.raises(mds.ConfigError, match=r"serve\.yaml.*workers"):
         settings.write_text("workers: many\n")
         mds.server.load_config({"repository": "m"}, file=settings, environ={})
-    with pytest.raises(mds.ConfigError, match="port"):
+    with pytest.raises(mds.ConfigError, match=r"flag --port: .*port"):
         mds.server.load_config({"repository": "m", "port": "eighty"}, environ={})
+    with pytest.raises(mds.ConfigError, match="environment variable MDS_SERVE_PORT: "):
+        mds.server.load_config({"repository": "m"}, environ={"MDS_SERVE_PORT": "abc"})
+    words = {"MDS_SERVE_METRICS": "off", "MDS_SERVE_STATUS_PAGE": "yes", "MDS_SERVE_PREFIX": ""}
+    config = mds.server.load_config({"repository": "m"}, environ=words)
+    assert (config.metrics, config.status_page, config.prefix) == (False, True, "")
+    with pytest.raises(mds.ConfigError, match="drain_timeout"):
+        mds.server.load_config({"repository": "m", "drain_timeout": "inf"}, environ={})
+    config = mds.server.load_config(
+        {"repository": str(EXAMPLE), "workers": 2, "repository_routes": True}, environ={}
+    )
+    with pytest.raises(mds.ConfigError, match="repository_routes with several workers"):
+        mds.server.run(config)
     with pytest.raises(mds.ConfigError, match="no model repository"):
         mds.server.load_config({}, environ={})
 
@@ -252,3 +269,35 @@ def test_the_lean_app_mounted_in_a_fastapi_app() -> None:
         assert client.get("/fast/v2/models/double/ready").status_code == 200
         assert client.get("/fast/nowhere").status_code == 404
     assert not runtime.running
+
+
+async def test_the_lean_app_refuses_websockets_and_reports_a_failed_start() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("double", Doubler)
+    served = mds.server.app(runtime, prefix="ml")  # no leading slash: taken as "/ml"
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def connect() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    await served({"type": "websocket", "path": "/ml/ws"}, connect, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+    class Broken(Doubler):
+        def init(self, context: mds.ModelContext) -> None:
+            raise OSError("no weights at /nowhere")
+
+    failing = mds.Runtime()
+    failing.add_model("broken", Broken)
+    messages = iter([{"type": "lifespan.startup"}])
+
+    async def lifespan_receive() -> dict[str, Any]:
+        return next(messages)
+
+    sent.clear()
+    await mds.server.app(failing, load="wait")({"type": "lifespan"}, lifespan_receive, send)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "no weights at /nowhere" in sent[0]["message"]

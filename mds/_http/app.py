@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from .._errors import excerpt
+from .._errors import describe, excerpt
 from .._repository.repository import ModelRepository
 from .._runtime import Load, Runtime
 from .asgi import Receive, Scope, Send, send_reply
@@ -58,7 +58,8 @@ class App:
     ) -> None:
         self.service = service
         self.runtime: Runtime = service.runtime
-        self.prefix = prefix.rstrip("/")
+        prefix = prefix.strip("/")
+        self.prefix = f"/{prefix}" if prefix else ""
         self._load = load
         self._companions = companions
         routes = Routes(service)
@@ -95,15 +96,26 @@ class App:
             if root and path.startswith(root):  # mounted, or behind a proxy's prefix
                 path = path[len(root) :]
             dispatch = self._fixed.get(path)
-            if dispatch is None:
+            if dispatch is not None:
+                scope["path_params"] = {}
+            else:
                 dispatch = self._match(path, scope)
+                if dispatch is None and path.endswith("/") and len(path) > 1:
+                    path = path[:-1]  # "/health/live/" is "/health/live"
+                    dispatch = self._fixed.get(path)
+                    if dispatch is not None:
+                        scope["path_params"] = {}
+                    else:
+                        dispatch = self._match(path, scope)
                 if dispatch is None:
                     await send_reply(send, self._not_found(path))
                     return
             await dispatch(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        # websocket: not served (the server answers it with a 403)
+        elif kind == "websocket":  # none served: refuse the handshake
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
 
     def _match(self, path: str, scope: Scope) -> Dispatch | None:
         segments = path.split("/")
@@ -130,15 +142,17 @@ class App:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
         assert message["type"] == "lifespan.startup"
+        started = False
         try:
             async with self.running():
+                started = True
                 await send({"type": "lifespan.startup.complete"})
-                message = await receive()  # lifespan.shutdown
+                await receive()  # lifespan.shutdown
         except BaseException as exc:
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            if not started:
+                await send({"type": "lifespan.startup.failed", "message": describe(exc)})
                 return
-            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+            await send({"type": "lifespan.shutdown.failed", "message": describe(exc)})
             raise
         await send({"type": "lifespan.shutdown.complete"})
 

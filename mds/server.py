@@ -36,10 +36,14 @@ from ._deps import require
 from ._errors import ConfigError
 from ._http.app import App
 from ._http.service import EXTENSIONS, Service, metrics_registry
+from ._pipeline.graph import Pipeline
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
 
 __all__ = ["ServerConfig", "app", "load_config", "run"]
+
+#: The repository's folder of pipeline files.
+PIPELINES = "pipelines"
 
 #: What the parent process hands its worker processes: the settings, and where
 #: their metrics meet (not MDS_SERVE_*: those are the user's settings).
@@ -243,11 +247,16 @@ def build(config: ServerConfig) -> tuple[Runtime, Any]:
     """The runtime serving ``config``'s repository, and the ASGI app serving it.
 
     Raises:
-        ConfigError: a problem in the repository (each with its file and field).
+        ConfigError: a problem in the repository (each with its file and
+            field), or in one of its pipelines.
     """
     runtime = Runtime()
     repository = ModelRepository(config.repository)
     repository.add_to(runtime, watch=config.watch)
+    # Pipelines: each YAML file in the repository's pipelines/ folder (a folder
+    # without mds.yaml, so no model), its model nodes naming the repository's models.
+    for file in sorted((Path(config.repository) / PIPELINES).glob("*.y*ml")):
+        runtime.add_pipeline(Pipeline.load(file))
     metrics: Any = False
     if config.metrics:
         core = require("prometheus_client", feature="mds serve's /metrics")

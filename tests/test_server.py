@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,8 @@ def test_the_example_repository_over_http_and_grpc(http_server: str) -> None:
     ):
         answer = httpx.post(f"{url}/models/churn/infer", json=[1, 2, 3, 4])
         assert answer.json() == {"risk": 0.9955, "version": "2"}
+        piped = httpx.post(f"{url}/models/churn-alert/infer", json=[1, 2, 3, 4])
+        assert piped.json() == {"risk": 0.9955, "version": "2", "alert": True}  # a pipeline
         older = httpx.post(f"{url}/models/churn/versions/1/infer", json=[1, 2, 3, 4])
         assert older.json()["version"] == "1"
         bad = httpx.post(f"{url}/models/churn/infer", json=[1, 2])
@@ -173,6 +176,20 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
     )
     assert done.returncode == 1
     assert "mds.yaml" in done.stderr and "max_batch_size" in done.stderr, done.stderr
+    shutil.rmtree(model)
+    (tmp_path / "models" / "pipelines").mkdir()
+    (tmp_path / "models" / "pipelines" / "bad.yaml").write_text(
+        "pipeline:\n  name: bad\n  nodes:\n  - name: x\n    model: nowhere\n"
+    )
+    piped = subprocess.run(
+        [sys.executable, "-m", "mds", "serve", str(tmp_path / "models"), "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert piped.returncode == 1 and "nowhere" in piped.stderr, piped.stderr
     missing = subprocess.run(
         [sys.executable, "-m", "mds", "serve", str(tmp_path / "nowhere")],
         cwd=ROOT,

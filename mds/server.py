@@ -273,11 +273,18 @@ def build(config: ServerConfig) -> tuple[Runtime, Any]:
 
         address = f"{config.host}:{config.grpc_port}"
         companions += (Server(runtime, address, repository=routed, grace=config.drain_timeout),)
+    peers = None
+    shared = os.environ.get(_WORKER_METRICS)
+    if shared is not None:  # several workers: readiness adds up across them
+        readiness = _SharedReadiness(runtime, Path(shared) / "ready", config.workers)
+        companions += (readiness,)
+        peers = readiness.waiting
     service = Service(
         runtime,
         max_body_bytes=config.max_body_bytes,
         extensions=(*EXTENSIONS, "model_repository") if routed is not None else EXTENSIONS,
         metrics=metrics_registry(runtime, metrics),
+        peers=peers,
     )
     served = App(
         service,
@@ -326,6 +333,75 @@ class _FreezeWhenReady:
                 await anyio.sleep(0.5)
         gc.collect()
         gc.freeze()
+
+
+class _SharedReadiness:
+    """This worker's readiness in a folder the server's workers share, and theirs read back.
+
+    So that any worker's ``/health/ready`` answers for the whole server: a
+    probe reaches one worker, and must not call the pod ready while another
+    still loads. Each worker writes its state every half second; one not
+    heard from for 5 seconds has exited and no longer counts.
+    """
+
+    def __init__(self, runtime: Runtime, folder: Path, workers: int) -> None:
+        self.runtime = runtime
+        self.folder = folder
+        self.workers = workers
+        self.mine = folder / f"{os.getpid()}.json"
+        self._waiting: list[str] = ["the others, not heard from yet"]
+        self._tasks: Any = None
+
+    def waiting(self) -> list[str]:
+        """The other workers not ready yet, by process id (as last read)."""
+        return self._waiting
+
+    async def __aenter__(self) -> Any:
+        import anyio
+
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        self._tasks.start_soon(self._share)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._tasks.cancel_scope.cancel()
+        await self._tasks.__aexit__(None, None, None)
+        self.mine.unlink(missing_ok=True)
+
+    async def _share(self) -> None:
+        import anyio
+
+        while True:
+            ready = all(model.ready for model in self.runtime.models.values())
+            self._waiting = await anyio.to_thread.run_sync(self._exchange, ready)
+            await anyio.sleep(0.5)
+
+    def _exchange(self, ready: bool) -> list[str]:
+        """Write this worker's state; read the others' (in a thread: files)."""
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        written = self.mine.with_suffix(".tmp")
+        written.write_bytes(msgspec.json.encode({"ready": ready, "at": now}))
+        written.replace(self.mine)  # whole, for the readers
+        waiting, heard = [], 1
+        for file in self.folder.glob("*.json"):
+            if file == self.mine:
+                continue
+            try:
+                state = msgspec.json.decode(file.read_bytes())
+            except (OSError, msgspec.DecodeError):
+                continue  # gone, or being replaced
+            if now - state.get("at", 0) >= 5:
+                continue  # exited
+            heard += 1
+            if not state.get("ready"):
+                waiting.append(file.stem)
+        if heard < self.workers:  # started, but not writing yet (still importing, say)
+            waiting.append(f"{self.workers - heard} not heard from yet")
+        return sorted(waiting)
 
 
 def worker_app() -> Any:

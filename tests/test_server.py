@@ -205,9 +205,8 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
 def test_several_workers_answer_and_their_metrics_add_up(http_server: str) -> None:
     pytest.importorskip(http_server)
     pytest.importorskip("prometheus_client")
-    # Each worker's readiness is its own: with "wait" a worker takes requests once it is ready.
+    # Readiness adds up: 200 from any worker once every worker is ready (loading in the background).
     settings = {"MDS_SERVE_WORKERS": "2", "MDS_SERVE_HTTP_SERVER": http_server}
-    settings["MDS_SERVE_LOAD"] = "wait"
     with serving(str(EXAMPLE), env=settings) as (url, _):
         for _ in range(20):
             assert httpx.post(f"{url}/models/churn/infer", json=[0, 0, 0, 0]).status_code == 200

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -275,6 +275,8 @@ class Service:
             a model is overloaded or not ready.
         extensions: the protocol extensions the server metadata lists.
         metrics: the ``prometheus_client`` registry ``/metrics`` serves, if any.
+        peers: the other worker processes of one server that are not ready
+            yet (their process ids), where readiness adds up across workers.
     """
 
     runtime: Runtime
@@ -284,6 +286,7 @@ class Service:
     retry_after: int = 1
     extensions: tuple[str, ...] = EXTENSIONS
     metrics: Any = None
+    peers: Callable[[], list[str]] | None = None
     _retry: tuple[tuple[str, str], ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -350,6 +353,13 @@ class Service:
 
     def ready(self, health: RuntimeHealth) -> Reply:
         ready = health.ready  # every model; so every pipeline, made of them
+        if ready and self.peers is not None:
+            waiting = self.peers()
+            if waiting:  # this worker is ready, but not the whole server
+                health = msgspec.structs.replace(health, ready=False)
+                ready = False
+                headers = (*self._unless(False), ("Mds-Workers-Not-Ready", ", ".join(waiting)))
+                return Reply(503, _encoder.encode(health), JSON, headers)
         return Reply(200 if ready else 503, _encoder.encode(health), JSON, self._unless(ready))
 
     def target(self, name: str, version: str | None = None) -> Servable:

@@ -177,41 +177,50 @@ class Instance:
 
     def _steps_batch(self, steps: list[SequenceStep[Any, Any]]) -> Sequence[Any]:
         """Open the sequences that start here, give each step its state, keep the new states."""
-        failed: dict[int, MdsError] = {}
-        for index, step in enumerate(steps):
-            live = step._live
-            if not live.opened:
-                try:
-                    live.state = (
-                        self.handler.sequence_start(step.sequence_id) if self._starts else None
-                    )
-                except Exception as exc:
-                    failed[index] = as_item_error(exc, "sequence_start failed", self.index)
-                    continue
-                live.opened = True
-                live.instance = self.index
-            step.state = live.state
-            step._ran = True
-        run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
+        run, failed = self._give_states(steps, self._first_states(steps))
         return self._keep(steps, run, self._batch(run) if run else [], failed)
 
     async def _steps_batch_async(self, steps: list[SequenceStep[Any, Any]]) -> Sequence[Any]:
+        firsts = self._first_states(steps)
+        for index, state in firsts.items():  # an async sequence_start: awaited here
+            if inspect.isawaitable(state):
+                try:
+                    firsts[index] = await state
+                except Exception as exc:
+                    firsts[index] = _StartFailed(exc)
+        run, failed = self._give_states(steps, firsts)
+        return self._keep(steps, run, await self._batch_async(run) if run else [], failed)
+
+    def _first_states(self, steps: list[SequenceStep[Any, Any]]) -> dict[int, Any]:
+        """What ``sequence_start`` gives each step whose sequence starts here (or raises)."""
+        firsts: dict[int, Any] = {}
+        for index, step in enumerate(steps):
+            if not step._live.opened:
+                try:
+                    firsts[index] = (
+                        self.handler.sequence_start(step.sequence_id) if self._starts else None
+                    )
+                except Exception as exc:
+                    firsts[index] = _StartFailed(exc)
+        return firsts
+
+    def _give_states(
+        self, steps: list[SequenceStep[Any, Any]], firsts: dict[int, Any]
+    ) -> tuple[list[SequenceStep[Any, Any]], dict[int, MdsError]]:
+        """Open the sequences that start (``firsts``), give each step its state: those to run."""
         failed: dict[int, MdsError] = {}
         for index, step in enumerate(steps):
             live = step._live
-            if not live.opened:
-                try:
-                    state = self.handler.sequence_start(step.sequence_id) if self._starts else None
-                    live.state = await state if inspect.isawaitable(state) else state
-                except Exception as exc:
-                    failed[index] = as_item_error(exc, "sequence_start failed", self.index)
+            if index in firsts:
+                first = firsts[index]
+                if isinstance(first, _StartFailed):
+                    failed[index] = as_item_error(first.exc, "sequence_start failed", self.index)
                     continue
-                live.opened = True
-                live.instance = self.index
+                live.state, live.opened, live.instance = first, True, self.index
             step.state = live.state
             step._ran = True
         run = [step for index, step in enumerate(steps) if index not in failed] if failed else steps
-        return self._keep(steps, run, await self._batch_async(run) if run else [], failed)
+        return run, failed
 
     def _keep(
         self,
@@ -338,3 +347,12 @@ class Instance:
 
     def _batch_error(self, problem: str, size: int) -> list[Any]:
         return [InferenceError(problem, instance=self.index) for _ in range(size)]
+
+
+class _StartFailed:
+    """What ``sequence_start`` raised for a step (its state would be any object)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc

@@ -50,11 +50,10 @@ from ._http.endpoints import Dispatch, Routes
 from ._http.openapi import describe
 from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import (
-    EXTENSIONS,
     Reply,
     Service,
     error_reply,
-    metrics_registry,
+    make_service,
     paths,
 )
 from ._repository.repository import ModelRepository
@@ -119,14 +118,14 @@ def router(
     fastapi = require("fastapi", feature="mds.fastapi")
     from starlette.routing import Route
 
-    service = Service(
+    service = make_service(
         runtime,
+        repository=repository is not None,
+        metrics=metrics,
         timeout_header=timeout_header,
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
-        extensions=(*EXTENSIONS, "model_repository") if repository is not None else EXTENSIONS,
-        metrics=metrics_registry(runtime, metrics),
     )
     routes = Routes(service)
     found: APIRouter = fastapi.APIRouter(prefix=prefix)

@@ -29,14 +29,13 @@ from ._deps import require
 from ._errors import MdsError
 from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import (
-    EXTENSIONS,
     VERSION_HEADER,
     Call,
     Reply,
     Service,
     allowed,
     error_reply,
-    metrics_registry,
+    make_service,
     paths,
     request_id,
     span_name,
@@ -78,14 +77,14 @@ def blueprint(
         MissingDependency: Flask is not installed (``pip install mds-serving[flask]``).
     """
     flask = require("flask", feature="mds.flask")
-    service = Service(
+    service = make_service(
         runtime,
+        repository=repository is not None,
+        metrics=metrics,
         timeout_header=timeout_header,
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
-        extensions=(*EXTENSIONS, "model_repository") if repository is not None else EXTENSIONS,
-        metrics=metrics_registry(runtime, metrics),
     )
     views = _Views(service, flask)
     found: Blueprint = flask.Blueprint(name, __name__)

@@ -35,7 +35,7 @@ from msgspec import Meta
 from ._deps import require
 from ._errors import ConfigError
 from ._http.app import App
-from ._http.service import EXTENSIONS, Service, metrics_registry
+from ._http.service import make_service
 from ._pipeline.graph import Pipeline
 from ._repository.repository import ModelRepository
 from ._runtime import Load, Runtime
@@ -94,14 +94,14 @@ def app(
     Example:
         >>> uvicorn.run(mds.server.app(runtime), port=8000)
     """
-    service = Service(
+    service = make_service(
         runtime,
+        repository=repository is not None,
+        metrics=metrics,
         timeout_header=timeout_header,
         priority_header=priority_header,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
-        extensions=(*EXTENSIONS, "model_repository") if repository is not None else EXTENSIONS,
-        metrics=metrics_registry(runtime, metrics),
     )
     return App(
         service,
@@ -279,11 +279,11 @@ def build(config: ServerConfig) -> tuple[Runtime, Any]:
         readiness = _SharedReadiness(runtime, Path(shared) / "ready", config.workers)
         companions += (readiness,)
         peers = readiness.waiting
-    service = Service(
+    service = make_service(
         runtime,
+        repository=routed is not None,
+        metrics=metrics,
         max_body_bytes=config.max_body_bytes,
-        extensions=(*EXTENSIONS, "model_repository") if routed is not None else EXTENSIONS,
-        metrics=metrics_registry(runtime, metrics),
         peers=peers,
     )
     served = App(

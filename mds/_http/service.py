@@ -215,6 +215,18 @@ def metrics_registry(runtime: Runtime, metrics: Any) -> Any:
     return metrics
 
 
+def make_service(runtime: Runtime, *, repository: bool, metrics: Any, **settings: Any) -> Service:
+    """The :class:`Service` for an adapter's options.
+
+    ``repository``: the repository routes are served (the server metadata
+    lists the extension); ``metrics``: as :func:`metrics_registry` takes it.
+    ``settings``: the other fields of :class:`Service`.
+    """
+    extensions = (*EXTENSIONS, "model_repository") if repository else EXTENSIONS
+    registry = metrics_registry(runtime, metrics)
+    return Service(runtime, extensions=extensions, metrics=registry, **settings)
+
+
 def allowed(methods: Iterable[str]) -> tuple[str, ...]:
     """What ``Allow`` lists for a path that answers ``methods``."""
     return tuple(sorted({*methods, *(("HEAD",) if "GET" in methods else ()), "OPTIONS"}))

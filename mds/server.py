@@ -22,13 +22,16 @@ Added in 0.5.
 # No `from __future__ import annotations`: msgspec reads ServerConfig's annotations.
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import msgspec
 from msgspec import Meta
 
@@ -266,7 +269,10 @@ def build(config: ServerConfig) -> tuple[Runtime, Any]:
         metrics = core.CollectorRegistry(auto_describe=True)
         metrics.register(Collector(runtime, directory=directory))
     routed = repository if config.repository_routes else None
-    companions: tuple[Any, ...] = (_FreezeWhenReady(runtime),)
+    companions: tuple[Any, ...] = ()
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = [
+        partial(_freeze_when_ready, runtime)
+    ]
     if config.grpc_port is not None:
         require("grpc", feature="mds serve --grpc-port")
         from .grpc import Server
@@ -277,7 +283,7 @@ def build(config: ServerConfig) -> tuple[Runtime, Any]:
     shared = os.environ.get(_WORKER_METRICS)
     if shared is not None:  # several workers: readiness adds up across them
         readiness = _SharedReadiness(runtime, Path(shared) / "ready", config.workers)
-        companions += (readiness,)
+        background.append(readiness.share)
         peers = readiness.waiting
     service = make_service(
         runtime,
@@ -293,11 +299,12 @@ def build(config: ServerConfig) -> tuple[Runtime, Any]:
         repository=routed,
         load=config.load,
         companions=companions,
+        background=tuple(background),
     )
     return runtime, served
 
 
-class _FreezeWhenReady:
+async def _freeze_when_ready(runtime: Runtime) -> None:
     """Once every model is ready, keep the collector off what startup made (``gc.freeze``).
 
     Loading made hundreds of thousands of objects (modules, weights' wrappers)
@@ -306,33 +313,11 @@ class _FreezeWhenReady:
     clients went from 92 ms to 15 ms once they were frozen
     (benchmarks/transports.py).
     """
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self._tasks: Any = None
-
-    async def __aenter__(self) -> Any:
-        import anyio
-
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._freeze)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._tasks.cancel_scope.cancel()
-        await self._tasks.__aexit__(None, None, None)
-
-    async def _freeze(self) -> None:
-        import gc
-
-        import anyio
-
-        with anyio.move_on_after(600):  # a model that never gets ready: freeze all the same
-            while not (await self.runtime.health()).ready:  # noqa: ASYNC110 - startup only
-                await anyio.sleep(0.5)
-        gc.collect()
-        gc.freeze()
+    with anyio.move_on_after(600):  # a model that never gets ready: freeze all the same
+        while not (await runtime.health()).ready:  # noqa: ASYNC110 - startup only
+            await anyio.sleep(0.5)
+    gc.collect()
+    gc.freeze()
 
 
 class _SharedReadiness:
@@ -350,32 +335,20 @@ class _SharedReadiness:
         self.workers = workers
         self.mine = folder / f"{os.getpid()}.json"
         self._waiting: list[str] = ["the others, not heard from yet"]
-        self._tasks: Any = None
 
     def waiting(self) -> list[str]:
         """The other workers not ready yet, by process id (as last read)."""
         return self._waiting
 
-    async def __aenter__(self) -> Any:
-        import anyio
-
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._share)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._tasks.cancel_scope.cancel()
-        await self._tasks.__aexit__(None, None, None)
-        self.mine.unlink(missing_ok=True)
-
-    async def _share(self) -> None:
-        import anyio
-
-        while True:
-            ready = all(model.ready for model in self.runtime.models.values())
-            self._waiting = await anyio.to_thread.run_sync(self._exchange, ready)
-            await anyio.sleep(0.5)
+    async def share(self) -> None:
+        """Write this worker's state and read the others', every half second, until cancelled."""
+        try:
+            while True:
+                ready = all(model.ready for model in self.runtime.models.values())
+                self._waiting = await anyio.to_thread.run_sync(self._exchange, ready)
+                await anyio.sleep(0.5)
+        finally:
+            self.mine.unlink(missing_ok=True)
 
     def _exchange(self, ready: bool) -> list[str]:
         """Write this worker's state; read the others' (in a thread: files)."""

@@ -11,10 +11,11 @@ adapter's (:mod:`mds._http.endpoints`). The ASGI lifespan runs the runtime.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import anyio
 import msgspec
 
 from .._errors import describe, excerpt
@@ -43,6 +44,8 @@ class App:
         load: how the lifespan starts the runtime (see :meth:`mds.Runtime.run`).
         companions: async context managers entered with the runtime, after
             it starts (a gRPC server, say).
+        background: async functions run while the app runs, cancelled when
+            it stops.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class App:
         repository: ModelRepository | None = None,
         load: Load = "background",
         companions: tuple[Any, ...] = (),
+        background: tuple[Callable[[], Coroutine[Any, Any, None]], ...] = (),
     ) -> None:
         self.service = service
         self.runtime: Runtime = service.runtime
@@ -62,6 +66,7 @@ class App:
         self.prefix = f"/{prefix}" if prefix else ""
         self._load = load
         self._companions = companions
+        self._background = background
         routes = Routes(service)
         wanted = paths(v2, metrics=service.metrics is not None, status_page=status_page)
         table: dict[str, dict[str, Endpoint]] = {
@@ -164,6 +169,11 @@ class App:
                 await stack.enter_async_context(self.runtime.run(load=self._load))
             for companion in self._companions:
                 await stack.enter_async_context(companion)
+            if self._background:
+                tasks = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(tasks.cancel_scope.cancel)  # runs first, on the way out
+                for run in self._background:
+                    tasks.start_soon(run)
             yield
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -70,3 +71,17 @@ def running(kind: str, app: Any, runtime: mds.Runtime) -> Iterator[Served]:
         wsgi.shutdown()
         thread.join(30)
         runtime.stop_sync()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[str], what: str) -> None:
+    """Wait (60 s at most) until the server ``process`` runs answers ``/health/ready`` with 200."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not become ready"
+        time.sleep(0.1)

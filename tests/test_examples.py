@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .servers import free_port
+from .servers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -101,16 +101,7 @@ def serving(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the example did not become ready"
-            time.sleep(0.1)
+        wait_until_ready(url, process, "the example")
         yield url
     finally:
         process.send_signal(signal.SIGINT)

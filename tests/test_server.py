@@ -22,7 +22,7 @@ import pytest
 import mds
 import mds.server
 
-from .servers import free_port
+from .servers import free_port, wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +63,7 @@ def serving(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mds serve did not become ready"
-            time.sleep(0.1)
+        wait_until_ready(url, process, "mds serve")
         yield url, process
     finally:
         if process.poll() is None:
@@ -128,6 +119,14 @@ def test_the_example_repository_over_http_and_grpc(http_server: str) -> None:
         assert 'mds_requests_total{model="churn",outcome="success",version="2"}' in metrics
 
 
+def serve_once(*args: str) -> subprocess.CompletedProcess[str]:
+    """``mds serve *args`` run to its end (a refusal, here)."""
+    command = [sys.executable, "-m", "mds", "serve", *args]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def slow_repository(root: Path) -> Path:
     model = root / "slow"
     (model / "1").mkdir(parents=True)
@@ -166,14 +165,7 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
     (model / "mds.yaml").write_text(
         "handler: handler.py\nconfig:\n  batching: {max_batch_size: 0}\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "mds", "serve", str(tmp_path / "models"), "--port", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = serve_once(str(tmp_path / "models"), "--port", "0")
     assert done.returncode == 1
     assert "mds.yaml" in done.stderr and "max_batch_size" in done.stderr, done.stderr
     shutil.rmtree(model)
@@ -181,23 +173,9 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
     (tmp_path / "models" / "pipelines" / "bad.yaml").write_text(
         "pipeline:\n  name: bad\n  nodes:\n  - name: x\n    model: nowhere\n"
     )
-    piped = subprocess.run(
-        [sys.executable, "-m", "mds", "serve", str(tmp_path / "models"), "--port", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    piped = serve_once(str(tmp_path / "models"), "--port", "0")
     assert piped.returncode == 1 and "nowhere" in piped.stderr, piped.stderr
-    missing = subprocess.run(
-        [sys.executable, "-m", "mds", "serve", str(tmp_path / "nowhere")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    missing = serve_once(str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "nowhere" in missing.stderr
 
 

@@ -53,6 +53,19 @@ class RunningSum(mds.ModelHandler[float, float]):
         self.ends.append((sequence_id, state, reason))
 
 
+class Held(RunningSum):
+    """A running sum whose batches holding a ``hold`` input (any, if ``None``) wait for ``gate``."""
+
+    def __init__(self, gate: anyio.Event, hold: float | None = 99.0) -> None:
+        super().__init__()
+        self.gate, self.hold = gate, hold
+
+    async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
+        if self.hold is None or any(step.input == self.hold for step in steps):
+            await self.gate.wait()
+        return RunningSum.infer(self, steps)
+
+
 def stateful(max_batch_size: int = 8, instances: int = 1, **sequences: Any) -> mds.ModelConfig:
     return mds.ModelConfig(
         instances=instances,
@@ -219,20 +232,14 @@ async def test_a_step_after_the_last_one_is_refused() -> None:
 
 
 async def test_limits_are_overloaded_not_a_hang() -> None:
-    gate = anyio.Event()
-
-    class Held(RunningSum):
-        async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
-            await gate.wait()
-            return RunningSum.infer(self, steps)
-
-    gate.set()
-    async with mds.ModelRuntime(Held(), stateful(max_sequences=2, max_queued_steps=2)) as model:
+    handler = Held(anyio.Event(), hold=None)
+    handler.gate.set()
+    async with mds.ModelRuntime(handler, stateful(max_sequences=2, max_queued_steps=2)) as model:
         await model.serve(1.0, sequence_id=1, sequence_start=True)
         await model.serve(1.0, sequence_id=2, sequence_start=True)
         with pytest.raises(mds.Overloaded, match=r"2 sequences are live.*max_sequences.*3"):
             await model.serve(1.0, sequence_id=3, sequence_start=True)
-        gate = anyio.Event()
+        handler.gate = gate = anyio.Event()
         async with anyio.create_task_group() as tasks:
             for _ in range(3):  # one computing, two waiting
                 tasks.start_soon(lambda: model.serve(1.0, sequence_id=1))
@@ -264,14 +271,7 @@ async def test_an_idle_sequence_ends_and_its_hook_runs() -> None:
 
 async def test_a_cancelled_step_ends_its_sequence() -> None:
     gate = anyio.Event()
-
-    class Held(RunningSum):
-        async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
-            if any(step.input == 99 for step in steps):
-                await gate.wait()
-            return RunningSum.infer(self, steps)
-
-    handler = Held()
+    handler = Held(gate)
     async with mds.ModelRuntime(handler, stateful()) as model:
         await model.serve(1.0, sequence_id="c", sequence_start=True)
         waiting: list[Any] = []
@@ -300,14 +300,7 @@ async def test_a_cancelled_step_ends_its_sequence() -> None:
 
 async def test_a_step_whose_deadline_passes_in_line_is_not_computed_and_ends_it() -> None:
     gate = anyio.Event()
-
-    class Held(RunningSum):
-        async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
-            if any(step.input == 99 for step in steps):
-                await gate.wait()
-            return RunningSum.infer(self, steps)
-
-    handler = Held()
+    handler = Held(gate)
     async with mds.ModelRuntime(handler, stateful()) as model:
         await model.serve(1.0, sequence_id="d", sequence_start=True)
         async with anyio.create_task_group() as tasks:
@@ -548,14 +541,7 @@ def test_the_sequence_settings_come_from_a_config_file_and_are_checked() -> None
 
 async def test_a_stop_with_steps_queued_and_computing_ends_each_sequence_once() -> None:
     gate = anyio.Event()
-
-    class Held(RunningSum):
-        async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
-            if any(step.input == 99 for step in steps):
-                await gate.wait()  # never opens: the stop cuts it
-            return RunningSum.infer(self, steps)
-
-    handler = Held()
+    handler = Held(gate)
     config = mds.ModelConfig(
         batching=mds.BatchingConfig(max_batch_size=2),
         sequences=mds.SequenceConfig(),
@@ -644,14 +630,7 @@ async def test_a_caller_that_leaves_after_its_step_was_computed_ends_the_sequenc
 
 async def test_unloading_a_version_ends_its_sequences_as_stopped_and_the_rest_serve_on() -> None:
     gate = anyio.Event()
-
-    class Held(RunningSum):
-        async def infer(self, steps: Sequence[mds.SequenceStep[float, float]]) -> list[Any]:  # type: ignore[override]
-            if any(step.input == 99 for step in steps):
-                await gate.wait()
-            return RunningSum.infer(self, steps)
-
-    first, second = Held(), Held()
+    first, second = Held(gate), Held(gate)
     config = mds.ModelConfig(sequences=mds.SequenceConfig(), drain_timeout=5.0)
     runtime = mds.Runtime()
     runtime.add_model("m", first, config, policy=mds.VersionPolicy(all=True))

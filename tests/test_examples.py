@@ -726,8 +726,11 @@ def test_the_example_repository_checks_clean() -> None:
 
 
 @pytest.mark.timeout(240)
-def test_the_ray_serve_example() -> None:
+def test_the_ray_serve_example(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray.serve", reason="the Ray examples need ray (the ray extra)")
+    # As tests/on_ray/conftest.py: a proxy slow to start on busy cores is given time.
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     out = run("examples/ray_serve.py", timeout=220)
     lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     answer = float(lines["handle"])

@@ -159,6 +159,7 @@ def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path, http_server:
 
 
 def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn", reason="mds serve needs its server extra")
     model = tmp_path / "models" / "broken"
     (model / "1").mkdir(parents=True)
     (model / "1" / "handler.py").write_text(textwrap.dedent(SLOW_HANDLER))

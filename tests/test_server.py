@@ -296,3 +296,31 @@ async def test_the_lean_app_refuses_websockets_and_reports_a_failed_start() -> N
     await mds.server.app(failing, load="wait")({"type": "lifespan"}, lifespan_receive, send)
     assert sent[0]["type"] == "lifespan.startup.failed"
     assert "no weights at /nowhere" in sent[0]["message"]
+
+
+def test_the_lean_apps_repository_routes_keep_to_the_body_limit(tmp_path: Path) -> None:
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    root = tmp_path / "models"
+    shutil.copytree(EXAMPLE, root)
+    repository = mds.ModelRepository(root)
+    runtime = mds.Runtime()
+    repository.add_to(runtime)
+    served = mds.server.app(runtime, load="wait", repository=repository, max_body_bytes=64)
+    with TestClient(served) as client:
+        assert client.post("/v2/repository/index", json={}).status_code == 200
+        padding = {"parameters": {"note": "x" * 100}}
+        for route in ("/v2/repository/index", "/v2/repository/models/churn/unload"):
+            refused = client.post(route, json=padding)
+            assert refused.status_code == 400, route
+            assert "max_body_bytes" in refused.json()["error"]
+
+            def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+                yield b'{"parameters": {"note": "'
+                yield b"x" * 100
+                yield b'"}}'
+
+            streamed = client.post(route, content=chunks())
+            assert streamed.status_code == 400 and "max_body_bytes" in streamed.json()["error"]
+        assert client.post("/v2/repository/models/churn/unload", json={}).status_code == 200

@@ -11,7 +11,7 @@ adapter's (:mod:`mds._http.endpoints`). The ASGI lifespan runs the runtime.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -21,8 +21,8 @@ import msgspec
 from .._errors import describe, excerpt
 from .._repository.repository import ModelRepository
 from .._runtime import Load, Runtime
-from .asgi import Receive, Scope, Send, send_reply
-from .endpoints import Dispatch, Endpoint, Routes
+from .asgi import ClientGone, Receive, Scope, Send, send_reply
+from .endpoints import Dispatch, Endpoint, Routes, read_body
 from .repository import REPOSITORY_ROUTES, Repository
 from .service import Reply, Service, paths
 
@@ -186,37 +186,44 @@ class _RepositoryRoutes:
         self.routes = Repository(repository)
 
     async def repository_index(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            reply = self.routes.index(await _body(receive))
-        except Exception as exc:
-            reply = self.service.error(exc)
-        await send_reply(send, reply)
+        async def index(body: bytes) -> Reply:
+            return self.routes.index(body)
+
+        await self._answer(scope, receive, send, index)
 
     async def repository_load(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = scope["path_params"]["name"]
-        try:
-            config = self.routes.load_config(await _body(receive))
-            await self.repository.load(name, config)
-            reply = self.routes.done(name)
-        except Exception as exc:
-            reply = self.service.error(exc)
-        await send_reply(send, reply)
+
+        async def load(body: bytes) -> Reply:
+            await self.repository.load(name, self.routes.load_config(body))
+            return self.routes.done(name)
+
+        await self._answer(scope, receive, send, load)
 
     async def repository_unload(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = scope["path_params"]["name"]
-        try:
-            self.routes.check_unload(await _body(receive))
+
+        async def unload(body: bytes) -> Reply:
+            self.routes.check_unload(body)
             await self.repository.unload(name)
-            reply = self.routes.done(name)
+            return self.routes.done(name)
+
+        await self._answer(scope, receive, send, unload)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, act: Callable[[bytes], Awaitable[Reply]]
+    ) -> None:
+        try:
+            reply = await act(await read_body(receive, self.service, _length(scope)))
+        except ClientGone:
+            return  # no one to answer
         except Exception as exc:
             reply = self.service.error(exc)
         await send_reply(send, reply)
 
 
-async def _body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
+def _length(scope: Scope) -> str | None:
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            return str(value.decode("latin-1"))
+    return None

@@ -135,7 +135,7 @@ class Routes:
         params = scope["path_params"]
         try:
             headers = self._headers(scope)
-            body = await self._body(receive, headers)
+            body = await read_body(receive, service, headers.get("content-length"))
             call = service.request(params["name"], params.get("version"), body, headers, v2=v2)
             # The caller's trace (W3C traceparent) and request id follow the
             # request into mds: the task _watching starts copies this context.
@@ -224,27 +224,34 @@ class Routes:
                 found[key.decode("latin-1")] = value.decode("latin-1")
         return found
 
-    async def _body(self, receive: Receive, headers: dict[str, str]) -> bytes:
-        limit = self.service.max_body_bytes
-        length = headers.get("content-length")
-        if length is not None and length.isdigit():
-            self.service.check_size(int(length))
+
+async def read_body(receive: Receive, service: Service, length: str | None) -> bytes:
+    """The request's body, refused as soon as it is larger than ``service.max_body_bytes``.
+
+    Raises:
+        DecodeError: too large (by its ``Content-Length`` or as it arrives).
+        ClientGone: the client left while sending it.
+    """
+    if length is not None and length.isdigit():
+        service.check_size(int(length))
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        service.check_size(len(body))
+        return bytes(body)
+    limit = service.max_body_bytes
+    parts = [body]
+    size = len(body)
+    while message.get("more_body", False):
         message = await receive()
-        body = message.get("body", b"")
-        if not message.get("more_body", False):
-            return bytes(body)
-        parts = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise self.service.too_large(size)
-            parts.append(chunk)
-        return b"".join(parts)
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise service.too_large(size)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 READ = frozenset(

@@ -89,6 +89,10 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
         max_queue_delay: how long, in seconds, a batch may wait to grow
             towards a preferred size (or ``max_batch_size``) while the model
             is busy. An idle model never waits: a lone request goes at once.
+        wait_when_idle: let a batch wait its ``max_queue_delay`` at an idle
+            model too, as Triton's, TorchServe's and Ray Serve's batchers
+            do: larger batches where callers are many but slow to arrive,
+            at the cost of a lone request's latency. Added in 0.5.
         preferred_batch_sizes: sizes the batcher forms when it can; a batch
             that reaches one of them goes at once.
         max_queue_size: the most requests waiting at each priority level; a
@@ -112,6 +116,7 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
 
     max_batch_size: Annotated[int, Meta(ge=1)] = 1
     max_queue_delay: Annotated[float, Meta(ge=0.0)] = 0.0
+    wait_when_idle: bool = False
     preferred_batch_sizes: tuple[Annotated[int, Meta(ge=1)], ...] = ()
     max_queue_size: Annotated[int, Meta(ge=1)] = 1024
     priority_queue_sizes: tuple[Annotated[int, Meta(ge=1)], ...] = ()

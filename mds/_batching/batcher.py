@@ -387,10 +387,10 @@ class Batcher(Generic[W]):
         otherwise it may wait up to ``max_queue_delay`` from its oldest item.
         Unlike Triton's, only while the model is busy (another instance is
         computing, or requests queued up while this one was): a lone request
-        at an idle model never waits.
+        at an idle model never waits, unless ``wait_when_idle``.
         """
         config = self.config
-        if not config.max_queue_delay or not (self._busy or backlog):
+        if not config.max_queue_delay or not (self._busy or backlog or config.wait_when_idle):
             return None
         if self._preferred and cost >= self._preferred[0]:
             return None

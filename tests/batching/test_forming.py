@@ -32,6 +32,24 @@ async def test_an_idle_model_takes_a_lone_request_at_once(recorder: Any) -> None
     assert recorder.sizes == [1]
 
 
+@pytest.mark.virtual_time
+async def test_wait_when_idle_makes_an_idle_model_wait_for_company(recorder: Any) -> None:
+    model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0, wait_when_idle=True)
+    async with model, anyio.create_task_group() as tasks:
+        began = anyio.current_time()
+        tasks.start_soon(model.serve, 1)
+        await anyio.sleep(0.5)
+        assert recorder.sizes == []  # the lone request waits
+        for i in range(2, 5):
+            tasks.start_soon(model.serve, i)  # the batch fills up: it goes at once
+        await anyio.wait_all_tasks_blocked()
+        assert recorder.sizes == [4]
+        assert anyio.current_time() - began < 1.0
+        tasks.start_soon(model.serve, 5)  # alone for good: goes when the delay ends
+    assert recorder.sizes == [4, 1]
+    assert anyio.current_time() - began >= 1.5
+
+
 async def test_under_load_batches_grow_up_to_the_limit(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4) as model, anyio.create_task_group() as tasks:
         await recorder.busy(tasks, model)

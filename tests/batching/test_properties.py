@@ -43,6 +43,7 @@ request = st.fixed_dictionaries(
     max_batch_size=st.integers(1, 6),
     instances=st.integers(1, 3),
     delay=st.sampled_from([0.0, 0.001]),
+    wait_when_idle=st.booleans(),
     infer_seconds=st.sampled_from([0.0, 0.0005]),
 )
 async def test_every_request_gets_exactly_one_answer_and_its_own(
@@ -50,6 +51,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
     max_batch_size: int,
     instances: int,
     delay: float,
+    wait_when_idle: bool,
     infer_seconds: float,
     answers: Any,
 ) -> None:
@@ -60,6 +62,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
         batching=mds.BatchingConfig(
             max_batch_size=max_batch_size,
             max_queue_delay=delay,
+            wait_when_idle=wait_when_idle,
             priority_levels=2,
             preferred_batch_sizes=(max_batch_size,),
         ),

@@ -112,8 +112,10 @@ def wait_ready(server: subprocess.Popen[bytes], url: str, body: bytes) -> None:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, float]:
-    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}"]
+def wrk(
+    url: str, script: Path, connections: int, seconds: float, cores: str = "1"
+) -> dict[str, float]:
+    command = ["taskset", "-c", cores, "wrk", f"-t{len(cores.split(','))}", f"-c{connections}"]
     command += [f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
     command += ["-s", str(script), url]
     for _ in range(3):

@@ -9,4 +9,5 @@ from mds.__main__ import main
 
 if __name__ == "__main__":
     repository = Path(__file__).resolve().parent / "repository"
-    sys.exit(main(["serve", str(repository), "--port", sys.argv[1], "--log-level", "warning"]))
+    flags = ["--port", sys.argv[1], "--log-level", "warning", *sys.argv[2:]]
+    sys.exit(main(["serve", str(repository), *flags]))

@@ -419,7 +419,24 @@ def run(config: ServerConfig) -> None:
         return
     build(config)  # what it refuses is refused here, before any worker starts
     with _handed_to_workers(config):
-        uvicorn.run("mds.server:worker_app", factory=True, workers=config.workers, **options)
+        _run_uvicorn_workers(
+            uvicorn.Config("mds.server:worker_app", factory=True, workers=config.workers, **options)
+        )
+
+
+def _run_uvicorn_workers(config: Any) -> None:
+    """The supervisor of uvicorn's worker processes, exiting non-zero when a worker failed to start.
+
+    uvicorn's own ``run`` stops every worker when one fails to start (a
+    model that failed under ``--load wait``) but then exits with 0.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        sys.exit(STARTUP_FAILURE)
 
 
 def _run_granian(config: ServerConfig) -> None:

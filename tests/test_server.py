@@ -181,6 +181,24 @@ def test_a_bad_repository_is_refused_naming_the_file_and_the_field(tmp_path: Pat
 
 
 @HTTP_SERVERS
+def test_a_model_that_fails_to_load_under_load_wait_stops_every_worker(
+    tmp_path: Path, http_server: str
+) -> None:
+    pytest.importorskip(http_server, reason="mds serve needs its server extra")
+    model = tmp_path / "models" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "handler.py").write_text(
+        textwrap.dedent(SLOW_HANDLER).replace("self.path = path", "raise OSError('no weights')")
+    )
+    (model / "mds.yaml").write_text("handler: handler.py\n")
+    for workers in ("1", "2"):
+        flags = ["--load", "wait", "--workers", workers, "--http-server", http_server]
+        done = serve_once(str(tmp_path / "models"), "--port", str(free_port()), *flags)
+        assert done.returncode != 0, (workers, done.stderr)
+        assert "no weights" in done.stderr, done.stderr
+
+
+@HTTP_SERVERS
 def test_several_workers_answer_and_their_metrics_add_up(http_server: str) -> None:
     pytest.importorskip(http_server)
     pytest.importorskip("prometheus_client")

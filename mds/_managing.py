@@ -140,6 +140,7 @@ class Managing:
                     f"{version!r}, loaded without traffic (default=False)"
                 )
             model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
+            model._sequence_ends = versions.sequence_ends
             logger.info("model %r: loading version %r", name, version)
             if on_demand:
                 self._residency.adopt(model)

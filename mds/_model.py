@@ -23,7 +23,7 @@ from ._devices.manager import DeviceManager
 from ._errors import ConfigError, InferenceError, LifecycleError, MdsError, NotReady
 from ._handler import ModelHandler, ModelState, RequestT, ResponseT
 from ._instances import Instances, Source, source_name, start_instances
-from ._sequences import Sequences
+from ._sequences import Ends, Sequences
 from ._servable import Serving
 from ._statistics import RequestCounts, counted, snapshot
 from ._status import CallTrace, ModelHealth, ModelStatistics, Traced
@@ -92,6 +92,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         self._batcher: Batcher[Any] | None = None
         self._batchers: tuple[Batcher[Any], ...] = ()  # one, or one per instance (pinned)
         self._sequences: Sequences | None = None  # a stateful model's, while it runs
+        self._sequence_ends: Ends | None = None  # its versions' (set by the runtime)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._idle: anyio.Event | None = None
         self._counts = RequestCounts()
@@ -271,9 +272,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         for batcher in batchers:
             tasks.start_soon(batcher.watch_deadlines)
         if sequencing is not None:
-            self._sequences = Sequences(
-                sequencing, batchers, loaded.instances, tasks, self._counts, self._where
-            )
+            made = (sequencing, batchers, loaded.instances, tasks, self._counts, self._where)
+            self._sequences = Sequences(*made, ended=self._sequence_ends)
         self._set_state(ModelState.READY)
         return self
 

@@ -219,6 +219,7 @@ class Runtime(Managing, ByName, LoopBound):
                 "(or latest=N) to serve several versions"
             )
         model = ModelRuntime(handler, config, name=name, version=version, devices=self.devices)
+        model._sequence_ends = versions.sequence_ends
         if on_demand:
             self._residency.adopt(model)
         versions.policy = policy

@@ -46,6 +46,10 @@ logger = logging.getLogger("mds.model")
 #: How many ended sequences are remembered, to say why a late step's sequence is gone.
 _REMEMBERED = 1024
 
+#: Why sequences ended lately, by id: shared by a model's versions, so that a
+#: step that reaches another version than the one that ended its sequence is told why.
+Ends = OrderedDict[SequenceId, SequenceEnd]
+
 
 class Sequences:
     """A stateful model's live sequences, between its request path and its batchers.
@@ -57,6 +61,8 @@ class Sequences:
         tasks: where end hooks run while the model runs.
         counts: the model's counters (sequences started and ended).
         where: the model, for logs.
+        ended: the record of why sequences ended to keep, shared by the
+            model's versions (a record of its own if ``None``).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class Sequences:
         tasks: anyio.abc.TaskGroup,
         counts: RequestCounts,
         where: str,
+        ended: Ends | None = None,
     ) -> None:
         self.config = config
         self.batchers = tuple(batchers)
@@ -80,7 +87,7 @@ class Sequences:
         self._live: OrderedDict[SequenceId, _Live] = OrderedDict()
         # Ids whose end hook is running, and the sequences started again meanwhile.
         self._ending: dict[SequenceId, list[_Live]] = {}
-        self._ended: OrderedDict[SequenceId, SequenceEnd] = OrderedDict()
+        self._ended: Ends = ended if ended is not None else OrderedDict()
         self._due: dict[_Live, SequenceEnd] = {}  # ended, their sequence_end not yet begun
         self._pins = [0] * len(instances)
         self._until = math.inf  # when the idle watch wakes next

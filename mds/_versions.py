@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Coroutine, Mapping
 from threading import get_ident as _get_ident
 from types import MappingProxyType
@@ -25,6 +25,7 @@ from ._errors import ConfigError, MdsError, ModelNotFound, NotReady
 from ._handler import ModelState
 from ._model import ModelRuntime
 from ._request import request_context
+from ._sequences import Ends
 from ._servable import Serving
 from ._statistics import retired_statistics, summed
 from ._status import CallTrace, ModelHealth, ModelStatistics, VersionStatus
@@ -205,6 +206,8 @@ class ModelVersions(_Delegating):
         self._retired: dict[str, tuple[ModelStatistics | None, tuple[Any, ...]]] = {}
         self._reload_failed: dict[str, str] = {}  # loaded versions whose reload failed
         self._draining: list[ModelRuntime[Any, Any]] = []  # retired, with live sequences
+        #: Why sequences ended, whichever version ended them (each version's runtime shares it).
+        self.sequence_ends: Ends = OrderedDict()
 
     def __repr__(self) -> str:
         return (

@@ -450,6 +450,10 @@ async def test_a_reload_ends_the_old_sequences_as_swapped() -> None:
         await runtime.load_model("sum", make, stateful(), version="1")
         assert await ends(handlers[0], 1)
         assert handlers[0].ends == [("old", 1.0, mds.SequenceEnd.SWAPPED)]
+        # Its next step reaches the new version, which says why it is gone.
+        with pytest.raises(mds.InvalidInput, match=r"'old' is not live: it ended \(swapped\)"):
+            await runtime.serve("sum", 2.0, sequence_id="old")
+        assert await runtime.serve("sum", 2.0, sequence_id="old", sequence_start=True) == 2.0
 
 
 async def test_a_traffic_split_keeps_each_sequence_on_its_version() -> None:

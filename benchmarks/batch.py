@@ -12,7 +12,9 @@ rounds (medians of each round's ratio are quoted):
   rows, call the model per batch, write the part);
 - mds: ``mds.batch.run`` with ``TorchHandler`` (same batch size).
 
-Targets: mds at least 95% of both. Then peak RSS of an mds job (in a child
+Targets: mds at least 95% of both. Then a batch's forward pass alone
+against with the other core kept busy by another process: what overlapping
+work with the model costs the model on this machine. Then peak RSS of an mds job (in a child
 process) over N and 10 N rows, and the cost of a run SIGKILLed half-way and
 resumed against one uninterrupted run (target: at most 10% more).
 """
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -96,6 +99,47 @@ async def via_mds(source: Path, folder: Path) -> float:
     async with mds.ModelRuntime(handler(), CONFIG, name="mlp") as model:
         report = await mds.batch.run(model, source, folder, part_rows=PART, overwrite=True)
     return report.rows / report.seconds
+
+
+def _spin(stop: Any) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+def co_run_ratio() -> float:
+    """A batch's forward alone against with the other core busy (another process): a ceiling.
+
+    Anything that overlaps work with the model (reading, writing, the event
+    loop: what ``mds.batch.run`` does) pays this on every batch on a machine
+    whose cores share their caches and memory bus; a loop that does
+    everything in turn does not.
+    """
+    import multiprocessing
+
+    module = make_mlp().eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((BATCH, 256)).astype(np.float32))
+
+    def forward_ms() -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(300):
+                began = time.perf_counter()
+                module(x)
+                times.append(time.perf_counter() - began)
+        return statistics.median(times) * 1e3
+
+    forward_ms()
+    alone, busy = [], []
+    for _ in range(3):
+        alone.append(forward_ms())
+        stop = multiprocessing.Event()
+        spinner = multiprocessing.Process(target=_spin, args=(stop,))
+        spinner.start()
+        time.sleep(0.2)
+        busy.append(forward_ms())
+        stop.set()
+        spinner.join()
+    return statistics.median(alone) / statistics.median(busy)
 
 
 def child(source: str, folder: str, resume: bool) -> None:
@@ -184,6 +228,10 @@ def main() -> None:
         for key in ("mds/raw", "mds/hand"):
             verdict = "ok" if med[key] >= 0.95 else "BELOW TARGET"
             print(f"  {key:9} {med[key]:.2f} (target >= 0.95: {verdict})")
+        print(
+            f"  a batch's forward, alone against the other core busy: {co_run_ratio():.2f}x "
+            "(the ceiling of any run that overlaps work with the model, on this machine)"
+        )
         sizes = (memory_rows, 10 * memory_rows)
         peaks = []
         for size in sizes:

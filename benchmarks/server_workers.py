@@ -7,7 +7,8 @@ most 32, 2 ms delay), 64 connections a worker, in interleaved rounds
 (medians):
 
 - 1 worker pinned to core 0, wrk on core 1 (the transports benchmark's setup);
-- 2 workers pinned to cores 0 and 1, wrk (128 connections) on the same two cores.
+- 2 workers, the server pinned to cores 0-1 together, wrk (128 connections)
+  on the same two cores.
 
 With wrk sharing the cores in the second, requests/s alone do not tell the
 scaling; what does is the server's CPU per request (every process of the
@@ -107,7 +108,7 @@ def main() -> None:
                 sized = batches(base)
                 before = cpu_seconds(server.pid)
                 began = time.perf_counter()
-                connections = 64 * int(name[0])  # 64 a worker: the same load on each
+                connections = 64 * setups[name][0]  # 64 a worker: the same load on each
                 found = wrk(base + url, script, connections, args.seconds, cores=load_cores)
                 elapsed = time.perf_counter() - began
                 used = cpu_seconds(server.pid) - before

@@ -88,7 +88,8 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
         max_batch_size: the most cost one ``infer`` call receives.
         max_queue_delay: how long, in seconds, a batch may wait to grow
             towards a preferred size (or ``max_batch_size``) while the model
-            is busy. An idle model never waits: a lone request goes at once.
+            is busy. An idle model never waits: a lone request goes at once
+            (unless ``wait_when_idle``).
         wait_when_idle: let a batch wait its ``max_queue_delay`` at an idle
             model too, as Triton's, TorchServe's and Ray Serve's batchers
             do: larger batches where callers are many but slow to arrive,

@@ -316,15 +316,23 @@ async def test_the_lean_app_refuses_websockets_and_reports_a_failed_start() -> N
     assert "no weights at /nowhere" in sent[0]["message"]
 
 
-def test_the_lean_apps_repository_routes_keep_to_the_body_limit(tmp_path: Path) -> None:
+@pytest.fixture
+def example_repository(tmp_path: Path) -> tuple[mds.Runtime, mds.ModelRepository]:
+    """The example repository, copied, added to a new runtime."""
+    shutil.copytree(EXAMPLE, tmp_path / "models")
+    repository = mds.ModelRepository(tmp_path / "models")
+    runtime = mds.Runtime()
+    repository.add_to(runtime)
+    return runtime, repository
+
+
+def test_the_lean_apps_repository_routes_keep_to_the_body_limit(
+    example_repository: tuple[mds.Runtime, mds.ModelRepository],
+) -> None:
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    root = tmp_path / "models"
-    shutil.copytree(EXAMPLE, root)
-    repository = mds.ModelRepository(root)
-    runtime = mds.Runtime()
-    repository.add_to(runtime)
+    runtime, repository = example_repository
     served = mds.server.app(runtime, load="wait", repository=repository, max_body_bytes=64)
     with TestClient(served) as client:
         assert client.post("/v2/repository/index", json={}).status_code == 200
@@ -342,3 +350,29 @@ def test_the_lean_apps_repository_routes_keep_to_the_body_limit(tmp_path: Path) 
             streamed = client.post(route, content=chunks())
             assert streamed.status_code == 400 and "max_body_bytes" in streamed.json()["error"]
         assert client.post("/v2/repository/models/churn/unload", json={}).status_code == 200
+
+
+async def test_a_repository_call_whose_client_left_before_its_body_does_nothing(
+    example_repository: tuple[mds.Runtime, mds.ModelRepository],
+) -> None:
+    runtime, repository = example_repository
+    served = mds.server.app(runtime, repository=repository)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v2/repository/models/churn/unload",
+        "headers": [(b"content-length", b"2")],
+        "query_string": b"",
+    }
+    async with runtime.run(load="wait"):
+        await served(scope, gone, send)
+        assert sent == []  # no one to answer
+        assert runtime.model("churn").ready  # and not unloaded

@@ -3,7 +3,8 @@
 Callers submit one item each and wait for their own answer. One worker per
 model instance forms batches from the shared queue:
 
-- an idle worker takes what is queued at once, so a lone request never waits;
+- an idle worker takes what is queued at once, so a lone request never waits
+  (unless ``wait_when_idle``);
 - while the model is busy, a batch may wait up to ``max_queue_delay`` to grow
   to a preferred size or the maximum, never past the tightest deadline in it;
 - sizes count cost, higher priority levels go first, and items batch only with
@@ -397,8 +398,11 @@ class Batcher(Generic[W]):
         until = batch[0].enqueued + config.max_queue_delay
         deadlines = [item.deadline for item in batch if item.deadline is not None]
         if deadlines:
+            typical = self._typical_infer_seconds()
+            if not typical and not (self._busy or backlog):
+                return None  # idle, and no batch timed yet: no telling what a wait would cost
             # Leave the batch time to run before its tightest deadline.
-            until = min(until, min(deadlines) - self._typical_infer_seconds() - _MARGIN)
+            until = min(until, min(deadlines) - typical - _MARGIN)
         return until if until > now else None
 
     def _typical_infer_seconds(self) -> float:

@@ -235,6 +235,8 @@ async def read_body(receive: Receive, service: Service, length: str | None) -> b
     if length is not None and length.isdigit():
         service.check_size(int(length))
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
     body = message.get("body", b"")
     if not message.get("more_body", False):
         service.check_size(len(body))

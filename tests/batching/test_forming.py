@@ -50,6 +50,17 @@ async def test_wait_when_idle_makes_an_idle_model_wait_for_company(recorder: Any
     assert anyio.current_time() - began >= 1.5
 
 
+@pytest.mark.virtual_time
+async def test_wait_when_idle_never_costs_a_lone_request_its_deadline(recorder: Any) -> None:
+    model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0, wait_when_idle=True)
+    async with model:
+        began = anyio.current_time()
+        # No batch timed yet: a request with a deadline goes at once.
+        assert await model.serve(1, timeout=0.2) == 1
+        assert anyio.current_time() - began < 0.2
+    assert recorder.sizes == [1]
+
+
 async def test_under_load_batches_grow_up_to_the_limit(recorder: Any) -> None:
     async with model_of(recorder, max_batch_size=4) as model, anyio.create_task_group() as tasks:
         await recorder.busy(tasks, model)

@@ -363,6 +363,7 @@ class Sequences:
             self._pins[live.pin] -= 1
         self._counts.sequence_ends[reason.value] += 1
         self._ended[live.id] = reason
+        self._ended.move_to_end(live.id)  # an id ended again is the newest
         if len(self._ended) > _REMEMBERED:
             self._ended.popitem(last=False)
         for waiter in live.pending:

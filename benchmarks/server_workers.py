@@ -20,17 +20,15 @@ times one worker's requests/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from transports import SERVERS, free_port, stop, wait_ready, wrk
+from transports import SERVERS, free_port, post_script, stop, wait_ready, wrk
 
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -84,13 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("this benchmark needs two cores")
-    body = json.dumps({"x": [0.5] * 256}).encode()
-    script = Path(tempfile.mkdtemp()) / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{body.decode()}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    body, script = post_script()
     setups = {"1 worker, core 0": (1, "0", "1"), "2 workers, cores 0-1": (2, "0,1", "0,1")}
     servers = {}
     try:

@@ -162,6 +162,18 @@ def median_of(found: list[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
+def post_script() -> tuple[bytes, Path]:
+    """The benchmark's JSON body, and a wrk Lua script that POSTs it."""
+    body = json.dumps({"x": [0.5] * 256}).encode()
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{body.decode()}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return body, script
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -179,13 +191,7 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("this benchmark needs two cores: the server on one, wrk on the other")
 
-    body = json.dumps({"x": [0.5] * 256}).encode()
-    script = Path(tempfile.mkdtemp()) / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{body.decode()}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    body, script = post_script()
     # Servers in one group run side by side (each pinned to core 0, idle
     # while another is measured) and are measured in interleaved rounds: the
     # machine's drift then falls on all of them alike. Medians of the rounds.

@@ -8,14 +8,14 @@ response that is one unnamed value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._errors import InferenceError, InvalidInput, MdsError, describe
 from ._servable import Servable
 from ._tensors import InputCheck, Signature
 
-__all__ = ["input_check", "named_outputs", "request_from_tensors"]
+__all__ = ["input_check", "named_outputs", "output_namer", "request_from_tensors"]
 
 
 _checks: dict[int, tuple[Signature, InputCheck]] = {}
@@ -54,15 +54,24 @@ def named_outputs(target: Servable, response: Any) -> dict[str, Any]:
     Raises:
         InferenceError: ``to_tensors`` failed with an error that is not mds's.
     """
-    try:
-        tensors = target.to_tensors(response)
-    except MdsError:
-        raise
-    except Exception as exc:
-        raise InferenceError(f"to_tensors failed: {describe(exc)}") from exc
-    if isinstance(tensors, Mapping):
-        return {str(k): v for k, v in tensors.items()}
+    return output_namer(target)(response)
+
+
+def output_namer(target: Servable) -> Callable[[Any], dict[str, Any]]:
+    """:func:`named_outputs` for many responses of ``target``, its signature looked up once."""
     signature = target.signature()
-    if signature is not None and len(signature[1]) == 1:
-        return {next(iter(signature[1])): tensors}
-    return {"output0": tensors}
+    single = next(iter(signature[1])) if signature is not None and len(signature[1]) == 1 else None
+    to_tensors = target.to_tensors
+
+    def named(response: Any) -> dict[str, Any]:
+        try:
+            tensors = to_tensors(response)
+        except MdsError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"to_tensors failed: {describe(exc)}") from exc
+        if isinstance(tensors, dict) or isinstance(tensors, Mapping):  # dict: no ABC check
+            return {str(k): v for k, v in tensors.items()}
+        return {single or "output0": tensors}
+
+    return named

@@ -20,7 +20,7 @@ import numpy as np
 
 from .._deps import require
 from .._errors import InferenceError, MdsError, describe, excerpt
-from .._named import named_outputs
+from .._named import output_namer
 from .._servable import Servable
 
 __all__ = ["Rows", "Writer", "part_name"]
@@ -81,11 +81,6 @@ class Writer:
     def path(self, number: int) -> Path:
         return self.folder / part_name(number, self.format)
 
-    def value(self, outcome: Any) -> Any:
-        """What a row's response is written as; raises what keeps it from being written."""
-        if self.tensors:
-            return named_outputs(self.target, outcome)
-        return outcome
 
     def write(self, number: int, rows: Rows) -> list[tuple[int, Any, MdsError]]:
         """Write part ``number`` atomically; the rows that failed, with their errors."""
@@ -95,15 +90,17 @@ class Writer:
         return rows.ids[i] if rows.ids is not None else None
 
     def _values(self, rows: Rows) -> tuple[list[Any], dict[int, MdsError]]:
+        """What each row's response is written as, and the rows that failed (or cannot be)."""
         values: list[Any] = []
         failed: dict[int, MdsError] = {}
+        value = output_namer(self.target) if self.tensors else None
         for i, outcome in enumerate(rows.outcomes):
             if isinstance(outcome, MdsError):
                 failed[i] = outcome
                 values.append(None)
                 continue
             try:
-                values.append(self.value(outcome))
+                values.append(value(outcome) if value is not None else outcome)
             except MdsError as exc:
                 failed[i] = self.target.add_context(exc)
                 values.append(None)
@@ -145,12 +142,16 @@ class Writer:
         if self.id_column is not None:
             columns[self.id_column] = pa.array(rows.ids)
         dicts = [v for v, good in zip(values, ok, strict=True) if good]
-        if dicts and all(isinstance(v, Mapping) for v in dicts):
-            keys: dict[str, None] = {}
-            for value in dicts:
-                keys.update(dict.fromkeys(str(k) for k in value))
+        if dicts and all(isinstance(v, dict) or isinstance(v, Mapping) for v in dicts):
+            first = dicts[0].keys()
+            if all(v.keys() == first for v in dicts):  # the usual case: one set of outputs
+                keys = dict.fromkeys(str(k) for k in first)
+            else:
+                keys = {}
+                for value in dicts:
+                    keys.update(dict.fromkeys(str(k) for k in value))
             for key in keys:
-                column = [v.get(key) if isinstance(v, Mapping) else None for v in values]
+                column = [v.get(key) if v is not None else None for v in values]
                 columns[_free(key, columns)] = self._column(column, ok)
         elif dicts:
             columns[_free("response", columns)] = self._column(values, ok)
@@ -300,12 +301,13 @@ def _arrays(values: Sequence[Any]) -> np.ndarray | None:
         if stacked.dtype == torch.bfloat16:
             stacked = stacked.float()
         return _numeric(np.asarray(stacked.numpy()))
-    if not all(isinstance(v, np.ndarray | np.generic) for v in values):
+    kinds = (np.ndarray, np.generic)
+    if not all(isinstance(v, kinds) for v in values):
         return None
-    arrays = [np.asarray(v) for v in values]
-    if any(a.shape != arrays[0].shape or a.dtype != arrays[0].dtype for a in arrays):
+    shape, dtype = np.shape(first), first.dtype
+    if any(v.shape != shape or v.dtype != dtype for v in values):
         return None
-    return _numeric(np.stack(arrays))
+    return _numeric(np.stack(values))
 
 
 def _numeric(array: np.ndarray) -> np.ndarray | None:

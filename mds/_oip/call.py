@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 
 from .._errors import InferenceError, InvalidInput, MdsError, excerpt, quote
-from .._named import input_check, named_outputs, request_from_tensors
+from .._named import input_check, named_outputs, output_namer, request_from_tensors
 from .._request import RequestContext, use_request_context
 from .._servable import Servable
 from .._stateful import in_sequence
@@ -346,7 +346,8 @@ def _joined(target: Servable, outcomes: Sequence[Any]) -> dict[str, Any]:
     failed = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
     if failed:
         raise _rows_failed(failed, len(outcomes))
-    named = [named_outputs(target, outcome) for outcome in outcomes]
+    name = output_namer(target)
+    named = [name(outcome) for outcome in outcomes]
     names = list(named[0])
     if any(list(row) != names for row in named):
         raise InferenceError("the rows' responses have different outputs; they cannot be joined")

@@ -81,7 +81,6 @@ class Writer:
     def path(self, number: int) -> Path:
         return self.folder / part_name(number, self.format)
 
-
     def write(self, number: int, rows: Rows) -> list[tuple[int, Any, MdsError]]:
         """Write part ``number`` atomically; the rows that failed, with their errors."""
         return self.write_to(self.path(number), rows)

@@ -6,29 +6,16 @@ import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import msgspec
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from model import MAX_BATCH, MAX_DELAY, make_model, run_batch
+from mds_mlp import MLP
+from model import MAX_BATCH, MAX_DELAY
 
 import mds
 import mds.fastapi
 import mds.server
-
-
-class MLP(mds.ModelHandler[dict[str, Any], dict[str, Any]]):
-    def init(self, context: mds.ModelContext) -> None:
-        self.model = make_model()
-
-    def warmup(self) -> list[dict[str, Any]]:
-        return [{"x": [0.0] * 256}]
-
-    def infer(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # Everything per batch in the instance's thread: the loop only routes.
-        return [{"y": y} for y in run_batch(self.model, [r["x"] for r in batch])]
-
 
 runtime = mds.Runtime()
 runtime.add_model(

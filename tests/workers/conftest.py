@@ -1,4 +1,8 @@
-"""A real local SQS and S3 endpoint (moto's server, its own process) for the worker tests."""
+"""A real local SQS and S3 endpoint (moto's server, its own process) for the worker tests.
+
+The server runs through ``moto_server.py``, which makes moto's deletes safe
+from concurrent requests (see there).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+SERVER = Path(__file__).resolve().parent / "moto_server.py"
 
 
 def free_port() -> int:
@@ -58,7 +65,7 @@ def aws() -> Iterator[Aws]:
     pytest.importorskip("moto.server", reason="the worker tests need moto[server] (test extra)")
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-P", str(SERVER), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

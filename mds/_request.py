@@ -44,9 +44,11 @@ class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
     sequence_end: bool = False
 
 
-_EMPTY = RequestContext()
+#: The context of a request with nothing in it: one instance, so that
+#: transports can tell by identity that there is nothing to set.
+EMPTY_CONTEXT = RequestContext()
 _current: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
-    "mds_request_context", default=_EMPTY
+    "mds_request_context", default=EMPTY_CONTEXT
 )
 
 

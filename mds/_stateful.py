@@ -14,7 +14,7 @@ from typing_extensions import TypeVar
 
 from . import _loop
 from ._errors import InvalidInput
-from ._request import _EMPTY, RequestContext, _current
+from ._request import EMPTY_CONTEXT, RequestContext, _current
 
 __all__ = ["SequenceEnd", "SequenceId", "SequenceStep", "check_id", "in_sequence", "new_sequence"]
 
@@ -148,7 +148,7 @@ def in_sequence(
             )
         )
     context = _current.get()
-    if context is _EMPTY:  # the common case, made directly (per request)
+    if context is EMPTY_CONTEXT:  # the common case, made directly (per request)
         return RequestContext(sequence_id=sequence_id, sequence_start=start, sequence_end=end)
     return msgspec.structs.replace(
         context, sequence_id=sequence_id, sequence_start=start, sequence_end=end

@@ -284,6 +284,27 @@ def test_the_lean_app_mounted_in_a_fastapi_app() -> None:
     assert not runtime.running
 
 
+def test_the_lean_app_routes_right_past_the_paths_it_remembers() -> None:
+    """Paths matched once are remembered (a bounded number): old, new and unknown ones alike."""
+    from starlette.testclient import TestClient
+
+    runtime = mds.Runtime()
+    runtime.add_model("double", Doubler)
+    runtime.add_model("also", Doubler)
+    with TestClient(mds.server.app(runtime, load="wait")) as client:
+        for _ in range(2):  # the second round reads the remembered matches
+            assert client.post("/models/double/infer", json=1.5).json() == 3.0
+            assert client.post("/v2/models/also/ready").status_code == 405
+            assert client.get("/v2/models/also/versions/1/ready").status_code == 200
+            assert client.get("/v2/models/also/versions/7/ready").status_code == 404
+            assert client.get("/models/double/infer/").status_code == 405
+        for i in range(1100):  # past what is remembered: forgotten, still routed
+            reply = client.post(f"/models/m{i}/infer", json=1.0)
+            assert reply.status_code == 404 and f"'m{i}'" in reply.json()["error"]
+        assert client.post("/models/also/infer", json=4.0).json() == 8.0
+        assert client.post("/models/double/infer", json=-1.0).json() == -2.0
+
+
 async def test_the_lean_app_refuses_websockets_and_reports_a_failed_start() -> None:
     runtime = mds.Runtime()
     runtime.add_model("double", Doubler)

@@ -30,6 +30,9 @@ __all__ = ["App"]
 
 logger = logging.getLogger("mds.http")
 
+#: The most matched paths kept (they are forgotten all at once past it).
+_MATCHED = 1024
+
 
 class App:
     """An ASGI application serving ``service``'s routes; its lifespan runs the runtime.
@@ -78,6 +81,9 @@ class App:
             for method, path, name in REPOSITORY_ROUTES:
                 table.setdefault(path, {})[method] = getattr(added, name)
         self._fixed: dict[str, Dispatch] = {}
+        # Paths already matched, with their parameters: a few models' paths
+        # come again and again.
+        self._matched: dict[str, tuple[Dispatch, dict[str, str]]] = {}
         # By segment count: (the pattern's segments, its dispatch); literal
         # segments must match, "{name}" ones are taken as parameters.
         self._patterns: dict[int, list[tuple[tuple[str, ...], Dispatch]]] = {}
@@ -123,6 +129,18 @@ class App:
                 await send({"type": "websocket.close", "code": 1008})
 
     def _match(self, path: str, scope: Scope) -> Dispatch | None:
+        found = self._matched.get(path)
+        if found is not None:
+            scope["path_params"] = dict(found[1])
+            return found[0]
+        dispatch = self._search(path, scope)
+        if dispatch is not None:
+            if len(self._matched) >= _MATCHED:
+                self._matched.clear()
+            self._matched[path] = (dispatch, dict(scope["path_params"]))
+        return dispatch
+
+    def _search(self, path: str, scope: Scope) -> Dispatch | None:
         segments = path.split("/")
         for pattern, dispatch in self._patterns.get(len(segments), ()):
             params: dict[str, str] = {}

@@ -32,7 +32,7 @@ from .._oip import call as v2_protocol
 from .._oip import protocol, reports
 from .._oip.call import V2Call
 from .._oip.protocol import ModelMetadata
-from .._request import RequestContext, use_request_context
+from .._request import EMPTY_CONTEXT, RequestContext, use_request_context
 from .._runtime import Runtime
 from .._servable import Servable
 from .._stateful import in_sequence
@@ -270,7 +270,6 @@ def _enc_hook(value: Any) -> Any:
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
-_NO_CONTEXT = RequestContext()
 _decoder = msgspec.json.Decoder()
 
 
@@ -506,7 +505,7 @@ class Service:
                     priority = v2_call.priority
             else:
                 payload = self.json_request(body)
-                context = RequestContext(id=given_id) if given_id else _NO_CONTEXT
+                context = RequestContext(id=given_id) if given_id else EMPTY_CONTEXT
                 if any(name in headers for name in (SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END)):
                     context = _sequence(target, headers, context)
         except MdsError as exc:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .._errors import InferenceError, InvalidInput, MdsError, excerpt, quote
 from .._named import input_check, named_outputs, output_namer, request_from_tensors
-from .._request import RequestContext, use_request_context
+from .._request import EMPTY_CONTEXT, RequestContext, use_request_context
 from .._servable import Servable
 from .._stateful import in_sequence
 from .._tensors import TensorSpec, dims
@@ -95,7 +95,13 @@ def prepare(
     if priority is not None:
         _check_level(target, priority)
     wanted = _wanted(request)
-    context = RequestContext(id=request.id or request_id, parameters=parameters, outputs=wanted)
+    given = request.id or request_id
+    # The one empty context when there is nothing to read: the route then sets none.
+    context = (
+        RequestContext(id=given, parameters=parameters, outputs=wanted)
+        if given or parameters or wanted
+        else EMPTY_CONTEXT
+    )
     if request.parameters and any(key in request.parameters for key in _SEQUENCE):
         context = _sequence(target, request.parameters, context)
     signature = target.signature()

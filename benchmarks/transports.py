@@ -4,9 +4,9 @@ One small torch MLP (256 -> 1024 -> 1024 -> 16, one torch thread), a JSON
 body {"x": [256 floats]}, batches of at most 32 with a 2 ms delay. Each server
 runs pinned to core 0 (taskset, its children too); wrk runs on core 1 with a
 Lua POST script, at 1, 64 and 256 connections, in the same run. (s), (a1), (a2),
-(a3) and (b) run side by side and are measured in interleaved rounds (medians
-quoted), so that the machine's drift falls on them alike; the peers follow,
-one at a time, one run per level:
+(a3), (b), (f) and Mosec run side by side and are measured in interleaved
+rounds (medians quoted), so that the machine's drift falls on them alike;
+LitServe follows alone, one run per level:
 
   (s)  mds serve: the standalone server on a repository holding the model
   (a1) mds: the route mds.fastapi.add_routes adds (POST /models/mlp/infer)
@@ -15,6 +15,8 @@ one at a time, one run per level:
        (the FastAPI app calls gc.freeze() once its models are loaded, as
        mds serve does: see benchmarks/README.md)
   (b)  plain FastAPI: an async def route calling the model per request
+  (f)  the floor: a bare ASGI app awaiting runtime.serve (no router, no
+       headers, no error table): what any route over mds costs at least
   (c)  LitServe, same batch settings      (own venv, made on first run)
   (d)  Mosec, same batch settings         (own venv, made on first run)
 
@@ -202,13 +204,13 @@ def main() -> None:
             ("a2 mds in own route", sys.executable, "mds_app.py", "/predict"),
             ("a3 mds app mounted", sys.executable, "mds_app.py", "/lean/models/mlp/infer"),
             ("b  plain FastAPI", sys.executable, "plain_app.py", "/predict"),
+            ("f  floor: bare ASGI", sys.executable, "floor_app.py", "/"),
         ]
     ]
     if not args.skip_peers:
-        groups += [
-            [("c  LitServe", peer_python("litserve"), "litserve_app.py", "/predict")],
-            [("d  Mosec", peer_python("mosec"), "mosec_app.py", "/inference")],
-        ]
+        # Mosec in the interleaved rounds too: the ratio to it is the target.
+        groups[0].append(("d  Mosec", peer_python("mosec"), "mosec_app.py", "/inference"))
+        groups += [[("c  LitServe", peer_python("litserve"), "litserve_app.py", "/predict")]]
 
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
     counted: dict[str, dict[int, dict[int, int]]] = {}
@@ -299,6 +301,11 @@ def main() -> None:
         if not label.startswith("s"):
             share = mine[64]["rps"] / served[64]["rps"]
             print(f"   64 clients: {share:.2f}x mds serve's req/s (target >= 0.8x)")
+        floor = results["f  floor: bare ASGI"]
+        shares = ", ".join(
+            f"{mine[level]['rps'] / floor[level]['rps']:.2f}x at {level}" for level in (64, 256)
+        )
+        print(f"   the floor's req/s (a bare ASGI app awaiting runtime.serve): {shares}")
         if "c  LitServe" in results:
             lit = results["c  LitServe"]
             print(f"   64 clients: {mine[64]['rps'] / lit[64]['rps']:.2f}x LitServe")

@@ -27,7 +27,7 @@ _HELP = {
     "max_body_bytes": "the largest request body, in bytes (default 64 MiB)",
     "log_level": "debug, info (default), warning or error",
     "access_log": "log every request",
-    "http_server": "auto (default: granian if installed), granian or uvicorn",
+    "http_server": "auto (default: uvicorn if installed, else granian), granian or uvicorn",
 }
 
 

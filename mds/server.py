@@ -399,7 +399,9 @@ def run(config: ServerConfig) -> None:
         )
     http_server = config.http_server
     if http_server == "auto":
-        http_server = "uvicorn" if _has("uvicorn") else "granian"
+        import importlib.util
+
+        http_server = "uvicorn" if importlib.util.find_spec("uvicorn") else "granian"
     if http_server == "granian":
         _run_granian(config)
         return

@@ -286,7 +286,7 @@ def test_the_lean_app_mounted_in_a_fastapi_app() -> None:
 
 def test_the_lean_app_routes_right_past_the_paths_it_remembers() -> None:
     """Paths matched once are remembered (a bounded number): old, new and unknown ones alike."""
-    from starlette.testclient import TestClient
+    TestClient = pytest.importorskip("starlette.testclient").TestClient
 
     runtime = mds.Runtime()
     runtime.add_model("double", Doubler)
@@ -303,6 +303,9 @@ def test_the_lean_app_routes_right_past_the_paths_it_remembers() -> None:
             assert reply.status_code == 404 and f"'m{i}'" in reply.json()["error"]
         assert client.post("/models/also/infer", json=4.0).json() == 8.0
         assert client.post("/models/double/infer", json=-1.0).json() == -2.0
+        long = "n" * 300  # too long to remember: matched each time
+        for _ in range(2):
+            assert client.post(f"/models/{long}/infer", json=1.0).status_code == 404
 
 
 async def test_the_lean_app_refuses_websockets_and_reports_a_failed_start() -> None:

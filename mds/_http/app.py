@@ -30,8 +30,10 @@ __all__ = ["App"]
 
 logger = logging.getLogger("mds.http")
 
-#: The most matched paths kept (they are forgotten all at once past it).
+#: The most matched paths kept (they are forgotten all at once past it), and
+#: the longest kept: a path can be as long as a client likes.
 _MATCHED = 1024
+_REMEMBERED_LENGTH = 256
 
 
 class App:
@@ -134,7 +136,7 @@ class App:
             scope["path_params"] = dict(found[1])
             return found[0]
         dispatch = self._search(path, scope)
-        if dispatch is not None:
+        if dispatch is not None and len(path) <= _REMEMBERED_LENGTH:
             if len(self._matched) >= _MATCHED:
                 self._matched.clear()
             self._matched[path] = (dispatch, dict(scope["path_params"]))

@@ -70,12 +70,13 @@ async def watching(receive: Receive, work: Awaitable[Any], *, at_once: bool = Fa
     # group would cost several times as much on this per-request path.
     task = asyncio.current_task()
     assert task is not None
-    gone = False
+    gone = finished = False
     watcher: asyncio.Future[Message] | None = None
 
     def on_message(waiting: asyncio.Future[Message]) -> None:
         nonlocal gone
-        if not waiting.cancelled() and waiting.exception() is None:
+        # finished: scheduled in the loop pass the work ended in, too late to cancel it.
+        if not finished and not waiting.cancelled() and waiting.exception() is None:
             if waiting.result()["type"] == "http.disconnect":
                 gone = True
                 task.cancel()
@@ -99,6 +100,7 @@ async def watching(receive: Receive, work: Awaitable[Any], *, at_once: bool = Fa
     except Exception as exc:
         return Failed(exc)
     finally:
+        finished = True
         if timer is not None:
             timer.cancel()
         if watcher is not None:

@@ -158,7 +158,9 @@ class Routes:
                     if call.streams:
                         await self._stream(receive, send, call)
                         return
-                    result = await watching(receive, _work(call))
+                    # A step's caller that leaves ends its sequence (cancelled), however soon.
+                    steps = call.context.sequence_id is not None
+                    result = await watching(receive, _work(call), at_once=steps)
             if result is GONE:
                 return
             if isinstance(result, Failed):

@@ -13,21 +13,13 @@ import sys
 from typing import Any
 
 import msgspec
-import uvicorn
-from mds_mlp import MLP
-from model import MAX_BATCH, MAX_DELAY
+from mds_mlp import CONFIG, MLP
+from model import run_uvicorn
 
 import mds
 
 runtime = mds.Runtime()
-runtime.add_model(
-    "mlp",
-    MLP,
-    mds.ModelConfig(
-        batching=mds.BatchingConfig(max_batch_size=MAX_BATCH, max_queue_delay=MAX_DELAY),
-        warmup_batch_sizes=(1, MAX_BATCH),
-    ),
-)
+runtime.add_model("mlp", MLP, CONFIG)
 HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -54,12 +46,4 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 if __name__ == "__main__":
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    run_uvicorn(app, int(sys.argv[1]))

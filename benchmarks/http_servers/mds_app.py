@@ -8,24 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import msgspec
-import uvicorn
 from fastapi import FastAPI, Request, Response
-from mds_mlp import MLP
-from model import MAX_BATCH, MAX_DELAY
+from mds_mlp import CONFIG, MLP
+from model import run_uvicorn
 
 import mds
 import mds.fastapi
 import mds.server
 
 runtime = mds.Runtime()
-runtime.add_model(
-    "mlp",
-    MLP,
-    mds.ModelConfig(
-        batching=mds.BatchingConfig(max_batch_size=MAX_BATCH, max_queue_delay=MAX_DELAY),
-        warmup_batch_sizes=(1, MAX_BATCH),
-    ),
-)
+runtime.add_model("mlp", MLP, CONFIG)
 
 
 @asynccontextmanager
@@ -52,12 +44,4 @@ async def predict(request: Request) -> Response:
 
 
 if __name__ == "__main__":
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    run_uvicorn(app, int(sys.argv[1]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -29,3 +31,18 @@ def run_batch(model: torch.nn.Module, rows: list[list[float]]) -> list[list[floa
     with torch.inference_mode():
         x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
         return model(x).tolist()
+
+
+def run_uvicorn(app: Any, port: int) -> None:
+    """Serve ``app`` as every uvicorn arm does: uvloop, httptools, no access log."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )

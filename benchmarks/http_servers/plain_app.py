@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
 from fastapi import FastAPI
-from model import make_model, run_batch
+from model import make_model, run_batch, run_uvicorn
 from pydantic import BaseModel
 
 app = FastAPI()
@@ -23,12 +22,4 @@ async def predict(body: Body) -> dict[str, list[float]]:
 
 
 if __name__ == "__main__":
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    run_uvicorn(app, int(sys.argv[1]))

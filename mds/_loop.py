@@ -11,12 +11,13 @@ behave the same for our use; elsewhere (trio) the portable forms.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import anyio
 
-__all__ = ["Waiter", "asyncio_loop", "clock", "waiter_factory"]
+__all__ = ["Waiter", "asyncio_loop", "clock", "move_on_at", "waiter_factory"]
 
 
 def asyncio_loop() -> asyncio.AbstractEventLoop | None:
@@ -59,9 +60,19 @@ class _EventWaiter:
 
 
 def clock() -> Callable[[], float]:
-    """A function that returns ``anyio.current_time()`` for the running loop."""
-    loop = asyncio_loop()
-    return loop.time if loop is not None else anyio.current_time
+    """The running loop's clock, to the microsecond: ``time.monotonic`` on asyncio.
+
+    asyncio's own ``loop.time()`` is ``time.monotonic()``; uvloop's counts
+    whole milliseconds, read once a loop pass, which made every sub-millisecond
+    duration mds reports 0 or 1 ms. Waits until one of its times go through
+    :func:`move_on_at`, relative to now, so that they keep to it on any loop.
+    """
+    return time.monotonic if asyncio_loop() is not None else anyio.current_time
+
+
+def move_on_at(when: float, now: float) -> anyio.CancelScope:
+    """A scope cancelled at ``when`` on :func:`clock`'s time, ``now`` being its time now."""
+    return anyio.move_on_after(when - now)
 
 
 def waiter_factory() -> Callable[[], Waiter]:

@@ -293,7 +293,7 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
                 await self._sequences.drain(until)
             if exc_type is None and self._counts.in_flight:
                 self._idle = anyio.Event()
-                with anyio.move_on_at(until):
+                with _loop.move_on_at(until, self._clock()):
                     await self._idle.wait()
         finally:
             await self._shut_down(tasks)

@@ -184,7 +184,8 @@ class Sequences:
         step.input = value
         turn = step._turn
         if turn is not None:
-            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            when = math.inf if deadline is None else deadline
+            with _loop.move_on_at(when, self._clock()) as scope:
                 outcome = await turn  # at once if it was given the turn (or its sequence ended)
             if scope.cancelled_caught:
                 error = DeadlineExceeded(
@@ -432,7 +433,7 @@ class Sequences:
                 self._end(live, SequenceEnd.IDLE)
             self._until = wake
             self._wake = anyio.Event()
-            with anyio.move_on_at(wake):
+            with _loop.move_on_at(wake, self._clock()):
                 await self._wake.wait()
 
     def draining(self) -> bool:
@@ -448,7 +449,7 @@ class Sequences:
         if self.config.on_stop != "drain" or not self._live:
             return
         self._empty = anyio.Event()
-        with anyio.move_on_at(until):
+        with _loop.move_on_at(until, self._clock()):
             await self._empty.wait()
 
     async def close(self) -> None:

@@ -13,8 +13,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterator
 from typing import Any, cast
 
-import anyio
-
+from . import _loop
 from ._errors import DeadlineExceeded, InferenceError, InvalidInput, MdsError, describe
 from ._handler import ModelHandler
 from ._instance import overrides
@@ -178,6 +177,6 @@ async def _within(
     """``await step(arg)``, bounded by ``deadline`` when there is one."""
     if deadline is None:
         return await step(arg)
-    with anyio.move_on_at(deadline):
+    with _loop.move_on_at(deadline, _loop.clock()()):
         return await step(arg)
     raise DeadlineExceeded(f"the request's deadline passed in {name}")

@@ -426,7 +426,7 @@ class Batcher(Generic[W]):
         waiter = self._new_waiter()
         self._delaying.append(waiter)
         try:
-            with anyio.move_on_at(until):
+            with _loop.move_on_at(until, self._clock()):
                 await waiter
         finally:
             if waiter in self._delaying:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import anyio
 
+from .. import _loop
 from .._errors import DeadlineExceeded
 from .queue import DONE, QUEUED, RUNNING, Item, RequestQueue
 
@@ -77,7 +78,7 @@ class DeadlineWatch:
                         wake = min(wake, deadline)
             self.until = wake
             self._rewatch = anyio.Event()
-            with anyio.move_on_at(wake):
+            with _loop.move_on_at(wake, self._clock()):
                 await self._rewatch.wait()
 
     def _expire_queued(self, now: float) -> float:

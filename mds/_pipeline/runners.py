@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -157,7 +158,7 @@ class _FunctionRunner(Runner):
         fn = self._fn
         call = functools.partial(fn, value, request=request) if self._wants_request else None
         try:
-            with anyio.move_on_at(deadline if deadline is not None else float("inf")):
+            with _loop.move_on_at(deadline if deadline is not None else math.inf, clock()):
                 if self._async:
                     result = await (call() if call is not None else fn(value))
                 else:

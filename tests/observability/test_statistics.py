@@ -194,3 +194,27 @@ async def test_a_request_refused_while_its_model_loads_is_never_counted_twice() 
     assert [type(f) for f in failures] == [mds.NotReady]
     # Once at most: the unloaded version hands it on (to no version now), not counting it.
     assert stats.rejected <= 1 and stats.in_flight == 0
+
+
+def test_durations_are_timed_finer_than_uvloops_clock() -> None:
+    """uvloop's ``loop.time()`` counts whole milliseconds; mds's durations do not.
+
+    With its clock every quick request took 0 or 1 ms, and the protocol's
+    statistics could say a served request took no time at all.
+    """
+    uvloop = pytest.importorskip("uvloop", reason="uvloop's clock is what this checks")
+
+    async def served() -> mds.ModelStatistics:
+        runtime = mds.Runtime()
+        runtime.add_model("times", lambda: Times(2.0))
+        async with runtime:
+            for x in range(20):
+                assert await runtime.serve("times", float(x)) == 2.0 * x
+            return runtime.model("times").statistics()
+
+    histograms = uvloop.run(served()).histograms
+    for name in ("request", "queue_wait", "infer"):
+        histogram = getattr(histograms, name)
+        assert histogram.count >= 1 and histogram.sum > 0, name
+        milliseconds = histogram.sum * 1000
+        assert abs(milliseconds - round(milliseconds)) > 1e-9, (name, histogram.sum)

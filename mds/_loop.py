@@ -3,8 +3,9 @@
 anyio's portable primitives cost microseconds each on asyncio
 (``anyio.Event()`` about 3 µs to create, ``anyio.current_time()`` about
 1 µs); per request that is as much as a whole hand-written batcher spends.
-On asyncio these functions return the loop's own clock and futures, which
-behave the same for our use; elsewhere (trio) the portable forms.
+On asyncio these functions return ``time.monotonic`` (asyncio's own clock,
+finer than uvloop's) and the loop's futures, which behave the same for our
+use; elsewhere (trio) the portable forms.
 :func:`asyncio_loop` is the one place that decides.
 """
 

@@ -399,9 +399,7 @@ def run(config: ServerConfig) -> None:
         )
     http_server = config.http_server
     if http_server == "auto":
-        import importlib.util
-
-        http_server = "uvicorn" if importlib.util.find_spec("uvicorn") else "granian"
+        http_server = "uvicorn" if _installed("uvicorn") else "granian"
     if http_server == "granian":
         _run_granian(config)
         return
@@ -502,7 +500,12 @@ def _Drained(config: Any) -> Any:
     return _drained_server()(config)
 
 
-def _has(module: str) -> bool:
+def _installed(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None and sys.platform != "win32"
+    return importlib.util.find_spec(module) is not None
+
+
+def _has(module: str) -> bool:
+    """Installed, and to be used: mds leaves uvloop and httptools alone on Windows."""
+    return _installed(module) and sys.platform != "win32"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from model import MAX_BATCH, MAX_DELAY, make_model
+from model import MAX_BATCH, MAX_DELAY, make_model, run_uvicorn
 
 import mds
 
@@ -53,22 +53,13 @@ def make_runtime() -> mds.Runtime:
 
 
 def serve_http(port: int) -> None:
-    import uvicorn
     from fastapi import FastAPI
 
     import mds.fastapi
 
     app = FastAPI()
     mds.fastapi.add_routes(app, make_runtime(), load="wait")
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    run_uvicorn(app, port)
 
 
 async def serve_grpc(port: int) -> None:

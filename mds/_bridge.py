@@ -102,6 +102,21 @@ class Home:
                 with anyio.CancelScope(shield=True):
                     await self.call(close)
 
+    def soon(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run the plain function ``fn(*args)`` at home: at once on its thread, else soon.
+
+        From another thread it is handed over and not waited for; one that
+        arrives as the object stops is dropped (there is nothing left to do).
+        """
+        portal = self.portal
+        if self.thread == _get_ident() or portal is None:
+            fn(*args)
+            return
+        try:
+            portal.start_task_soon(_run_plain, fn, *args)
+        except RuntimeError:  # the portal stopped meanwhile
+            pass
+
     def call_sync(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``fn(*args)`` in the home loop and block this thread for the result.
 
@@ -156,6 +171,10 @@ async def forward(portal: BlockingPortal, fn: Callable[..., Awaitable[T]], *args
 
 
 _END: Any = object()
+
+
+async def _run_plain(fn: Callable[..., object], *args: Any) -> None:
+    fn(*args)
 
 
 async def _next_item(items: AsyncIterator[Any]) -> Any:

@@ -591,10 +591,10 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
             self._idle.set()
 
     def set_batching(self, batching: BatchingConfig) -> None:
-        """Change how requests are batched, from the next batch on.
+        """Change how requests are batched, from the batch being formed on.
 
-        Everything may change except ``priority_levels`` while the model
-        runs. ``config`` is updated to match.
+        All but ``priority_levels`` may change while the model runs, from any
+        thread; a batch waiting to grow is formed anew. ``config`` follows.
 
         Raises:
             ConfigError: the new settings conflict with the model's config
@@ -608,6 +608,8 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         except ConfigError as exc:
             raise exc.add_context(model=self.name, version=self.version) from None
         self.config = config
+        for batcher in self._batchers:  # a batch waiting on the old settings decides again
+            self._home.soon(batcher.reconsider)
         logger.info("%s: batching is now %s", self._where, batching)
 
     # -- what callers can read ----------------------------------------------

@@ -151,6 +151,15 @@ class Batcher(Generic[W]):
         self._max_cost = config.max_batch_size
         self._preferred = sorted(config.preferred_batch_sizes)
 
+    def reconsider(self) -> None:
+        """Wake the feeders waiting on the old settings, so that they decide again.
+
+        A batch waiting out the old ``max_queue_delay``, or for a full batch of
+        the old size, is formed under the new ones. In the batcher's loop.
+        """
+        self._wake_delaying()
+        self._wake_all(self._want_full)
+
     # -- callers ------------------------------------------------------------
 
     def enqueue(

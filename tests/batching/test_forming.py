@@ -51,6 +51,39 @@ async def test_wait_when_idle_makes_an_idle_model_wait_for_company(recorder: Any
 
 
 @pytest.mark.virtual_time
+async def test_a_batch_waiting_to_grow_goes_once_its_delay_is_lowered(recorder: Any) -> None:
+    model = model_of(recorder, max_batch_size=4, max_queue_delay=30.0, wait_when_idle=True)
+    async with model, anyio.create_task_group() as tasks:
+        began = anyio.current_time()
+        tasks.start_soon(model.serve, 1)
+        await anyio.wait_all_tasks_blocked()
+        assert recorder.sizes == []  # waiting out the 30 s
+        model.set_batching(mds.BatchingConfig(max_batch_size=4))
+        await anyio.wait_all_tasks_blocked()
+        assert recorder.sizes == [1]
+        assert anyio.current_time() - began < 1.0
+
+
+async def test_set_batching_from_another_thread_wakes_a_waiting_batch(recorder: Any) -> None:
+    model = model_of(recorder, max_batch_size=4, max_queue_delay=60.0, wait_when_idle=True)
+    async with model:
+        answers: list[Any] = []
+
+        async def call() -> None:
+            answers.append(await model.serve(7))
+
+        with anyio.fail_after(30):  # a hang guard: the old delay was 60 s
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                assert model.statistics().queued == 1
+                lower = mds.BatchingConfig(max_batch_size=4, max_queue_delay=0.001)
+                await anyio.to_thread.run_sync(model.set_batching, lower)
+        assert answers == [7]
+        assert model.config.batching.max_queue_delay == 0.001
+
+
+@pytest.mark.virtual_time
 async def test_wait_when_idle_never_costs_a_lone_request_its_deadline(recorder: Any) -> None:
     model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0, wait_when_idle=True)
     async with model:

@@ -44,9 +44,27 @@ class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
     sequence_end: bool = False
 
 
+class _Nothing(dict[str, Any]):
+    """An empty dict that refuses changes: shared by every empty request."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "this request came with no context: its empty parameters and outputs are "
+            "shared by every such request and cannot be changed; set a RequestContext "
+            "of your own with mds.use_request_context"
+        )
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+
 #: The context of a request with nothing in it: one instance, so that
-#: transports can tell by identity that there is nothing to set.
-EMPTY_CONTEXT = RequestContext()
+#: transports can tell by identity that there is nothing to set. Its mappings
+#: are read-only: a handler that wrote into them would write into every
+#: other empty request's.
+EMPTY_CONTEXT = RequestContext(parameters=_Nothing(), outputs=_Nothing())
 _current: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
     "mds_request_context", default=EMPTY_CONTEXT
 )

@@ -257,7 +257,7 @@ class Call(NamedTuple):
     streams: bool  # answer with server-sent events
     v2: V2Call | None = None
     #: What the handler may read of the request (``mds.request_context()``).
-    context: RequestContext = RequestContext()
+    context: RequestContext = EMPTY_CONTEXT
 
 
 def _enc_hook(value: Any) -> Any:

@@ -189,6 +189,10 @@ def test_the_request_id_header_stands_in_for_a_missing_id(served: tuple[Served, 
 
 def test_outside_a_request_the_context_is_empty() -> None:
     assert mds.request_context() == mds.RequestContext()
+    # Shared by every request that has none: a write would reach them all.
+    with pytest.raises(TypeError, match="use_request_context"):
+        mds.request_context().parameters["k"] = 1  # type: ignore[index]
+    assert mds.request_context().parameters == {}
     given = mds.RequestContext(id="mine", parameters={"k": 1})
     with mds.use_request_context(given):
         assert mds.request_context() is given

@@ -94,6 +94,13 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
             model too, as Triton's, TorchServe's and Ray Serve's batchers
             do: larger batches where callers are many but slow to arrive,
             at the cost of a lone request's latency. Added in 0.5.
+        delay_from: where ``max_queue_delay`` counts from: ``"oldest"``,
+            the arrival of the oldest request in the batch (Triton's
+            batcher), or ``"start"``, the moment an instance takes the
+            batch's first request (Ray Serve's ``@serve.batch`` and
+            TorchServe's): a request that queued while the model computed
+            then waits that time as well, and batches grow larger under
+            load. Added in 0.5.
         preferred_batch_sizes: sizes the batcher forms when it can; a batch
             that reaches one of them goes at once.
         max_queue_size: the most requests waiting at each priority level; a
@@ -118,6 +125,7 @@ class BatchingConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_batch_size: Annotated[int, Meta(ge=1)] = 1
     max_queue_delay: Annotated[float, Meta(ge=0.0)] = 0.0
     wait_when_idle: bool = False
+    delay_from: Literal["oldest", "start"] = "oldest"
     preferred_batch_sizes: tuple[Annotated[int, Meta(ge=1)], ...] = ()
     max_queue_size: Annotated[int, Meta(ge=1)] = 1024
     priority_queue_sizes: tuple[Annotated[int, Meta(ge=1)], ...] = ()

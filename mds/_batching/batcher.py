@@ -5,8 +5,10 @@ model instance forms batches from the shared queue:
 
 - an idle worker takes what is queued at once, so a lone request never waits
   (unless ``wait_when_idle``);
-- while the model is busy, a batch may wait up to ``max_queue_delay`` to grow
-  to a preferred size or the maximum, never past the tightest deadline in it;
+- while the model is busy, a batch may wait up to ``max_queue_delay`` (from
+  its oldest request's arrival, or from when it was started: ``delay_from``)
+  to grow to a preferred size or the maximum, never past the tightest
+  deadline in it;
 - sizes count cost, higher priority levels go first, and items batch only with
   items of the same bucket;
 - a batch whose computation raises is split in halves and retried, so only
@@ -317,6 +319,7 @@ class Batcher(Generic[W]):
         worker computes, only a full batch is taken.
         """
         queue = self.queue
+        started: float | None = None  # when this batch's first request was taken
         while True:
             busy = slot is not None and slot.computing > 0 and not self._closed
             if not queue.count or (busy and queue.count < self._max_cost):
@@ -362,7 +365,9 @@ class Batcher(Generic[W]):
                         if waiter in self._want_full:
                             self._want_full.remove(waiter)
                     continue
-                until = self._grow_until(batch, cost, backlog, now)
+                if started is None:
+                    started = now
+                until = self._grow_until(batch, cost, backlog, now, started)
                 if until is not None:
                     queue.put_back(lane, batch)
                     await self._wait_to_grow(until)
@@ -390,11 +395,15 @@ class Batcher(Generic[W]):
         if self.queue.finished is not None:
             self.queue.finished(item)
 
-    def _grow_until(self, batch: list[Item], cost: int, backlog: bool, now: float) -> float | None:
+    def _grow_until(
+        self, batch: list[Item], cost: int, backlog: bool, now: float, started: float
+    ) -> float | None:
         """When to stop waiting for this batch to grow; ``None`` to go now.
 
         Like Triton's: a batch that can make a preferred size goes at once;
-        otherwise it may wait up to ``max_queue_delay`` from its oldest item.
+        otherwise it may wait up to ``max_queue_delay`` from its oldest item
+        (or, with ``delay_from="start"``, from ``started``, when its first
+        request was taken).
         Unlike Triton's, only while the model is busy (another instance is
         computing, or requests queued up while this one was): a lone request
         at an idle model never waits, unless ``wait_when_idle``.
@@ -404,7 +413,8 @@ class Batcher(Generic[W]):
             return None
         if self._preferred and cost >= self._preferred[0]:
             return None
-        until = batch[0].enqueued + config.max_queue_delay
+        since = batch[0].enqueued if config.delay_from == "oldest" else started
+        until = since + config.max_queue_delay
         deadlines = [item.deadline for item in batch if item.deadline is not None]
         if deadlines:
             typical = self._typical_infer_seconds()

@@ -51,6 +51,27 @@ async def test_wait_when_idle_makes_an_idle_model_wait_for_company(recorder: Any
 
 
 @pytest.mark.virtual_time
+@pytest.mark.parametrize(("delay_from", "sizes"), [("oldest", [1, 1, 1]), ("start", [1, 2])])
+async def test_the_delay_counts_from_the_oldest_arrival_or_from_the_batchs_start(
+    recorder: Any, delay_from: str, sizes: list[int]
+) -> None:
+    model = model_of(recorder, max_batch_size=4, max_queue_delay=1.0, delay_from=delay_from)
+    async with model, anyio.create_task_group() as tasks:
+        began = anyio.current_time()
+        await recorder.busy(tasks, model, "first")  # computes for 5 s
+        tasks.start_soon(model.serve, "queued")  # waits behind it
+        await anyio.sleep(5.0)
+        recorder.release()
+        await anyio.sleep(0.5)
+        # "oldest": "queued" has waited 5 s, past its 1 s, and went at 5 s.
+        # "start": the batch started at 5 s, so it waits until 6 s for company.
+        tasks.start_soon(model.serve, "later")
+    assert recorder.sizes == sizes
+    if delay_from == "start":
+        assert anyio.current_time() - began >= 6.0
+
+
+@pytest.mark.virtual_time
 async def test_a_batch_waiting_to_grow_goes_once_its_delay_is_lowered(recorder: Any) -> None:
     model = model_of(recorder, max_batch_size=4, max_queue_delay=30.0, wait_when_idle=True)
     async with model, anyio.create_task_group() as tasks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from hypothesis import given, settings
@@ -44,6 +44,7 @@ request = st.fixed_dictionaries(
     instances=st.integers(1, 3),
     delay=st.sampled_from([0.0, 0.001]),
     wait_when_idle=st.booleans(),
+    delay_from=st.sampled_from(["oldest", "start"]),
     infer_seconds=st.sampled_from([0.0, 0.0005]),
 )
 async def test_every_request_gets_exactly_one_answer_and_its_own(
@@ -52,6 +53,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
     instances: int,
     delay: float,
     wait_when_idle: bool,
+    delay_from: Literal["oldest", "start"],
     infer_seconds: float,
     answers: Any,
 ) -> None:
@@ -63,6 +65,7 @@ async def test_every_request_gets_exactly_one_answer_and_its_own(
             max_batch_size=max_batch_size,
             max_queue_delay=delay,
             wait_when_idle=wait_when_idle,
+            delay_from=delay_from,
             priority_levels=2,
             preferred_batch_sizes=(max_batch_size,),
         ),

@@ -113,9 +113,10 @@ class Home:
             fn(*args)
             return
         try:
-            portal.start_task_soon(_run_plain, fn, *args)
+            future = portal.start_task_soon(_run_plain, fn, *args)
         except RuntimeError:  # the portal stopped meanwhile
-            pass
+            return
+        future.add_done_callback(lambda done: _log_failure(fn, done))
 
     def call_sync(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``fn(*args)`` in the home loop and block this thread for the result.
@@ -175,6 +176,13 @@ _END: Any = object()
 
 async def _run_plain(fn: Callable[..., object], *args: Any) -> None:
     fn(*args)
+
+
+def _log_failure(fn: Callable[..., object], done: Future[None]) -> None:
+    """Log what a call handed over by :meth:`Home.soon` raised: no caller waits for it."""
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        logger.error("%s, called from another thread, failed: %s", name, exc, exc_info=exc)
 
 
 async def _next_item(items: AsyncIterator[Any]) -> Any:

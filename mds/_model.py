@@ -604,12 +604,12 @@ class ModelRuntime(LoopBound, Serving[RequestT, ResponseT, CallTrace, ModelHealt
         config = msgspec.structs.replace(self.config, batching=batching)
         try:
             for batcher in self._batchers:
-                batcher.configure(batching)
+                batcher.check(batching)
         except ConfigError as exc:
             raise exc.add_context(model=self.name, version=self.version) from None
         self.config = config
-        for batcher in self._batchers:  # a batch waiting on the old settings decides again
-            self._home.soon(batcher.reconsider)
+        for batcher in self._batchers:  # at home, where the batcher's feeders wait
+            self._home.soon(batcher.configure, batching)
         logger.info("%s: batching is now %s", self._where, batching)
 
     # -- what callers can read ----------------------------------------------

@@ -49,6 +49,12 @@ class _Nothing(dict[str, Any]):
 
     __slots__ = ()
 
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[()]]:
+        return dict, ()  # a copy (copy, deepcopy, pickle) is the caller's own
+
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             "this request came with no context: its empty parameters and outputs are "

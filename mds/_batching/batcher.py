@@ -133,10 +133,8 @@ class Batcher(Generic[W]):
         self._watch = DeadlineWatch(self.queue, self._running_batches, self._clock)
         self.configure(config)
 
-    def configure(self, config: BatchingConfig) -> None:
-        """Use ``config`` from the next batch on.
-
-        The number of priority levels is fixed for the batcher's lifetime.
+    def check(self, config: BatchingConfig) -> None:
+        """Refuse a ``config`` this batcher cannot take: the number of priority levels is fixed.
 
         Raises:
             ConfigError: ``config`` changes the number of priority levels.
@@ -146,19 +144,23 @@ class Batcher(Generic[W]):
                 f"priority_levels cannot change while the model runs "
                 f"({len(self.queue.counts)} -> {config.priority_levels})"
             )
+
+    def configure(self, config: BatchingConfig) -> None:
+        """Use ``config`` from the batch being formed on; in the batcher's loop.
+
+        A feeder waiting out the old ``max_queue_delay``, or for a full batch
+        of the old size, decides again under the new settings.
+
+        Raises:
+            ConfigError: see :meth:`check`.
+        """
+        self.check(config)
         self.config = config
         limits = queue_limits(config)
         self._limits = (0,) * len(limits) if self._closed else limits
         self._default_priority = config.default_priority
         self._max_cost = config.max_batch_size
         self._preferred = sorted(config.preferred_batch_sizes)
-
-    def reconsider(self) -> None:
-        """Wake the feeders waiting on the old settings, so that they decide again.
-
-        A batch waiting out the old ``max_queue_delay``, or for a full batch of
-        the old size, is formed under the new ones. In the batcher's loop.
-        """
         self._wake_delaying()
         self._wake_all(self._want_full)
 
@@ -319,7 +321,10 @@ class Batcher(Generic[W]):
         worker computes, only a full batch is taken.
         """
         queue = self.queue
-        started: float | None = None  # when this batch's first request was taken
+        # The batch's first request and when it was taken (delay_from="start"):
+        # a new first request (the old one left, or another lane's) starts anew.
+        first: Item | None = None
+        started = 0.0
         while True:
             busy = slot is not None and slot.computing > 0 and not self._closed
             if not queue.count or (busy and queue.count < self._max_cost):
@@ -365,8 +370,8 @@ class Batcher(Generic[W]):
                         if waiter in self._want_full:
                             self._want_full.remove(waiter)
                     continue
-                if started is None:
-                    started = now
+                if batch[0] is not first:
+                    first, started = batch[0], now
                 until = self._grow_until(batch, cost, backlog, now, started)
                 if until is not None:
                     queue.put_back(lane, batch)

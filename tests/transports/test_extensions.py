@@ -7,6 +7,7 @@ extensions, and mds's routes in a FastAPI app's OpenAPI schema.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -192,6 +193,9 @@ def test_outside_a_request_the_context_is_empty() -> None:
     # Shared by every request that has none: a write would reach them all.
     with pytest.raises(TypeError, match="use_request_context"):
         mds.request_context().parameters["k"] = 1  # type: ignore[index]
+    assert mds.request_context().parameters == {}
+    mine = copy.copy(mds.request_context().parameters)  # a copy is the caller's own
+    mine["k"] = 1  # type: ignore[index]
     assert mds.request_context().parameters == {}
     given = mds.RequestContext(id="mine", parameters={"k": 1})
     with mds.use_request_context(given):

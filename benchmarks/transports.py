@@ -4,9 +4,10 @@ One small torch MLP (256 -> 1024 -> 1024 -> 16, one torch thread), a JSON
 body {"x": [256 floats]}, batches of at most 32 with a 2 ms delay. Each server
 runs pinned to core 0 (taskset, its children too); wrk runs on core 1 with a
 Lua POST script, at 1, 64 and 256 connections, in the same run. (s), (a1), (a2),
-(a3), (b) and (f) run side by side and are measured in interleaved rounds
-(medians quoted), so that the machine's drift falls on them alike; the
-peers follow, one at a time, one run per level:
+(a3), (b), (f) and (d) are measured in interleaved rounds (medians quoted),
+so that the machine's drift falls on them alike: the mds servers, plain
+FastAPI and the floor run side by side, Mosec is started afresh for each of
+its runs; LitServe follows alone, one run per level:
 
   (s)  mds serve: the standalone server on a repository holding the model
   (a1) mds: the route mds.fastapi.add_routes adds (POST /models/mlp/infer)
@@ -78,6 +79,18 @@ def start(python: Path | str, script: str, port: int) -> subprocess.Popen[bytes]
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+#: Servers started afresh for each run (see main).
+FRESH = {"mosec_app.py"}
+
+
+def up(python: Path | str, app: str, path: str, body: bytes) -> tuple[subprocess.Popen[bytes], str]:
+    """``app`` started on a free port and answering; the process and its base URL."""
+    port = free_port()
+    server, base = start(python, app, port), f"http://127.0.0.1:{port}"
+    wait_ready(server, base + path, body)
+    return server, base
 
 
 def stop(server: subprocess.Popen[bytes]) -> None:
@@ -208,12 +221,12 @@ def main() -> None:
         ]
     ]
     if not args.skip_peers:
-        # Each peer alone: beside the others, Mosec refused connections at
-        # 256 clients (connect timed out) after idling through their rounds.
-        groups += [
-            [("c  LitServe", peer_python("litserve"), "litserve_app.py", "/predict")],
-            [("d  Mosec", peer_python("mosec"), "mosec_app.py", "/inference")],
-        ]
+        # Mosec in the interleaved rounds, so that the machine's drift does not
+        # fall between mds serve and it; started afresh for each run, since
+        # after idling through the others' rounds it refused connections at
+        # 256 clients. LitServe, far slower, alone.
+        groups[0].append(("d  Mosec", peer_python("mosec"), "mosec_app.py", "/inference"))
+        groups.append([("c  LitServe", peer_python("litserve"), "litserve_app.py", "/predict")])
 
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
     counted: dict[str, dict[int, dict[int, int]]] = {}
@@ -221,23 +234,26 @@ def main() -> None:
         servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
         try:
             for _, python, app, path in group:
-                if app not in servers:
-                    port = free_port()
-                    servers[app] = (start(python, app, port), f"http://127.0.0.1:{port}")
-                server, base = servers[app]
-                wait_ready(server, base + path, body)
+                if app not in servers and app not in FRESH:
+                    servers[app] = up(python, app, path, body)
             for label, _, app, path in group:
-                print(f"{label}: warming up ...", flush=True)
-                wrk(servers[app][1] + path, script, 64, min(3.0, seconds))
+                if app not in FRESH:
+                    print(f"{label}: warming up ...", flush=True)
+                    wrk(servers[app][1] + path, script, 64, min(3.0, seconds))
             # A server alone has nothing to interleave with: one run per level.
             rounds = args.rounds if len(group) > 1 else 1
             for level in LEVELS:
                 for _ in range(rounds):
-                    for label, _, app, path in group:
+                    for label, python, app, path in group:
+                        if app in FRESH:
+                            servers[app] = up(python, app, path, body)
+                            wrk(servers[app][1] + path, script, 64, 2.0)  # warm
                         base = servers[app][1]
                         mds_server = label.startswith(("a", "s"))
                         before = batch_sizes(base) if mds_server else {}
                         found = wrk(base + path, script, level, seconds / rounds)
+                        if app in FRESH:
+                            stop(servers.pop(app)[0])
                         runs.setdefault(label, {}).setdefault(level, []).append(found)
                         if mds_server:
                             sizes = counted.setdefault(label, {}).setdefault(level, {})

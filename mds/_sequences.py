@@ -46,9 +46,10 @@ logger = logging.getLogger("mds.model")
 #: How many ended sequences are remembered, to say why a late step's sequence is gone.
 _REMEMBERED = 1024
 
-#: Why sequences ended lately, by id: shared by a model's versions, so that a
-#: step that reaches another version than the one that ended its sequence is told why.
-Ends = OrderedDict[SequenceId, SequenceEnd]
+#: Why sequences ended lately, and on which version, by id: shared by a model's
+#: versions, so that a step that reaches another version than the one that
+#: ended its sequence is told why.
+Ends = OrderedDict[SequenceId, tuple[SequenceEnd, str]]
 
 
 class Sequences:
@@ -88,6 +89,7 @@ class Sequences:
         # Ids whose end hook is running, and the sequences started again meanwhile.
         self._ending: dict[SequenceId, list[_Live]] = {}
         self._ended: Ends = ended if ended is not None else OrderedDict()
+        self._version = self.batchers[0].version  # what this table's ends are recorded as
         self._due: dict[_Live, SequenceEnd] = {}  # ended, their sequence_end not yet begun
         self._pins = [0] * len(instances)
         self._until = math.inf  # when the idle watch wakes next
@@ -287,7 +289,8 @@ class Sequences:
             self._pins[pin] += 1
         live = self._live[sequence_id] = _Live(sequence_id, self._clock(), pin)
         self._counts.sequences_started += 1
-        self._ended.pop(sequence_id, None)
+        if self._ended.get(sequence_id, (None, None))[1] == self._version:
+            del self._ended[sequence_id]  # another version's end stays, for its late steps
         waiting = self._ending.get(sequence_id)
         if waiting is not None:  # its last namesake's end hook still runs: after it
             live.busy = True
@@ -363,7 +366,7 @@ class Sequences:
         if live.pin is not None:
             self._pins[live.pin] -= 1
         self._counts.sequence_ends[reason.value] += 1
-        self._ended[live.id] = reason
+        self._ended[live.id] = (reason, self._version)
         self._ended.move_to_end(live.id)  # an id ended again is the newest
         if len(self._ended) > _REMEMBERED:
             self._ended.popitem(last=False)
@@ -407,12 +410,14 @@ class Sequences:
                         self._pass_turn(successor)
 
     def _not_live(self, sequence_id: SequenceId) -> str:
-        reason = self._ended.get(sequence_id)
-        if reason is None:
+        record = self._ended.get(sequence_id)
+        if record is None:
             return f"sequence {sequence_id!r} is not live: its first step must have sequence_start"
+        reason, version = record
+        where = "" if version == self._version else f" on version {version}"
         return (
-            f"sequence {sequence_id!r} is not live: it ended ({reason.value}); start it "
-            "again with sequence_start"
+            f"sequence {sequence_id!r} is not live: it ended ({reason.value}){where}; start "
+            "it again with sequence_start"
         )
 
     # -- idle sequences, and the model's stop ----------------------------------

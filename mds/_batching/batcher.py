@@ -133,6 +133,11 @@ class Batcher(Generic[W]):
         self._watch = DeadlineWatch(self.queue, self._running_batches, self._clock)
         self.configure(config)
 
+    @property
+    def version(self) -> str:
+        """The version of the model whose requests this batcher batches."""
+        return self._version
+
     def check(self, config: BatchingConfig) -> None:
         """Refuse a ``config`` this batcher cannot take: the number of priority levels is fixed.
 

@@ -456,6 +456,25 @@ async def test_a_reload_ends_the_old_sequences_as_swapped() -> None:
         assert await runtime.serve("sum", 2.0, sequence_id="old", sequence_start=True) == 2.0
 
 
+async def test_a_late_step_is_told_which_version_ended_its_sequence() -> None:
+    runtime = mds.Runtime()
+    runtime.add_model("sum", RunningSum(), stateful(), policy=mds.VersionPolicy(all=True))
+    async with runtime:
+        await runtime.load_model("sum", RunningSum(), stateful(), version="2")
+        one, two = runtime.servable("sum", "1"), runtime.servable("sum", "2")
+        await one.serve(1.0, sequence_id="a", sequence_start=True, sequence_end=True)
+        await one.serve(1.0, sequence_id="b", sequence_start=True, sequence_end=True)
+        # Another "a" starts on version 2: version 1's end of its own "a" stays on record.
+        await two.serve(1.0, sequence_id="a", sequence_start=True)
+        with pytest.raises(mds.InvalidInput, match=r"'a' is not live: it ended \(ended\); start"):
+            await one.serve(2.0, sequence_id="a")
+        with pytest.raises(
+            mds.InvalidInput, match=r"'b' is not live: it ended \(ended\) on version 1"
+        ):
+            await two.serve(2.0, sequence_id="b")
+        assert await two.serve(2.0, sequence_id="a", sequence_end=True) == 3.0
+
+
 async def test_a_traffic_split_keeps_each_sequence_on_its_version() -> None:
     handlers: dict[str, RunningSum] = {"1": RunningSum(), "2": RunningSum()}
     runtime = mds.Runtime()

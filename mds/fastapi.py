@@ -137,6 +137,9 @@ def router(
         endpoints = {method: getattr(routes, name) for method, name in methods.items()}
         endpoint = Dispatch(service, endpoints)
         found.routes.append(Route(prefix + path, endpoint, include_in_schema=False))
+    # Infer routes first: the router tries routes in turn, and most requests
+    # infer. (A stable sort: "/v2/models/stats" stays before "/v2/models/{name}".)
+    found.routes.sort(key=lambda route: not getattr(route, "path", "").endswith("/infer"))
     if repository is not None:
         _add_repository_routes(found, prefix, service, repository, repository_dependencies)
     found.mds_paths = wanted  # type: ignore[attr-defined]  # what _describe documents
@@ -282,10 +285,13 @@ def add_routes(
         status_page=status_page,
     )
     # Before the app's first catch-all (a ``{...:path}`` route, a mount), so
-    # that it cannot shadow them; after the app's other routes, as before.
+    # that it cannot shadow them; after the app's other routes, as before,
+    # but ahead of the framework's own pages (the docs and the schema): the
+    # router tries routes in turn, and those pages are rarely asked for.
     existing = app.router.routes
     first = next((i for i, r in enumerate(existing) if _catches_all(r)), len(existing))
-    existing[first:first] = found.routes
+    pages = [r for r in existing[:first] if _framework_page(app, r, found.routes)]
+    existing[:first] = [r for r in existing[:first] if r not in pages] + found.routes + pages
     routes = [
         (method, path, route)
         for path, methods in found.mds_paths.items()  # type: ignore[attr-defined]
@@ -303,6 +309,25 @@ def add_routes(
 
     app.router.lifespan_context = both
     return found
+
+
+def _framework_page(app: Any, route: Any, ours: list[Any]) -> bool:
+    """Whether ``route`` is one of FastAPI's documentation pages that no route of ``ours`` matches.
+
+    Such a route may follow mds's: no path both match, so none is answered
+    by another route than before.
+    """
+    path = getattr(route, "path", None)
+    if getattr(route, "param_convertors", True) or path is None:
+        return False  # a pattern, or not a plain route
+    docs = getattr(app, "docs_url", None)
+    pages = {
+        getattr(app, "openapi_url", None),
+        docs,
+        getattr(app, "redoc_url", None),
+        getattr(app, "swagger_ui_oauth2_redirect_url", None) if docs else None,
+    }
+    return path in pages - {None} and not any(r.path_regex.match(path) for r in ours)
 
 
 def _catches_all(route: Any) -> bool:

@@ -402,6 +402,34 @@ def test_routes_are_in_the_openapi_schema() -> None:
         assert answer.status_code == 200, answer.text
 
 
+def test_adding_mds_changes_no_answer_of_the_apps_routes_and_pages() -> None:
+    # mds's routes go ahead of FastAPI's own pages (they are tried in turn),
+    # but never where that would change which route answers a path.
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    import mds.fastapi
+
+    runtime, _ = make_runtime()
+    app = FastAPI(docs_url="/models")  # a page at one of mds's own paths
+
+    @app.get("/health/live")
+    async def mine() -> dict[str, str]:
+        return {"mine": "yes"}
+
+    mds.fastapi.add_routes(app, runtime, load="wait")
+    with TestClient(app) as client:
+        assert client.get("/health/live").json() == {"mine": "yes"}  # the app's, first
+        docs = client.get("/models")
+        assert docs.headers["content-type"].startswith("text/html"), docs.text[:200]
+        assert client.get("/redoc").headers["content-type"].startswith("text/html")
+        assert "/models/{name}/infer" in client.get("/openapi.json").json()["paths"]
+        assert client.get("/v2/health/live").json() == {"live": True}
+        answer = client.post("/models/scores/infer", json={"x": [1, 2, 3, 4]})
+        assert answer.status_code == 200, answer.text
+
+
 def _refs(tree: Any) -> Iterator[str]:
     if isinstance(tree, dict):
         for key, value in tree.items():

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from ._deps import require
 from ._errors import MdsError
 from ._http.endpoints import Dispatch, Routes
+from ._http.lane import Lane
 from ._http.openapi import describe
 from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import (
@@ -292,6 +293,11 @@ def add_routes(
     first = next((i for i, r in enumerate(existing) if _catches_all(r)), len(existing))
     pages = [r for r in existing[:first] if _framework_page(app, r, found.routes)]
     existing[:first] = [r for r in existing[:first] if r not in pages] + found.routes + pages
+    if app.middleware_stack is None:  # not started yet: the lane goes innermost
+        from starlette.middleware import Middleware
+
+        ours = [r for r in found.routes if isinstance(getattr(r, "endpoint", None), Dispatch)]
+        app.user_middleware.append(Middleware(Lane, router=app.router, ours=ours))
     routes = [
         (method, path, route)
         for path, methods in found.mds_paths.items()  # type: ignore[attr-defined]

@@ -23,17 +23,13 @@ from .._repository.repository import ModelRepository
 from .._runtime import Load, Runtime
 from .asgi import ClientGone, Receive, Scope, Send, send_reply
 from .endpoints import Dispatch, Endpoint, Routes, read_body
+from .matching import PathTable, route_path
 from .repository import REPOSITORY_ROUTES, Repository
 from .service import Reply, Service, paths
 
 __all__ = ["App"]
 
 logger = logging.getLogger("mds.http")
-
-#: The most matched paths kept (they are forgotten all at once past it), and
-#: the longest kept: a path can be as long as a client likes.
-_MATCHED = 1024
-_REMEMBERED_LENGTH = 256
 
 
 class App:
@@ -82,81 +78,29 @@ class App:
             added = _RepositoryRoutes(service, repository)
             for method, path, name in REPOSITORY_ROUTES:
                 table.setdefault(path, {})[method] = getattr(added, name)
-        self._fixed: dict[str, Dispatch] = {}
-        # Paths already matched, with their parameters: a few models' paths
-        # come again and again.
-        self._matched: dict[str, tuple[Dispatch, dict[str, str]]] = {}
-        # By segment count: (the pattern's segments, its dispatch); literal
-        # segments must match, "{name}" ones are taken as parameters.
-        self._patterns: dict[int, list[tuple[tuple[str, ...], Dispatch]]] = {}
-        for path, endpoints in table.items():
-            dispatch = Dispatch(service, endpoints)
-            full = self.prefix + path
-            if "{" not in full:
-                self._fixed[full] = dispatch
-                continue
-            segments = tuple(full.split("/"))
-            self._patterns.setdefault(len(segments), []).append((segments, dispatch))
-        # Infer routes first: they are what most requests ask for.
-        for found in self._patterns.values():
-            found.sort(key=lambda entry: entry[0][-1] != "infer")
+        self._paths = PathTable(
+            {self.prefix + path: Dispatch(service, endpoints) for path, endpoints in table.items()}
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            path = scope["path"]
-            root = scope.get("root_path")
-            if root and path.startswith(root):  # mounted, or behind a proxy's prefix
-                path = path[len(root) :]
-            dispatch = self._fixed.get(path)
-            if dispatch is not None:
-                scope["path_params"] = {}
-            else:
-                dispatch = self._match(path, scope)
-                if dispatch is None and path.endswith("/") and len(path) > 1:
-                    path = path[:-1]  # "/health/live/" is "/health/live"
-                    dispatch = self._fixed.get(path)
-                    if dispatch is not None:
-                        scope["path_params"] = {}
-                    else:
-                        dispatch = self._match(path, scope)
-                if dispatch is None:
-                    await send_reply(send, self._not_found(path))
-                    return
+            path = route_path(scope)
+            found = self._paths.find(path)
+            if found is None and path.endswith("/") and len(path) > 1:
+                path = path[:-1]  # "/health/live/" is "/health/live"
+                found = self._paths.find(path)
+            if found is None:
+                await send_reply(send, self._not_found(path))
+                return
+            dispatch, params = found
+            scope["path_params"] = dict(params)
             await dispatch(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":  # none served: refuse the handshake
             if (await receive())["type"] == "websocket.connect":
                 await send({"type": "websocket.close", "code": 1008})
-
-    def _match(self, path: str, scope: Scope) -> Dispatch | None:
-        found = self._matched.get(path)
-        if found is not None:
-            scope["path_params"] = dict(found[1])
-            return found[0]
-        dispatch = self._search(path, scope)
-        if dispatch is not None and len(path) <= _REMEMBERED_LENGTH:
-            if len(self._matched) >= _MATCHED:
-                self._matched.clear()
-            self._matched[path] = (dispatch, dict(scope["path_params"]))
-        return dispatch
-
-    def _search(self, path: str, scope: Scope) -> Dispatch | None:
-        segments = path.split("/")
-        for pattern, dispatch in self._patterns.get(len(segments), ()):
-            params: dict[str, str] = {}
-            for want, got in zip(pattern, segments, strict=True):
-                if want[:1] == "{":
-                    if not got:
-                        break
-                    params[want[1:-1]] = got
-                elif want != got:
-                    break
-            else:
-                scope["path_params"] = params
-                return dispatch
-        return None
 
     def _not_found(self, path: str) -> Reply:
         message = f"no route {excerpt(path, 200)!r}: see mds's routes under {self.prefix or '/'}"

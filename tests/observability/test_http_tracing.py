@@ -182,3 +182,29 @@ def test_the_hosts_own_server_span_is_kept_not_nested() -> None:
     assert {s.name for s in servers} == {"host request"}  # one per HTTP request, the host's
     assert request.parent is not None
     assert request.parent.span_id in {s.context.span_id for s in servers}
+
+
+def test_fastapis_own_server_span_is_named_by_mds_route() -> None:
+    # FastAPI's built-in telemetry names its span by the route its router
+    # picks: such requests go through the router, not mds's lane past it.
+    fastapi = pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        app = fastapi.FastAPI(telemetry={"tracer_provider": provider})
+    except TypeError:
+        pytest.skip("this FastAPI has no built-in telemetry (0.165 on)")
+    runtime = mds.Runtime()
+    runtime.add_model("doubler", Doubler)
+    importlib.import_module("mds.fastapi").add_routes(app, runtime, load="wait")
+    try:
+        with TestClient(app) as client:
+            reply = client.post("/models/doubler/infer", json={"x": [1]})
+            assert reply.json() == {"y": [2.0]}
+    finally:
+        provider.shutdown()
+    servers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert [s.attributes.get("http.route") for s in servers] == ["/models/{name}/infer"]

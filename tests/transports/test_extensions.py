@@ -403,10 +403,13 @@ def test_routes_are_in_the_openapi_schema() -> None:
 
 
 def test_adding_mds_changes_no_answer_of_the_apps_routes_and_pages() -> None:
-    # mds's routes go ahead of FastAPI's own pages (they are tried in turn),
-    # but never where that would change which route answers a path.
+    # mds's routes go ahead of FastAPI's own pages and are served past the
+    # router (tried in turn), but never where that would change which route
+    # answers a request, or skip the app's middleware.
     pytest.importorskip("fastapi")
     from fastapi import FastAPI
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route
     from starlette.testclient import TestClient
 
     import mds.fastapi
@@ -418,16 +421,50 @@ def test_adding_mds_changes_no_answer_of_the_apps_routes_and_pages() -> None:
     async def mine() -> dict[str, str]:
         return {"mine": "yes"}
 
+    @app.post("/models/{anything}/infer")
+    async def theirs(anything: str) -> dict[str, str]:
+        return {"theirs": anything}
+
     mds.fastapi.add_routes(app, runtime, load="wait")
+
+    @app.middleware("http")  # added after mds's routes: it still runs for them
+    async def tag(request: Any, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-tag"] = "yes"
+        return response
+
+    outer = Starlette(routes=[Mount("/outer", app)])
     with TestClient(app) as client:
-        assert client.get("/health/live").json() == {"mine": "yes"}  # the app's, first
+        # The app's routes ahead of mds's answer what they answered before.
+        assert client.get("/health/live").json() == {"mine": "yes"}
+        assert client.post("/models/scores/infer", json={}).json() == {"theirs": "scores"}
+        # A route ahead that takes another method only: mds's route answers (its 405).
+        refused = client.post("/health/live")
+        assert refused.status_code == 405 and "GET" in refused.headers["allow"], refused.text
         docs = client.get("/models")
         assert docs.headers["content-type"].startswith("text/html"), docs.text[:200]
         assert client.get("/redoc").headers["content-type"].startswith("text/html")
         assert "/models/{name}/infer" in client.get("/openapi.json").json()["paths"]
-        assert client.get("/v2/health/live").json() == {"live": True}
-        answer = client.post("/models/scores/infer", json={"x": [1, 2, 3, 4]})
-        assert answer.status_code == 200, answer.text
+        served = client.post("/v2/models/scores/infer", json=V2_BODY)
+        assert served.status_code == 200, served.text
+        assert served.headers["x-tag"] == "yes"
+        redirect = client.get("/v2/health/live/", follow_redirects=False)
+        assert redirect.status_code == 307  # the router's redirect, as before
+        # A route put ahead of mds's later takes its paths from then on.
+        app.router.routes.insert(0, Route("/v2/models/{name}/infer", taken, methods=["POST"]))
+        assert client.post("/v2/models/scores/infer", json=V2_BODY).json() == {"taken": True}
+        mounted = TestClient(outer)  # the path less the mount's root; the runtime runs
+        assert mounted.get("/outer/v2/health/live").json() == {"live": True}
+        assert mounted.get("/outer/health/live").json() == {"mine": "yes"}
+
+
+V2_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+
+
+async def taken(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"taken": True})
 
 
 def _refs(tree: Any) -> Iterator[str]:

@@ -9,8 +9,8 @@ SIGTERM, and several worker processes if asked::
 
 The request path is mds's own ASGI application (:func:`app`): raw ASGI, the
 body decoded with msgspec, no framework layer per request, on uvicorn with
-uvloop and httptools where they are installed. Mount the same application
-in your own FastAPI or Starlette app for its speed there.
+uvloop and httptools where they are installed. In your own FastAPI app,
+:func:`mds.fastapi.add_routes` serves the same routes past the app's router.
 
 Settings come from, lowest first: the defaults, a YAML file
 (``--config``), ``MDS_SERVE_*`` environment variables, the command's flags.

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from ._deps import require
 from ._errors import MdsError
 from ._http.endpoints import Dispatch, Routes
-from ._http.lane import Lane
+from ._http.lane import Lane, plain_route_types
 from ._http.openapi import describe
 from ._http.repository import REPOSITORY_ROUTES, Repository
 from ._http.service import (
@@ -291,8 +291,10 @@ def add_routes(
     # router tries routes in turn, and those pages are rarely asked for.
     existing = app.router.routes
     first = next((i for i, r in enumerate(existing) if _catches_all(r)), len(existing))
-    pages = [r for r in existing[:first] if _framework_page(app, r, found.routes)]
-    existing[:first] = [r for r in existing[:first] if r not in pages] + found.routes + pages
+    before = existing[:first]
+    pages = _pages_to_move(app, before, found.routes)
+    kept = [r for r in before if all(r is not page for page in pages)]
+    existing[:first] = kept + found.routes + pages
     if app.middleware_stack is None:  # not started yet: the lane goes innermost
         from starlette.middleware import Middleware
 
@@ -317,23 +319,44 @@ def add_routes(
     return found
 
 
-def _framework_page(app: Any, route: Any, ours: list[Any]) -> bool:
-    """Whether ``route`` is one of FastAPI's documentation pages that no route of ``ours`` matches.
+def _pages_to_move(app: Any, before: list[Any], ours: list[Any]) -> list[Any]:
+    """FastAPI's documentation pages in ``before`` that may follow ``ours`` and ``before``'s rest.
 
-    Such a route may follow mds's: no path both match, so none is answered
-    by another route than before.
+    A page moves only where no route answers its path differently for it:
+    none of ``ours`` matches the path, and no route it would then follow
+    takes a ``GET`` or ``HEAD`` of it (a route whose matching cannot be told
+    from its path keeps the page where it is).
     """
-    path = getattr(route, "path", None)
-    if getattr(route, "param_convertors", True) or path is None:
-        return False  # a pattern, or not a plain route
+    from starlette.routing import Match
+
     docs = getattr(app, "docs_url", None)
-    pages = {
+    names = {
         getattr(app, "openapi_url", None),
         docs,
         getattr(app, "redoc_url", None),
         getattr(app, "swagger_ui_oauth2_redirect_url", None) if docs else None,
-    }
-    return path in pages - {None} and not any(r.path_regex.match(path) for r in ours)
+    } - {None}
+    plain = plain_route_types()
+
+    def page(route: Any) -> bool:
+        return type(route) in plain and not route.param_convertors and route.path in names
+
+    def takes(route: Any, path: str) -> bool:
+        if type(route) not in plain:
+            return True  # a mount, a host, a route class of the app's: cannot tell
+        for method in ("GET", "HEAD"):
+            scope = {"type": "http", "path": path, "root_path": "", "method": method}
+            if route.matches(scope)[0] is Match.FULL:
+                return True
+        return False
+
+    return [
+        route
+        for i, route in enumerate(before)
+        if page(route)
+        and not any(r.path_regex.match(route.path) for r in ours)
+        and not any(takes(r, route.path) for r in before[i + 1 :] if not page(r))
+    ]
 
 
 def _catches_all(route: Any) -> bool:

@@ -1,12 +1,12 @@
 """A lane past a Starlette (FastAPI) app's router for mds's routes.
 
 The router tries the app's routes one by one, behind FastAPI's exception
-and exit-stack layers; on one core that is a fifth of an inference
+and exit-stack layers; on one core that was a fifth of an inference
 request's CPU. The lane is the app's innermost middleware: the app's own
 middleware (auth, CORS, logging) has run when it sees a request, and it
 answers only what the router would have sent to one of mds's routes: the
-same path, with no route of the app's ahead of mds's taking it. The rest
-goes on to the router, as does every request FastAPI's own telemetry
+same path, with no route of the app's ahead of that route taking it. The
+rest goes on to the router, as does every request FastAPI's own telemetry
 follows (it names its spans by the route the router picks).
 """
 
@@ -15,21 +15,20 @@ from __future__ import annotations
 from typing import Any
 
 from .asgi import Receive, Scope, Send
-from .endpoints import Dispatch
 from .matching import PathTable, route_path
 
-__all__ = ["Lane"]
+__all__ = ["Lane", "plain_route_types"]
 
 
 class Lane:
-    """ASGI middleware: mds's paths to their dispatch, anything else to ``app``.
+    """ASGI middleware: mds's paths to their route's endpoint, anything else to ``app``.
 
     Args:
         app: the rest of the app's stack (its exception layer, its router).
         router: the app's router, whose routes are checked for any ahead of
-            mds's that would take a path.
-        ours: mds's routes, as added to ``router``, each a Starlette ``Route``
-            whose endpoint is a :class:`Dispatch`.
+            mds's that would take a request.
+        ours: mds's routes, as added to ``router``: Starlette ``Route`` s
+            whose endpoints take every method (they answer 405 themselves).
     """
 
     def __init__(self, app: Any, *, router: Any, ours: list[Any]) -> None:
@@ -38,58 +37,76 @@ class Lane:
         self.app = app
         self._full = Match.FULL
         self._router = router
+        self._table: PathTable[Any] = PathTable({route.path: route for route in ours})
         self._ours = ours
-        self._table: PathTable[Dispatch] = PathTable({r.path: r.endpoint for r in ours})
-        # Where mds's first route was last seen in the router, and the routes
-        # ahead of it: plain paths by path, and the patterns (checked in turn).
-        self._seen: tuple[int, Any] = (-1, None)
-        self._fixed: dict[str, list[Any]] = {}
-        self._patterns: list[Any] = []
-        self._gone = False  # mds's routes are no longer in the router
+        self._path = _route_path()
+        # The router's routes as last looked at; where each of mds's routes
+        # stood in them; the app's routes, plain paths by path and the rest
+        # (checked in turn), with where they stood.
+        self._seen: list[Any] | None = None
+        self._at: dict[int, int] = {}
+        self._fixed: dict[str, list[tuple[int, Any]]] = {}
+        self._patterns: list[tuple[int, Any]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("fastapi.telemetry") is None:
-            path = route_path(scope)
+            path = self._path(scope)
             found = self._table.find(path)
-            if found is not None and not self._taken_ahead(path, scope):
-                dispatch, params = found
+            if found is not None and not self._taken(path, found[0], scope):
+                route, params = found
                 merged = dict(scope.get("path_params", ()))
                 merged.update(params)
-                scope["path_params"] = merged  # as the route would have set them
-                await dispatch(scope, receive, send)
+                # What the router would have set, for middleware that reads it after.
+                scope["path_params"] = merged
+                scope["endpoint"] = route.endpoint
+                scope["route"] = route
+                scope.setdefault("router", self._router)
+                await route.endpoint(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def _taken_ahead(self, path: str, scope: Scope) -> bool:
-        """Whether a route the router tries before mds's takes this request (the router decides)."""
-        self._look()
-        if self._gone:
+    def _taken(self, path: str, route: Any, scope: Scope) -> bool:
+        """Whether the router would not send this request to ``route``: left to the router."""
+        if self._router.routes != self._seen:  # each the same object: quick
+            self._look()
+        at = self._at.get(id(route))
+        if at is None or path.endswith("\n"):  # removed; or a path only a pattern takes
             return True
-        for route in self._fixed.get(path, ()):
-            if route.matches(scope)[0] is self._full:
+        for where, other in self._fixed.get(path, ()):
+            if where < at and other.matches(scope)[0] is self._full:
                 return True
-        return any(route.matches(scope)[0] is self._full for route in self._patterns)
+        for where, other in self._patterns:
+            if where >= at:
+                break
+            if other.matches(scope)[0] is self._full:
+                return True
+        return False
 
     def _look(self) -> None:
-        """Find mds's routes in the router again if routes were added or removed ahead of them."""
-        routes = self._router.routes
-        index, first = self._seen
-        if index < len(routes) and routes[index] is first:
-            return
+        """Where mds's routes and the app's stand in the router now."""
+        routes = list(self._router.routes)
         ours = {id(route) for route in self._ours}
-        index = next((i for i, route in enumerate(routes) if id(route) in ours), -1)
-        self._gone = index < 0
-        self._seen = (index, routes[index] if index >= 0 else None)
-        self._fixed, self._patterns = {}, []
-        plain = _plain_route_types()
-        for route in routes[: max(index, 0)]:
-            if type(route) in plain and not route.param_convertors:
-                self._fixed.setdefault(route.path, []).append(route)
+        plain = plain_route_types()
+        self._seen, self._at, self._fixed, self._patterns = routes, {}, {}, []
+        for index, route in enumerate(routes):
+            if id(route) in ours:
+                self._at.setdefault(id(route), index)
+            elif type(route) in plain and not route.param_convertors:
+                self._fixed.setdefault(route.path, []).append((index, route))
             else:  # a pattern, a mount, or a route class of the app's own: asked each time
-                self._patterns.append(route)
+                self._patterns.append((index, route))
 
 
-def _plain_route_types() -> tuple[type, ...]:
+def _route_path() -> Any:
+    """The function the installed Starlette's router takes a request's path with."""
+    try:
+        from starlette._utils import get_route_path
+    except ImportError:  # not where it was: the same rules, as Starlette 0.38 on has them
+        return route_path
+    return get_route_path
+
+
+def plain_route_types() -> tuple[type, ...]:
     """The route classes whose path without parameters matches only itself."""
     from starlette.routing import Route
 

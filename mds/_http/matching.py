@@ -21,6 +21,7 @@ _MATCHED = 1024
 _REMEMBERED_LENGTH = 256
 
 _NO_PARAMS: Mapping[str, str] = {}
+_UNKNOWN: object = object()
 
 
 class PathTable(Generic[T]):
@@ -53,8 +54,9 @@ class PathTable(Generic[T]):
         target = self._fixed.get(path)
         if target is not None:
             return target, _NO_PARAMS
-        if path in self._matched:
-            return self._matched[path]
+        known = self._matched.get(path, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
         found = self._search(path)
         if len(path) <= _REMEMBERED_LENGTH:  # misses too: the app's own paths come again
             if len(self._matched) >= _MATCHED:

@@ -3,8 +3,8 @@
 One small torch MLP (256 -> 1024 -> 1024 -> 16, one torch thread), a JSON
 body {"x": [256 floats]}, batches of at most 32 with a 2 ms delay. Each server
 runs pinned to core 0 (taskset, its children too); wrk runs on core 1 with a
-Lua POST script, at 1, 64 and 256 connections, in the same run. (s), (a1), (a2),
-(a3), (b), (f) and (d) are measured in interleaved rounds (medians quoted),
+Lua POST script, at 1, 64 and 256 connections, in the same run. (s), (a1)-(a4),
+(b), (f) and (d) are measured in interleaved rounds (medians quoted),
 so that the machine's drift falls on them alike: the mds servers, plain
 FastAPI and the floor run side by side, Mosec is started afresh for each of
 its runs; LitServe follows alone, one run per level:
@@ -13,6 +13,7 @@ its runs; LitServe follows alone, one run per level:
   (a1) mds: the route mds.fastapi.add_routes adds (POST /models/mlp/infer)
   (a2) mds: the app's own async def route that awaits mds.serve
   (a3) mds: mds.server.app mounted in the same FastAPI app (/lean/...)
+  (a4) mds: the app's own route as a plain Starlette route (app.add_route)
        (the FastAPI app calls gc.freeze() once its models are loaded, as
        mds serve does: see benchmarks/README.md)
   (b)  plain FastAPI: an async def route calling the model per request
@@ -216,6 +217,7 @@ def main() -> None:
             ("a1 mds adapter route", sys.executable, "mds_app.py", "/models/mlp/infer"),
             ("a2 mds in own route", sys.executable, "mds_app.py", "/predict"),
             ("a3 mds app mounted", sys.executable, "mds_app.py", "/lean/models/mlp/infer"),
+            ("a4 mds in own Starlette route", sys.executable, "mds_app.py", "/predict-plain"),
             ("b  plain FastAPI", sys.executable, "plain_app.py", "/predict"),
             ("f  floor: bare ASGI", sys.executable, "floor_app.py", "/"),
         ]
@@ -303,6 +305,7 @@ def main() -> None:
         "a1 mds adapter route",
         "a2 mds in own route",
         "a3 mds app mounted",
+        "a4 mds in own Starlette route",
     ):
         mine = results[label]
         print(f"{label}:")

@@ -1,4 +1,4 @@
-"""(a) mds in a FastAPI app: the adapter's route and the user's own route."""
+"""(a) mds in a FastAPI app: the adapter's route, the user's own routes, the mounted lean app."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ async def predict(request: Request) -> Response:
     body = msgspec.json.decode(await request.body())
     result = await mds.serve("mlp", body)
     return Response(msgspec.json.encode(result), media_type="application/json")
+
+
+async def predict_plain(request: Request) -> Response:
+    # The same route as a plain Starlette route: no dependency solving.
+    body = msgspec.json.decode(await request.body())
+    result = await mds.serve("mlp", body)
+    return Response(msgspec.json.encode(result), media_type="application/json")
+
+
+app.add_route("/predict-plain", predict_plain, methods=["POST"])
 
 
 if __name__ == "__main__":

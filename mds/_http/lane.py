@@ -40,13 +40,7 @@ class Lane:
         self._table: PathTable[Any] = PathTable({route.path: route for route in ours})
         self._ours = ours
         self._path = _route_path()
-        # The router's routes as last looked at; where each of mds's routes
-        # stood in them; the app's routes, plain paths by path and the rest
-        # (checked in turn), with where they stood.
-        self._seen: list[Any] | None = None
-        self._at: dict[int, int] = {}
-        self._fixed: dict[str, list[tuple[int, Any]]] = {}
-        self._patterns: list[tuple[int, Any]] = []
+        self._state: _State | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("fastapi.telemetry") is None:
@@ -67,34 +61,52 @@ class Lane:
 
     def _taken(self, path: str, route: Any, scope: Scope) -> bool:
         """Whether the router would not send this request to ``route``: left to the router."""
-        if self._router.routes != self._seen:  # each the same object: quick
-            self._look()
-        at = self._at.get(id(route))
+        state = self._state
+        if state is None or self._router.routes != state.routes:  # the same objects: quick
+            state = self._state = self._look()
+        at = state.at.get(id(route))
         if at is None or path.endswith("\n"):  # removed; or a path only a pattern takes
             return True
-        for where, other in self._fixed.get(path, ()):
+        for where, other in state.fixed.get(path, ()):
             if where < at and other.matches(scope)[0] is self._full:
                 return True
-        for where, other in self._patterns:
+        for where, other in state.patterns:
             if where >= at:
                 break
             if other.matches(scope)[0] is self._full:
                 return True
         return False
 
-    def _look(self) -> None:
+    def _look(self) -> _State:
         """Where mds's routes and the app's stand in the router now."""
-        routes = list(self._router.routes)
+        state = _State(list(self._router.routes))
         ours = {id(route) for route in self._ours}
         plain = plain_route_types()
-        self._seen, self._at, self._fixed, self._patterns = routes, {}, {}, []
-        for index, route in enumerate(routes):
+        for index, route in enumerate(state.routes):
             if id(route) in ours:
-                self._at.setdefault(id(route), index)
+                state.at.setdefault(id(route), index)
             elif type(route) in plain and not route.param_convertors:
-                self._fixed.setdefault(route.path, []).append((index, route))
+                state.fixed.setdefault(route.path, []).append((index, route))
             else:  # a pattern, a mount, or a route class of the app's own: asked each time
-                self._patterns.append((index, route))
+                state.patterns.append((index, route))
+        return state
+
+
+class _State:
+    """The router's routes as looked at: where each of mds's stood, and the app's.
+
+    The app's: plain paths by path, the rest (asked in turn) in order, each
+    with where it stood. Made whole, then swapped in: a reader never sees
+    half of it.
+    """
+
+    __slots__ = ("at", "fixed", "patterns", "routes")
+
+    def __init__(self, routes: list[Any]) -> None:
+        self.routes = routes
+        self.at: dict[int, int] = {}
+        self.fixed: dict[str, list[tuple[int, Any]]] = {}
+        self.patterns: list[tuple[int, Any]] = []
 
 
 def _route_path() -> Any:

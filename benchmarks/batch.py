@@ -101,7 +101,9 @@ async def via_mds(source: Path, folder: Path) -> float:
     return report.rows / report.seconds
 
 
-def _spin(stop: Any) -> None:
+def _spin(stop: Any, core: int | None) -> None:
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     while not stop.is_set():
         sum(range(10_000))
 
@@ -128,17 +130,26 @@ def co_run_ratio() -> float:
                 times.append(time.perf_counter() - began)
         return statistics.median(times) * 1e3
 
-    forward_ms()
-    alone, busy = [], []
-    for _ in range(3):
-        alone.append(forward_ms())
-        stop = multiprocessing.Event()
-        spinner = multiprocessing.Process(target=_spin, args=(stop,))
-        spinner.start()
-        time.sleep(0.2)
-        busy.append(forward_ms())
-        stop.set()
-        spinner.join()
+    # The forward on one core, the spinner on another: sharing one core
+    # would measure the scheduler's time slices, not the caches.
+    cores = sorted(os.sched_getaffinity(0))
+    mine, other = (cores[0], cores[1]) if len(cores) > 1 else (None, None)
+    if mine is not None:
+        os.sched_setaffinity(0, {mine})
+    try:
+        forward_ms()
+        alone, busy = [], []
+        for _ in range(3):
+            alone.append(forward_ms())
+            stop = multiprocessing.Event()
+            spinner = multiprocessing.Process(target=_spin, args=(stop, other))
+            spinner.start()
+            time.sleep(0.2)
+            busy.append(forward_ms())
+            stop.set()
+            spinner.join()
+    finally:
+        os.sched_setaffinity(0, cores)
     return statistics.median(alone) / statistics.median(busy)
 
 

@@ -38,7 +38,7 @@ class Lane:
         self._full = Match.FULL
         self._router = router
         self._table: PathTable[Any] = PathTable({route.path: route for route in ours})
-        self._ours = ours
+        self._ours = frozenset(id(route) for route in ours)  # the table holds them
         self._path = _route_path()
         self._state: _State | None = None
 
@@ -80,10 +80,9 @@ class Lane:
     def _look(self) -> _State:
         """Where mds's routes and the app's stand in the router now."""
         state = _State(list(self._router.routes))
-        ours = {id(route) for route in self._ours}
         plain = plain_route_types()
         for index, route in enumerate(state.routes):
-            if id(route) in ours:
+            if id(route) in self._ours:
                 state.at.setdefault(id(route), index)
             elif type(route) in plain and not route.param_convertors:
                 state.fixed.setdefault(route.path, []).append((index, route))

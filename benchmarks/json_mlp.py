@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,10 +13,25 @@ from backends import make_mlp
 import mds
 
 
+def module() -> torch.nn.Module:
+    """The benchmark MLP; ``ON_RAY_WIDTH`` (set by ``on_ray.py --width``) widens it."""
+    width = int(os.environ.get("ON_RAY_WIDTH", "1024"))
+    if width == 1024:
+        return make_mlp().eval()
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(256, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 16),
+    ).eval()
+
+
 class JsonMLP(mds.ModelHandler[dict[str, Any], list[float]]):
     def init(self, context: mds.ModelContext) -> None:
         torch.set_num_threads(1)
-        self.module = make_mlp().eval()
+        self.module = module()
 
     async def preprocess(self, request: dict[str, Any]) -> list[float]:
         # Cheap: on the loop (async def), as the docs advise, with no thread hop;

@@ -17,6 +17,18 @@ Ray with two CPUs, in interleaved rounds (medians quoted):
     waiting as ``@serve.batch`` does (``wait_when_idle``, its 2 ms counted
     from the batch's start: ``delay_from="start"``, see ``build_json_waiting``).
     Target: mds not slower, batches at least as large.
+
+Where the time goes, per arm: batches a second, the model's busy share of
+the wall time, and the mean idle time between one batch's end and the
+next one's start (the rest of a batch's cycle): at the same requests/s, a
+batch holds what arrives in one cycle.
+
+    --pin          the replica on a core of its own (as ``num_cpus=1`` gives
+                   it in a cluster), the callers, the proxy and Ray's daemons
+                   on the other
+    --width 4096   a wider MLP (256 -> W -> W -> 16), to make the model, not
+                   Ray's per-request work, the replica's bottleneck
+    --wait-ms 4    "mds waiting" waits this long (2 ms, as ``@serve.batch``)
 """
 
 from __future__ import annotations
@@ -37,7 +49,6 @@ import httpx
 import numpy as np
 import ray
 import torch
-from backends import make_mlp  # the same MLP as the backends benchmark
 from batch import BATCH, CONFIG, handler, write_input
 from ray import serve
 
@@ -73,8 +84,9 @@ def build_json_waiting() -> mds.Runtime:
     """
     from json_mlp import JsonMLP
 
+    wait = float(os.environ.get("ON_RAY_WAIT_MS", "2")) / 1000  # --wait-ms
     batching = mds.BatchingConfig(
-        max_batch_size=BATCH, max_queue_delay=0.002, wait_when_idle=True, delay_from="start"
+        max_batch_size=BATCH, max_queue_delay=wait, wait_when_idle=True, delay_from="start"
     )
     runtime = mds.Runtime()
     runtime.add_model("mlp", JsonMLP, mds.ModelConfig(cpu_threads=1, batching=batching))
@@ -118,16 +130,23 @@ def serve_batch_app(ongoing: int) -> Any:
     @serve.deployment(max_ongoing_requests=ongoing, name="mlp")
     class BatchedMLP:
         def __init__(self) -> None:
+            from json_mlp import module
+
             torch.set_num_threads(1)
-            self.module = make_mlp().eval()
-            self.sizes: list[int] = []
+            self.module = module()
+            self.items = self.batches = 0
+            self.seconds = 0.0
 
         @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.002)
         async def infer(self, rows: list[list[float]]) -> list[list[float]]:
-            self.sizes.append(len(rows))
+            began = time.perf_counter()
             with torch.inference_mode():
                 out = self.module(torch.tensor(np.asarray(rows, dtype=np.float32)))
-            return out.numpy().tolist()
+            result: list[list[float]] = out.numpy().tolist()
+            self.seconds += time.perf_counter() - began
+            self.items += len(rows)
+            self.batches += 1
+            return result
 
         async def __call__(self, request: Any) -> list[float]:
             body = await request.json()
@@ -136,9 +155,8 @@ def serve_batch_app(ongoing: int) -> Any:
         async def score(self, body: dict[str, Any]) -> list[float]:
             return await self.infer(body["x"])
 
-        def mean_batch(self) -> float:
-            sizes, self.sizes = self.sizes, []
-            return sum(sizes) / len(sizes) if sizes else 0.0
+        def counters(self) -> tuple[int, int, float]:
+            return self.items, self.batches, self.seconds
 
     return BatchedMLP.bind()
 
@@ -189,7 +207,30 @@ async def clients(call: Any, seconds: float) -> tuple[float, float, float]:
     return len(latencies) / elapsed, p(0.5), p(0.99)
 
 
-def online(port: int, seconds: float, rounds: int) -> None:
+def pin() -> None:
+    """The replica's process on core 1; this process, Ray's daemons and its other workers on 0.
+
+    Every thread of each process (an affinity is a thread's own), so the
+    callers, Ray's proxy and the raylet leave the replica its core.
+    """
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if int(entry.name) != os.getpid() and b"ray" not in line:
+            continue
+        cores = {1} if b"ServeReplica:bench" in line else {0}
+        for task in (entry / "task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cores)
+            except OSError:  # a thread that has just ended
+                pass
+
+
+def online(port: int, seconds: float, rounds: int, pinned: bool, width: int) -> None:
     url = f"http://127.0.0.1:{port}"
     options: dict[str, Any] = {"name": "mlp", "ray_actor_options": {"num_cpus": 1}}
     apps = {
@@ -201,44 +242,56 @@ def online(port: int, seconds: float, rounds: int) -> None:
 
     same = ongoing_requests(build_json(), None)
     keys = [(via, arm) for via in ("http", "handle") for arm in arms]
-    results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {
-        key: [] for key in keys
-    }
+    results: dict[tuple[str, str], list[tuple[float, ...]]] = {key: [] for key in keys}
 
-    def snapshot(handle: Any, arm: str) -> tuple[float, int]:
-        """mds: its batch-size histogram's sum and count now; serve.batch: forget its sizes."""
+    def counters(handle: Any, arm: str) -> tuple[float, float, float, float]:
+        """Items batched, batches, seconds in the model, and the time now."""
         if arm != "serve.batch":
-            batch = handle.statistics.remote().result()["mlp"]["histograms"]["batch_size"]
-            return float(batch["sum"]), int(sum(batch["counts"]))
-        handle.mean_batch.remote().result()
-        return 0.0, 0
+            stats = handle.statistics.remote().result()["mlp"]
+            items, batches = stats["batched_items"], stats["batches"]
+            seconds = stats["infer_seconds"]
+        else:
+            items, batches, seconds = handle.counters.remote().result()
+        return float(items), float(batches), float(seconds), time.perf_counter()
 
-    def mean_since(handle: Any, arm: str, before: tuple[float, int]) -> float:
-        if arm != "serve.batch":
-            total, count = snapshot(handle, arm)
-            return (total - before[0]) / max(1, count - before[1])
-        return float(handle.mean_batch.remote().result())
+    def cycle(before: tuple[float, ...], after: tuple[float, ...]) -> tuple[float, ...]:
+        """Mean batch, batches a second, the model's busy share, idle ms between batches."""
+        items, batches, busy, wall = (a - b for a, b in zip(after, before, strict=True))
+        batches = max(batches, 1.0)
+        return items / batches, batches / wall, busy / wall, (wall - busy) / batches * 1000
 
     for _ in range(rounds):
         for arm in arms:
             app = apps[arm] if arm in apps else serve_batch_app(same)
             handle = serve.run(app, name="bench", route_prefix="/")
+            if pinned:
+                pin()
             path = "/" if arm == "serve.batch" else "/models/mlp/infer"
             asyncio.run(load(url + path, 2.0))  # warm
             for via in ("http", "handle"):
-                before = snapshot(handle, arm)
+                before = counters(handle, arm)
                 if via == "http":
                     rate, p50, p99 = asyncio.run(load(url + path, seconds))
                 else:
                     rate, p50, p99 = asyncio.run(load_handle(handle, arm, seconds))
-                mean = mean_since(handle, arm, before)
-                results[(via, arm)].append((rate, p50, p99, mean))
+                results[(via, arm)].append((rate, p50, p99, *cycle(before, counters(handle, arm))))
             serve.delete("bench")
-    print(f"\n(b) online, 64 clients, max_ongoing_requests={same}, medians of {rounds}:")
-    print(f"{'':26}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}")
+    layout = "the replica on a core of its own" if pinned else "all on two shared cores"
+    print(
+        f"\n(b) online, 64 clients, MLP width {width}, {layout}, "
+        f"max_ongoing_requests={same}, mds waiting {os.environ['ON_RAY_WAIT_MS']} ms, "
+        f"medians of {rounds}:"
+    )
+    print(
+        f"{'':26}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}"
+        f"{'batch/s':>9}{'busy':>7}{'idle ms':>9}"
+    )
     for (via, arm), rows in results.items():
-        m = [statistics.median(r[i] for r in rows) for i in range(4)]
-        print(f"{via + ': ' + arm:26}{m[0]:9.0f}{m[1]:9.1f}{m[2]:9.1f}{m[3]:8.1f}")
+        m = [statistics.median(r[i] for r in rows) for i in range(7)]
+        print(
+            f"{via + ': ' + arm:26}{m[0]:9.0f}{m[1]:9.1f}{m[2]:9.1f}{m[3]:8.1f}"
+            f"{m[4]:9.0f}{m[5]:7.0%}{m[6]:9.1f}"
+        )
     for via in ("http", "handle"):
         for arm in apps:
             pairs = list(zip(results[(via, arm)], results[(via, "serve.batch")], strict=True))
@@ -257,18 +310,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--online-only", action="store_true", help="skip (a), the batch job")
+    parser.add_argument("--pin", action="store_true", help="(b): the replica on a core of its own")
+    parser.add_argument("--width", type=int, default=1024, help="(b): the MLP's hidden width")
+    parser.add_argument("--wait-ms", type=float, default=2.0, help='(b): "mds waiting"\'s wait')
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs two cores")
     if args.quick:
         args.rows, args.rounds, args.seconds = 5_000, 1, 3.0
     folder = Path(tempfile.mkdtemp(prefix="mds-on-ray-"))
     source = folder / "rows.parquet"
     write_input(source, args.rows)
+    settings = {"ON_RAY_WIDTH": str(args.width), "ON_RAY_WAIT_MS": str(args.wait_ms)}
+    os.environ.update(settings)  # build_json_waiting runs here too
     path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        runtime_env={"env_vars": {"PYTHONPATH": path, **settings}},
     )
     try:
         local, on_ray = [], []
@@ -285,7 +345,7 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        online(port, args.seconds, args.rounds)
+        online(port, args.seconds, args.rounds, args.pin, args.width)
     finally:
         serve.shutdown()
         ray.shutdown()

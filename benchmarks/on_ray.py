@@ -210,20 +210,33 @@ async def clients(call: Any, seconds: float) -> tuple[float, float, float]:
 def pin() -> None:
     """The replica's process on core 1; this process, Ray's daemons and its other workers on 0.
 
-    Every thread of each process (an affinity is a thread's own), so the
-    callers, Ray's proxy and the raylet leave the replica its core.
+    Every thread of each process in this one's tree (``ray.init`` started
+    Ray's daemons, which started its workers; an affinity is a thread's
+    own), so the callers, Ray's proxy and the raylet leave the replica its
+    core.
     """
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # a process that has just ended
+                continue
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
         try:
-            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            line = Path(f"/proc/{pid}/cmdline").read_bytes()
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
             continue
-        if int(entry.name) != os.getpid() and b"ray" not in line:
-            continue
         cores = {1} if b"ServeReplica:bench" in line else {0}
-        for task in (entry / "task").glob("*"):
+        for task in tasks:
             try:
                 os.sched_setaffinity(int(task.name), cores)
             except OSError:  # a thread that has just ended

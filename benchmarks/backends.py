@@ -31,14 +31,15 @@ BATCH = 32
 CALLERS = 256
 
 
-def make_mlp() -> torch.nn.Module:
+def make_mlp(width: int = 1024) -> torch.nn.Module:
+    """The benchmark MLP, 256 -> width -> width -> 16."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(256, 1024),
+        torch.nn.Linear(256, width),
         torch.nn.ReLU(),
-        torch.nn.Linear(1024, 1024),
+        torch.nn.Linear(width, width),
         torch.nn.ReLU(),
-        torch.nn.Linear(1024, 16),
+        torch.nn.Linear(width, 16),
     ).eval()
 
 

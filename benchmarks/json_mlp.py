@@ -15,17 +15,7 @@ import mds
 
 def module() -> torch.nn.Module:
     """The benchmark MLP; ``ON_RAY_WIDTH`` (set by ``on_ray.py --width``) widens it."""
-    width = int(os.environ.get("ON_RAY_WIDTH", "1024"))
-    if width == 1024:
-        return make_mlp().eval()
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(256, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.ReLU(),
-        torch.nn.Linear(width, 16),
-    ).eval()
+    return make_mlp(int(os.environ.get("ON_RAY_WIDTH", "1024")))
 
 
 class JsonMLP(mds.ModelHandler[dict[str, Any], list[float]]):

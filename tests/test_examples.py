@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from .on_ray.busy import RAY_ON_BUSY_CORES
 from .servers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -728,9 +729,8 @@ def test_the_example_repository_checks_clean() -> None:
 @pytest.mark.timeout(240)
 def test_the_ray_serve_example(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray.serve", reason="the Ray examples need ray (the ray extra)")
-    # As tests/on_ray/conftest.py: a proxy slow to start on busy cores is given time.
-    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    for name, value in RAY_ON_BUSY_CORES.items():
+        monkeypatch.setenv(name, value)
     out = run("examples/ray_serve.py", timeout=220)
     lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     answer = float(lines["handle"])
@@ -743,8 +743,10 @@ def test_the_ray_serve_example(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_the_ray_data_example() -> None:
+def test_the_ray_data_example(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray.data", reason="the Ray examples need ray (the ray extra)")
+    for name, value in RAY_ON_BUSY_CORES.items():
+        monkeypatch.setenv(name, value)
     out = run("examples/ray_data.py", timeout=220)
     assert "rows: 5000" in out
     assert "failed: ['c7', 'c1234', 'c4321']" in out

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from .busy import RAY_ON_BUSY_CORES
+
 ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
@@ -26,20 +28,14 @@ def ray_cluster() -> Iterator[Any]:
         reason="the Ray tests need ray (the ray extra; the README's test command installs it)",
     )
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    # Serve's controller kills a proxy not ready within 5 s (health checks, 10 s): on a
-    # machine whose cores are busy that is a start refused, not a fault. Given time.
-    patience = {
-        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-    }
-    for name, value in patience.items():
+    for name, value in RAY_ON_BUSY_CORES.items():
         os.environ.setdefault(name, value)  # the local cluster's processes inherit them
     # The workers import tests.on_ray.models (where build functions live) from the checkout.
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path, **patience}},
+        runtime_env={"env_vars": {"PYTHONPATH": path, **RAY_ON_BUSY_CORES}},
     )
     try:
         yield ray

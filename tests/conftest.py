@@ -24,7 +24,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     On trio, time is virtual: a test that waits for a delay or a deadline
     finishes at once and always the same way. The clock jumps after 2 ms of
     real idleness rather than at once: with a threshold of 0 the loop
-    busy-polls and starves worker threads of the GIL.
+    busy-polls and starves worker threads of the GIL. A loop waiting on a
+    thread is idle too, so bound such waits with ``tests/waiting.py``, which
+    counts real seconds, not with ``anyio.fail_after``.
     """
     if request.param == "trio":
         from trio.testing import MockClock

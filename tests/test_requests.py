@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import mds
 
+from .waiting import eventually
+
 
 class Picky(mds.ModelHandler[dict[str, Any], float]):
     """Fails requests on demand, at the step each request names."""
@@ -302,9 +304,7 @@ async def _open_when_draining(
     model: mds.ModelRuntime[int, int], gate: anyio.Event, call: Any
 ) -> None:
     # No event marks the start of a drain; poll the state.
-    with anyio.fail_after(10):
-        while model.state is not mds.ModelState.DRAINING:  # noqa: ASYNC110
-            await anyio.sleep(0.01)
+    await eventually(lambda: model.state is mds.ModelState.DRAINING, "draining")
     await call(-1)
     gate.set()
 

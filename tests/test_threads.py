@@ -19,6 +19,8 @@ import pytest
 
 from mds import _loop, _threads
 
+from .waiting import within
+
 pytestmark = pytest.mark.anyio
 
 who = contextvars.ContextVar("who", default="nobody")
@@ -296,7 +298,7 @@ async def test_a_call_its_caller_left_still_holds_its_thread() -> None:
                 tasks.start_soon(threads.run, blocking)
                 await wait_for(started)
                 scope.cancel()
-        with anyio.fail_after(10):
+        async with within(10):
             assert await threads.run(lambda: "next") == "next"  # while blocking still runs
         assert not release.is_set()
     finally:

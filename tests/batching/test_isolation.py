@@ -12,6 +12,8 @@ import pytest
 
 import mds
 
+from ..waiting import eventually
+
 Serve = Callable[[mds.ModelRuntime[Any, Any], list[Any]], Awaitable[list[Any]]]
 
 
@@ -195,9 +197,7 @@ async def test_a_stop_that_cannot_wait_still_lets_a_running_infer_finish_first()
         async with mds.ModelRuntime(Blocking(), config) as model:
             tasks.start_soon(call, model)
             # infer runs in a plain thread: poll for it to start.
-            with anyio.fail_after(10):
-                while "infer started" not in events:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+            await eventually(lambda: "infer started" in events, "started infer")
             # Leaving now: the drain times out, the worker is cancelled mid-infer.
             threading.Timer(0.2, release.set).start()
     assert events == ["infer started", "infer ended", "teardown"]

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import mds
 
+from ..waiting import eventually
+
 
 class RunningSum(mds.ModelHandler[float, float]):
     """Each step adds its input to the sequence's sum; a negative input fails its step."""
@@ -101,9 +103,7 @@ async def admitted(model: mds.ModelRuntime[Any, Any], requests: int) -> None:
 
 async def ends(handler: RunningSum, count: int) -> list[tuple[Any, Any, mds.SequenceEnd]]:
     """``handler.ends`` once it has ``count`` (end hooks run just after a sequence ends)."""
-    with anyio.fail_after(10):
-        while len(handler.ends) < count:  # noqa: ASYNC110 - polling the handler's record
-            await anyio.sleep(0.001)
+    await eventually(lambda: len(handler.ends) >= count, f"{count} sequence ends")
     return handler.ends
 
 
@@ -339,9 +339,7 @@ async def test_drain_takes_live_sequences_steps_but_no_new_ones() -> None:
             await model.serve(1.0, sequence_id="d", sequence_start=True)
 
             async def client() -> None:
-                with anyio.fail_after(10):
-                    while model.state is not mds.ModelState.DRAINING:  # noqa: ASYNC110
-                        await anyio.sleep(0.01)
+                await eventually(lambda: model.state is mds.ModelState.DRAINING, "draining")
                 try:
                     await model.serve(1.0, sequence_id="new", sequence_start=True)
                 except mds.MdsError as exc:

@@ -7,7 +7,6 @@ import os
 import shutil
 import textwrap
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import pytest
 
 import mds
 from mds.__main__ import main
+
+from ..waiting import eventually
 
 # A Python handler that lives in each version folder, with its "weights" beside it.
 HANDLER = textwrap.dedent(
@@ -75,14 +76,6 @@ def repository(tmp_path: Path) -> Path:
     return tmp_path / "models"
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:
-    with anyio.fail_after(seconds):
-        for _ in range(100_000):
-            if await check():
-                return
-            await anyio.sleep(0.02)
-
-
 def test_a_repository_serves_the_versions_its_policy_keeps(repository: Path) -> None:
     runtime = mds.Runtime()
     models = mds.ModelRepository(repository)
@@ -129,10 +122,11 @@ async def test_watch_applies_deploys_and_removals_while_serving(repository: Path
         for _ in range(8):
             tasks.start_soon(caller)
         await anyio.to_thread.run_sync(deploy, repository / "scale", 3, 3.0)
-        await eventually(lambda: serves("3"))
+        await eventually(lambda: serves("3"), "served by version 3")
         assert runtime.versions("scale").versions == ("3",)
         await anyio.to_thread.run_sync(undeploy, repository / "scale", 3)
-        await eventually(lambda: serves("2"))  # the highest left, loaded again
+        # The highest left, loaded again.
+        await eventually(lambda: serves("2"), "served by version 2")
         stop.set()
     assert failures == []
     assert answers["3"] > 0 and answers["2"] > 0
@@ -153,7 +147,7 @@ async def test_a_bad_new_version_never_takes_the_good_one_down(
 
     async with runtime:
         await anyio.to_thread.run_sync(deploy, repository / "scale", 3, -1.0)  # init raises
-        await eventually(listed)
+        await eventually(listed, "listed version 3")
         [entry] = failed()
         assert entry["state"] == "UNAVAILABLE"
         assert "negative scale: corrupt weights" in entry["reason"]
@@ -165,7 +159,7 @@ async def test_a_bad_new_version_never_takes_the_good_one_down(
         async def fixed() -> bool:
             return bool((await runtime.serve("scale", 1))[0] == "3")
 
-        await eventually(fixed)
+        await eventually(fixed, "served by the fixed version 3")
     assert "version '3' failed to load" in caplog.text
 
 
@@ -372,7 +366,8 @@ async def test_a_bad_config_given_to_load_is_refused_and_not_kept(repository: Pa
         async def serves_3() -> bool:
             return bool((await runtime.serve("scale", 1))[0] == "3")
 
-        await eventually(serves_3)  # the watch goes on with the files' own config
+        # The watch goes on with the files' own config.
+        await eventually(serves_3, "served by version 3")
 
 
 async def test_exported_programs_are_served_with_no_code(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import mds
 import mds.batch
 from mds import ModelState
 
+from ..waiting import within
+
 
 class Tagged(mds.ModelHandler[int, tuple[str, int]]):
     """Answers ``(version, x * 2)``; records its lifecycle in a shared log."""
@@ -172,7 +174,7 @@ async def test_policy_unloads_what_it_does_not_keep_and_rollback_needs_it() -> N
         assert await runtime.serve("m", 5) == ("1", 10)
         await runtime.load_model("m", Tagged(log), CONFIG, version="3")
         # Latest two, plus none with traffic left: version 1 is unloaded.
-        with anyio.fail_after(5):
+        async with within(5):
             await first.torn_down.wait()
         assert runtime.versions("m").versions == ("2", "3")
         await runtime.load_model("m", Tagged(log), CONFIG, version="4", policy=mds.VersionPolicy())
@@ -191,7 +193,7 @@ async def test_reloading_the_same_version_swaps_it() -> None:
         second = await runtime.load_model("m", Tagged(log), CONFIG, version="1")
         assert second is not first and runtime.model("m") is second
         assert await pinned.serve(2) == ("1", 4)  # a pin follows the reload
-        with anyio.fail_after(5):
+        async with within(5):
             await handler.torn_down.wait()
     assert [e for e in log if e[0] != "infer"] == [
         ("init", "1"),

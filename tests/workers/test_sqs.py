@@ -18,6 +18,7 @@ import pytest
 import mds
 import mds.workers
 
+from .. import waiting
 from .conftest import Aws
 from .models import Scorer, runtime_with
 
@@ -378,9 +379,7 @@ async def test_the_worker_runs_in_the_hosts_loop(aws: Aws, anyio_backend: str) -
 
     ids, bucket, worker = await anyio.to_thread.run_sync(prepare)
     async with worker:  # asyncio or trio: boto3 runs in worker threads
-        with anyio.fail_after(60):
-            while worker.statistics().completed < 20:  # noqa: ASYNC110 - polling a counter
-                await anyio.sleep(0.02)
+        await waiting.eventually(lambda: worker.statistics().completed >= 20, "completed 20", 60)
         assert worker.state in (mds.workers.WorkerState.RECEIVING, mds.workers.WorkerState.FULL)
     assert worker.state is mds.workers.WorkerState.STOPPED
     written = await anyio.to_thread.run_sync(results, aws, bucket)

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
 import pytest
+import trio
 from blockbuster import BlockBuster
+from trio.testing import MockClock
 
 import mds
+
+
+def stepping_clock() -> MockClock:
+    """trio's auto-jumping mock clock, jumping 0.1 s at most at a time.
+
+    It jumps once the loop has been idle for 2 ms of real time, not at once:
+    with a threshold of 0 the loop busy-polls and starves worker threads of
+    the GIL. A loop waiting on a thread (a plain handler's infer) is idle
+    too, and a full jump would then leap to whatever deadline is next: a
+    drain timeout, a sequence's idle timeout, a test's own bound. In steps,
+    a thread would have to run for 20 ms of real time per virtual second.
+    """
+    clock = MockClock(autojump_threshold=0.002)
+
+    def step() -> None:  # replaces trio's hook (MockClock cannot be subclassed)
+        jump = trio.lowlevel.current_statistics().seconds_to_next_deadline
+        if 0 < jump < math.inf:
+            clock.jump(min(jump, 0.1))
+
+    clock._autojump = step  # type: ignore[method-assign]
+    return clock
 
 
 @pytest.fixture(
@@ -22,16 +46,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Every async test runs on asyncio and on trio with an auto-jumping clock.
 
     On trio, time is virtual: a test that waits for a delay or a deadline
-    finishes at once and always the same way. The clock jumps after 2 ms of
-    real idleness rather than at once: with a threshold of 0 the loop
-    busy-polls and starves worker threads of the GIL. A loop waiting on a
-    thread is idle too, so bound such waits with ``tests/waiting.py``, which
+    finishes at once and always the same way. See ``stepping_clock`` for how
+    it jumps, and bound waits on threads with ``tests/waiting.py``, which
     counts real seconds, not with ``anyio.fail_after``.
     """
     if request.param == "trio":
-        from trio.testing import MockClock
-
-        return ("trio", {"clock": MockClock(autojump_threshold=0.002)})
+        return ("trio", {"clock": stepping_clock()})
     if request.node.get_closest_marker("virtual_time"):
         pytest.skip("asserts on durations: runs on trio's virtual clock only")
     return "asyncio"

@@ -1,11 +1,11 @@
 """Bounded waits in async tests, measured by the wall clock.
 
-On trio the tests run on an auto-jumping virtual clock (see ``conftest.py``):
-once the loop has sat idle for 2 ms of real time, the clock leaps to the
-next deadline. A loop waiting on a thread (a handler's init or infer, a
-file read, boto3) is idle, so ``anyio.fail_after(10)`` around such a wait
-can expire after a few milliseconds on a busy machine. These waits count
-real seconds on either backend.
+On trio the tests run on an auto-jumping virtual clock (see
+``stepping_clock`` in ``conftest.py``): once the loop has sat idle for 2 ms
+of real time, the clock jumps 0.1 s ahead. A loop waiting on a thread (a
+handler's init or infer, a file read, boto3) is idle, so
+``anyio.fail_after(10)`` around such a wait expires after 0.2 s of real
+waiting. These waits count real seconds on either backend.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def pin() -> None:
                 pass
 
 
-def online(port: int, seconds: float, rounds: int, pinned: bool, width: int) -> None:
+def online(port: int, seconds: float, rounds: int, pinned: bool) -> None:
     url = f"http://127.0.0.1:{port}"
     options: dict[str, Any] = {"name": "mlp", "ray_actor_options": {"num_cpus": 1}}
     apps = {
@@ -291,7 +291,7 @@ def online(port: int, seconds: float, rounds: int, pinned: bool, width: int) -> 
             serve.delete("bench")
     layout = "the replica on a core of its own" if pinned else "all on two shared cores"
     print(
-        f"\n(b) online, 64 clients, MLP width {width}, {layout}, "
+        f"\n(b) online, 64 clients, MLP width {os.environ['ON_RAY_WIDTH']}, {layout}, "
         f"max_ongoing_requests={same}, mds waiting {os.environ['ON_RAY_WAIT_MS']} ms, "
         f"medians of {rounds}:"
     )
@@ -358,7 +358,7 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        online(port, args.seconds, args.rounds, args.pin, args.width)
+        online(port, args.seconds, args.rounds, args.pin)
     finally:
         serve.shutdown()
         ray.shutdown()
